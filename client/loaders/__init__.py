@@ -1,0 +1,1 @@
+"""Loaders, one per kind of site data."""
