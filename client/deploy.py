@@ -1,0 +1,333 @@
+"""A hospital's side of a deployment: start and stop its ``flower-supernode``.
+
+The node connects to the coordinator's SuperLink over TLS (``--root-certificates`` = the
+federation CA), authenticates with its own EC P-384 private key (OpenSSH format, registered
+with the SuperLink by the coordinator), and passes the ClientApp what it must know about the
+site through ``--node-config``: ``site-manifest`` (absolute path of the site manifest TOML),
+``site-name`` and ``ledger-dir``. :func:`start_node` returns once the SuperLink accepted the
+node (Flower logs ``SuperNode ID: ...``) and reports how long that took.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from ..privacy.certs import CertificateLayout
+from ..supervise import (
+    ProcessHandle,
+    find_executable,
+    flower_env,
+    read_pid_file,
+    spawn,
+    stop_pid,
+    stop_process,
+    wait_for_log,
+)
+from .manifest import load_manifest
+
+__all__ = [
+    "NODE_LOG",
+    "NODE_PID",
+    "ConflictingNodeTlsError",
+    "NodeConfigValueError",
+    "NodeDeployError",
+    "NodeInsecureNotRequestedError",
+    "NodePlaintextWarning",
+    "NodeSettings",
+    "NodeStarted",
+    "node_config_string",
+    "start_node",
+    "stop_node",
+    "supernode_command",
+]
+
+logger = logging.getLogger(__name__)
+
+NODE_PID = "supernode.pid"
+NODE_LOG = "supernode.log"
+NODE_FLWR_HOME = "flwr-home"
+_READY = r"SuperNode ID: (\d+)"
+
+# node-config keys the ClientApp reads (client/app.py)
+SITE_MANIFEST_KEY = "site-manifest"
+SITE_NAME_KEY = "site-name"
+LEDGER_DIR_KEY = "ledger-dir"
+
+
+class NodeDeployError(Exception):
+    """Base class of the hospital-side deployment errors."""
+
+
+class NodeInsecureNotRequestedError(NodeDeployError):
+    """Raised when no CA certificate is given and plaintext was not explicitly asked for."""
+
+
+class ConflictingNodeTlsError(NodeDeployError):
+    """Raised when TLS material and ``insecure`` are both given."""
+
+
+class NodeConfigValueError(NodeDeployError):
+    """Raised when a node-config value cannot be quoted for ``--node-config``."""
+
+
+class NodePlaintextWarning(UserWarning):
+    """Warned when a SuperNode connects without TLS."""
+
+
+def _quote(value: str | int | float | bool) -> str:
+    """Return ``value`` as a TOML value that flwr's ``--node-config`` parser reads back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if "\n" in value or "\r" in value:
+        raise NodeConfigValueError(f"node-config value {value!r} holds a line break: rename it")
+    # flwr splits on  key=('...'|"..."|\S+)  then reads each pair as TOML: a literal string
+    # '...' keeps backslashes and spaces verbatim; fall back to "..." when the value has a '
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    raise NodeConfigValueError(
+        f"node-config value {value!r} holds both quote kinds (or ' and a backslash), which "
+        "flwr's --node-config cannot carry: move the file to a path without them"
+    )
+
+
+def node_config_string(values: Mapping[str, str | int | float | bool]) -> str:
+    """Return ``values`` as one ``--node-config`` argument: ``key='value' other=1``."""
+    for key in values:
+        if not key or any(c.isspace() or c in "='\"" for c in key):
+            raise NodeConfigValueError(f"node-config key {key!r} must be one word without = or quotes")
+    return " ".join(f"{key}={_quote(val)}" for key, val in values.items())
+
+
+class NodeSettings(BaseModel):
+    """How to start a hospital's SuperNode.
+
+    Attributes
+    ----------
+    site_manifest : pathlib.Path
+        The site manifest TOML (validated before the node starts).
+    superlink : str
+        ``HOST:PORT`` of the coordinator's SuperLink.
+    port : int
+        Port of this node's own Runtime API (the ClientApp process talks to it on
+        ``127.0.0.1``); each SuperNode on one host needs its own.
+    state_dir : pathlib.Path
+        Holds the PID file, the log and the node's FLWR_HOME (installed app bundles); the node
+        runs with it as working directory.
+    certs_dir : pathlib.Path or None
+        Folder holding the federation's ``ca.crt``.
+    auth_key : pathlib.Path or None
+        This node's OpenSSH private key (``nodes/NAME.key`` from ``fedcare certs init``).
+    ledger_dir : pathlib.Path or None
+        Where the ClientApp keeps the site's privacy ledger (default ``state_dir/ledger``).
+    site_name : str or None
+        Overrides the manifest's ``site``.
+    insecure : bool
+        Plaintext without authentication; only when explicitly asked for.
+    max_wait_time : float or None
+        Seconds flwr keeps retrying an unreachable SuperLink before exiting (None: forever).
+    extra_node_config : dict
+        More node-config entries for the ClientApp (e.g. a site policy path).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site_manifest: Path
+    superlink: str
+    port: int
+    state_dir: Path
+    certs_dir: Path | None = None
+    auth_key: Path | None = None
+    ledger_dir: Path | None = None
+    site_name: str | None = None
+    insecure: bool = False
+    max_wait_time: float | None = None
+    extra_node_config: dict[str, str | int | float | bool] = {}
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError(f"port {value} must be in 1-65535")
+        return value
+
+    @field_validator("superlink")
+    @classmethod
+    def _superlink(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if "://" in value or not sep or not host or not port.isdigit():
+            raise ValueError(f"--superlink {value!r} must be HOST:PORT without a URL scheme")
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSettings:
+        if self.insecure and (self.certs_dir is not None or self.auth_key is not None):
+            raise ConflictingNodeTlsError(
+                "--insecure cannot be combined with --certs or --key: node authentication "
+                "needs TLS. Drop --insecure (the coordinator's SuperLink uses TLS)"
+            )
+        if not self.insecure and (self.certs_dir is None or self.auth_key is None):
+            raise NodeInsecureNotRequestedError(
+                "pass --certs DIR (the folder with the federation's ca.crt) and --key "
+                "NODE.key (this hospital's private key); --insecure connects in plaintext "
+                "without authentication and is for test machines only"
+            )
+        if self.certs_dir is not None:
+            layout = CertificateLayout(self.certs_dir)
+            layout.require(layout.ca_cert)
+        if self.auth_key is not None and not self.auth_key.is_file():
+            raise FileNotFoundError(
+                f"node key {self.auth_key} not found: pass the private key the coordinator "
+                "generated for this hospital (nodes/NAME.key)"
+            )
+        return self
+
+    @property
+    def pid_file(self) -> Path:
+        """Return the PID file path."""
+        return self.state_dir / NODE_PID
+
+    @property
+    def log_file(self) -> Path:
+        """Return the log file path."""
+        return self.state_dir / NODE_LOG
+
+
+def supernode_command(settings: NodeSettings, *, site_name: str) -> list[str]:
+    """Return the ``flower-supernode`` command line (absolute paths, node config quoted)."""
+    ledger = (settings.ledger_dir or settings.state_dir / "ledger").resolve()
+    config = {
+        SITE_MANIFEST_KEY: str(settings.site_manifest.resolve()),
+        SITE_NAME_KEY: site_name,
+        LEDGER_DIR_KEY: str(ledger),
+        **settings.extra_node_config,
+    }
+    argv = [find_executable("flower-supernode")]
+    if settings.insecure:
+        argv.append("--insecure")
+    else:
+        ca = CertificateLayout(Path(settings.certs_dir or "").resolve()).ca_cert
+        argv += ["--root-certificates", str(ca)]
+        argv += ["--auth-supernode-private-key", str(Path(settings.auth_key or "").resolve())]
+    argv += [
+        "--superlink", settings.superlink,
+        "--host", "127.0.0.1",
+        "--port", str(settings.port),
+        "--node-config", node_config_string(config),
+    ]  # fmt: skip
+    if settings.max_wait_time is not None:
+        argv += ["--max-wait-time", str(settings.max_wait_time)]
+    return argv
+
+
+@dataclass(frozen=True)
+class NodeStarted:
+    """A SuperNode the SuperLink accepted.
+
+    Attributes
+    ----------
+    handle : fedcare.supervise.ProcessHandle
+        The running process.
+    node_id : int
+        The id the SuperLink gave the node.
+    site_name : str
+        The site it serves.
+    ready_s : float
+        Seconds from the start call to the SuperLink's acceptance.
+    """
+
+    handle: ProcessHandle
+    node_id: int
+    site_name: str
+    ready_s: float
+
+
+def start_node(
+    settings: NodeSettings,
+    *,
+    ready_timeout: float = 120.0,
+    extra_env: Mapping[str, str] | None = None,
+) -> NodeStarted:
+    """Start ``flower-supernode`` in the background and wait until the SuperLink accepts it.
+
+    Parameters
+    ----------
+    settings : NodeSettings
+        Where and how to run it.
+    ready_timeout : float
+        Seconds to wait for the SuperLink's acceptance; on timeout or early exit (e.g. an
+        unregistered key: "Failed to activate SuperNode") the node is stopped and the error
+        carries its log tail.
+    extra_env : mapping, optional
+        More environment variables (e.g. ``PYTHONPATH``).
+
+    Returns
+    -------
+    NodeStarted
+        The running node, its id, and the measured time to ready.
+    """
+    t0 = time.monotonic()
+    manifest = load_manifest(settings.site_manifest)
+    site_name = settings.site_name or manifest.site
+    if settings.insecure:
+        message = (
+            f"SuperNode {site_name!r} connects WITHOUT TLS (--insecure): model updates travel "
+            "in plaintext and the node is not authenticated. Test machines only, never with "
+            "patient data."
+        )
+        warnings.warn(message, NodePlaintextWarning, stacklevel=2)
+        logger.warning(message)
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    (settings.ledger_dir or state / "ledger").mkdir(parents=True, exist_ok=True)
+    env = {"FLWR_HOME": str((state / NODE_FLWR_HOME).resolve())}
+    env.update(extra_env or {})
+    handle = spawn(
+        supernode_command(settings, site_name=site_name),
+        log_path=settings.log_file,
+        pid_file=settings.pid_file,
+        env=flower_env(env),
+        cwd=state.resolve(),
+    )
+    try:
+        match = wait_for_log(handle, _READY, timeout=ready_timeout, what=f"SuperNode {site_name}")
+    except BaseException:
+        stop_process(handle)
+        raise
+    ready_s = time.monotonic() - t0
+    node_id = int(match.group(1))
+    logger.info(
+        "SuperNode %s (PID %d) accepted by %s as node %d, %.1f s after start",
+        site_name,
+        handle.pid,
+        settings.superlink,
+        node_id,
+        ready_s,
+    )
+    return NodeStarted(handle=handle, node_id=node_id, site_name=site_name, ready_s=ready_s)
+
+
+def stop_node(state_dir: Path, *, timeout: float = 15.0) -> bool:
+    """Stop the SuperNode whose PID file is in ``state_dir``; return False if it was gone.
+
+    Raises
+    ------
+    fedcare.supervise.NotRunningError
+        When ``state_dir`` holds no PID file.
+    """
+    pid_file = Path(state_dir) / NODE_PID
+    pid, ticks = read_pid_file(pid_file)
+    stopped = stop_pid(pid, ticks, timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    logger.info("SuperNode PID %d %s", pid, "stopped" if stopped else "was not running")
+    return stopped

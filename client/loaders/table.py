@@ -1,0 +1,392 @@
+"""Loader for ``kind = "table"``: a CSV or Parquet file with one row per patient.
+
+Order of operations: read (every CSV line must have the expected number of fields) ->
+check the named columns exist -> drop ``drop_columns`` -> mark missing values (empty fields and
+``missing_marker``) -> check numeric columns are numeric -> refuse all-empty columns -> handle
+missing targets and features per ``missing`` -> encode labels -> check the cohort size -> split
+-> impute (train statistics) -> one-hot encode categoricals -> standardise numeric features with
+the train split's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..errors import (
+    DtypeError,
+    LabelError,
+    MalformedFileError,
+    MissingValueError,
+    SchemaError,
+)
+from ..manifest import SiteManifest, TableData
+from ._common import (
+    LoadResult,
+    build_site,
+    check_cohort,
+    encode_labels,
+    key_name,
+    require_file,
+    series_keys,
+    split_indices,
+    value_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _read_csv(spec: TableData, name: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a CSV as text; return the frame and each row's line number in the file."""
+    try:
+        with spec.path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh, delimiter=spec.delimiter)
+            rows: list[list[str]] = []
+            lines: list[int] = []
+            header: list[str] | None = None
+            for row in reader:
+                if not row or all(not f.strip() for f in row):
+                    continue  # blank line
+                if spec.has_header and header is None:
+                    header = [h.strip() for h in row]
+                    continue
+                rows.append(row)
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as exc:
+        raise MalformedFileError(
+            f"{name} is not UTF-8 text (byte {exc.start}); export it as UTF-8 CSV",
+            path=spec.path,
+        ) from None
+    except csv.Error as exc:
+        raise MalformedFileError(
+            f"{name} is not a readable CSV ({exc}); fix the quoting near that line",
+            path=spec.path,
+        ) from None
+    if spec.has_header:
+        if header is None:
+            raise MalformedFileError(f"{name} is empty; export the table again", path=spec.path)
+        names, named_by = header, "the header line"
+        if spec.columns is not None and list(spec.columns) != header:
+            raise SchemaError(
+                f"{name}: data.columns does not match the file's header {header}; remove "
+                "data.columns (the header names the columns) or set has_header = false",
+                path=spec.path,
+            )
+    else:
+        names, named_by = list(spec.columns or []), "data.columns"
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise SchemaError(
+            f"{name}: column names {dupes} appear more than once in {named_by}; rename them",
+            path=spec.path,
+        )
+    if not rows:
+        raise MalformedFileError(f"{name} has no data rows; export the table again", path=spec.path)
+    width = len(names)
+    for row, line in zip(rows, lines):
+        if len(row) != width:
+            raise MalformedFileError(
+                f"{name} line {line}: {len(row)} fields, expected {width} as {named_by} names "
+                f"({'delimiter ' + repr(spec.delimiter)}); fix or remove that line",
+                path=spec.path,
+            )
+    frame = pd.DataFrame(rows, columns=names, dtype=object)
+    return frame, np.asarray(lines)
+
+
+def _read_parquet(spec: TableData, name: str) -> pd.DataFrame:
+    """Read a Parquet table."""
+    try:
+        frame = pd.read_parquet(spec.path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError
+        raise MalformedFileError(
+            f"{name} is not a readable Parquet file ({type(exc).__name__}); export it again "
+            "or set data.format = 'csv' if it is a CSV",
+            path=spec.path,
+        ) from None
+    if len(frame) == 0:
+        raise MalformedFileError(f"{name} has no rows; export the table again", path=spec.path)
+    return frame.reset_index(drop=True)
+
+
+def _missing(frame: pd.DataFrame, markers: list[str]) -> pd.DataFrame:
+    """Return a boolean frame: empty field, missing marker, or null."""
+    out = {}
+    for col in frame.columns:
+        s = frame[col]
+        miss = s.isna()
+        if s.dtype == object or pd.api.types.is_string_dtype(s):
+            text = s.astype(str).str.strip()
+            miss = miss | (text == "") | text.isin(markers)
+        out[col] = miss.to_numpy()
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _numeric(
+    frame: pd.DataFrame,
+    col: str,
+    miss: pd.Series,
+    name: str,
+    where: Callable[[int], str],
+) -> pd.Series:
+    """Convert a column to float64, raising on the first non-numeric, non-missing value."""
+    s = frame[col]
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return s.astype("float64").where(~miss)
+    values = pd.to_numeric(s.astype(str).str.strip().where(~miss), errors="coerce")
+    bad = (values.isna() & ~miss).to_numpy()
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DtypeError(
+            f"{name}: column {col!r} must be numeric but {where(first)} holds a value that is "
+            f"not a number ({int(bad.sum())} such rows); correct it, declare the column in "
+            "data.categorical, or — if it marks a missing value — add it to "
+            "data.missing_marker",
+            path=name,
+        )
+    return values.astype("float64")
+
+
+def load_table(manifest: SiteManifest) -> LoadResult:
+    """Load and validate a table site (see the module docstring for the order of operations)."""
+    spec = manifest.data
+    assert isinstance(spec, TableData)
+    require_file(spec.path, "path", manifest.site)
+    name = spec.path.name
+    if spec.file_format == "csv":
+        frame, lines = _read_csv(spec, name)
+
+        def where(i: int) -> str:
+            return f"line {int(lines[i])}"
+
+    else:
+        frame = _read_parquet(spec, name)
+        lines = np.arange(1, len(frame) + 1)
+
+        def where(i: int) -> str:
+            return f"row {int(lines[i])}"
+
+    available = list(frame.columns)
+    by = manifest.split.by
+    named = {
+        "target": [spec.target],
+        "features": list(spec.features or []),
+        "categorical": spec.categorical,
+        "drop_columns": spec.drop_columns,
+        "split.by": [by] if by else [],
+    }
+    for field_name, cols in named.items():
+        absent = [c for c in cols if c not in available]
+        if absent:
+            raise SchemaError(
+                f"{name}: {field_name} names column(s) {absent} which the file does not have; "
+                f"columns in the file: {available}. Fix {field_name} in the manifest"
+                + ("" if spec.has_header else " (or data.columns)"),
+                path=spec.path,
+            )
+    frame = frame.drop(columns=spec.drop_columns)
+    excluded = {spec.target, *spec.drop_columns, *([by] if by else [])}
+    features = list(spec.features) if spec.features is not None else [
+        c for c in frame.columns if c not in excluded
+    ]
+    if by in features:
+        raise SchemaError(
+            f"{name}: the split.by column {by!r} is also a feature; remove it from data.features "
+            "(a group id must not be learnt from)",
+            path=spec.path,
+        )
+    if not features:
+        raise SchemaError(f"{name}: no feature column left; list data.features", path=spec.path)
+    bad_cat = [c for c in spec.categorical if c not in features]
+    if bad_cat:
+        raise SchemaError(
+            f"{name}: categorical names {bad_cat} which are not features ({features})",
+            path=spec.path,
+        )
+
+    miss = _missing(frame, spec.missing_marker)
+    missing_rates = {c: float(miss[c].mean()) for c in features}
+    numeric_cols = [c for c in features if c not in spec.categorical]
+    values = {c: _numeric(frame, c, miss[c], name, where) for c in numeric_cols}
+    for c in features:
+        if miss[c].all():
+            raise MissingValueError(
+                f"{name}: column {c!r} has no value in any row (all missing); add it to "
+                "data.drop_columns or export the column again",
+                path=spec.path,
+            )
+
+    # rows: missing target, missing features
+    notes: list[str] = []
+    keep = np.ones(len(frame), bool)
+    target_missing = miss[spec.target].to_numpy()
+    if target_missing.any():
+        if spec.missing != "drop_rows":
+            first = int(np.flatnonzero(target_missing)[0])
+            raise LabelError(
+                f"{name}: the target column {spec.target!r} is empty at {where(first)} "
+                f"({int(target_missing.sum())} rows); fill it, remove those rows, or set "
+                "data.missing = 'drop_rows'",
+                path=spec.path,
+            )
+        keep &= ~target_missing
+    feat_missing = miss[features].to_numpy()
+    if feat_missing.any():
+        if spec.missing == "error":
+            col_idx = int(np.flatnonzero(feat_missing.any(axis=0))[0])
+            col = features[col_idx]
+            first = int(np.flatnonzero(feat_missing[:, col_idx])[0])
+            raise MissingValueError(
+                f"{name}: column {col!r} is missing at {where(first)} "
+                f"({int(feat_missing.any(axis=1).sum())} rows have a missing feature); set "
+                "data.missing to 'drop_rows', 'mean' or 'median', or fix the data",
+                path=spec.path,
+            )
+        if spec.missing == "drop_rows":
+            keep &= ~feat_missing.any(axis=1)
+    dropped = int((~keep).sum())
+    if dropped:
+        notes.append(f"{dropped} of {len(frame)} rows dropped for missing values")
+        logger.info(
+            "site %s: dropped %d of %d rows with missing values", manifest.site, dropped, len(frame)
+        )
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise MissingValueError(
+            f"{name}: every row has a missing value, nothing is left; use data.missing = "
+            "'mean' or 'median', or drop the emptiest columns with data.drop_columns",
+            path=spec.path,
+        )
+
+    def kept_where(i: int) -> str:
+        return where(int(rows[i]))
+
+    # targets
+    class_names: list[str] = []
+    if manifest.task == "regression":
+        y = _numeric(frame, spec.target, miss[spec.target], name, where).to_numpy()[rows]
+        y = y.astype(np.float32)
+    else:
+        raw = frame[spec.target].iloc[rows].reset_index(drop=True)
+        if spec.positive_above is not None:
+            raw = _numeric(frame, spec.target, miss[spec.target], name, where).iloc[rows]
+            raw = raw.reset_index(drop=True)
+        keys = series_keys(raw)
+        if spec.positive_values is not None or spec.positive_above is not None:
+            if manifest.classes is not None:  # validate raw labels against the declared ones
+                encode_labels(
+                    keys,
+                    manifest=manifest,
+                    source=name,
+                    column=spec.target,
+                    where=kept_where,
+                    check_task=False,
+                )
+            if spec.positive_above is not None:
+                y = (raw.to_numpy(dtype=float) > spec.positive_above).astype(np.int64)
+                rule = f"{spec.target} > {spec.positive_above:g}"
+            else:
+                positives = {value_key(v) for v in spec.positive_values or []}
+                y = keys.isin(positives).to_numpy().astype(np.int64)
+                shown = [key_name(value_key(v)) for v in spec.positive_values or []]
+                rule = f"{spec.target} in {shown}"
+            class_names = [f"not ({rule})", rule]
+        else:
+            y, class_names = encode_labels(
+                keys, manifest=manifest, source=name, column=spec.target, where=kept_where
+            )
+    groups = None
+    if by:
+        groups = series_keys(frame[by].iloc[rows]).map(key_name).to_numpy(dtype=str)
+        patients = len(np.unique(groups))
+    else:
+        patients = len(rows)
+    check_cohort(patients, manifest, name)
+
+    splits = split_indices(
+        len(rows),
+        manifest.split,
+        labels=None if manifest.task == "regression" else y,
+        groups=groups,
+        site=manifest.site,
+        source=name,
+    )
+    train = splits[0]
+
+    # features: numeric (impute, standardise) and one-hot categoricals
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for c in features:
+        if c in spec.categorical:
+            raw_c = frame[c].iloc[rows].where(~miss[c].iloc[rows])
+            keys_c = series_keys(raw_c).reset_index(drop=True)
+            present_mask = ~miss[c].iloc[rows].to_numpy()
+            if c in spec.categories:
+                cats = [value_key(v) for v in spec.categories[c]]
+            else:
+                cats = sorted(set(keys_c[present_mask]), key=lambda k: (isinstance(k, str), k))
+                msg = (f"categories of {c!r} derived from this site's data ({len(cats)}); declare "
+                       f"data.categories.{c} so every site one-hot encodes identically")
+                notes.append(msg)
+                logger.warning("site %s: %s", manifest.site, msg)
+            index = {k: i for i, k in enumerate(cats)}
+            codes = keys_c.map(index)
+            unknown = (codes.isna().to_numpy() & present_mask)
+            if unknown.any():
+                first = int(np.flatnonzero(unknown)[0])
+                raise SchemaError(
+                    f"{name}: column {c!r} at {kept_where(first)} holds a category not in "
+                    f"data.categories.{c} = [{', '.join(key_name(k) for k in cats)}] "
+                    f"({int(unknown.sum())} rows); add it to the declared categories or fix "
+                    "the data",
+                    path=spec.path,
+                )
+            onehot = np.zeros((len(rows), len(cats)), np.float32)
+            ok = np.flatnonzero(present_mask)
+            onehot[ok, codes.to_numpy()[ok].astype(int)] = 1.0
+            blocks.append(onehot)
+            names.extend(f"{c}={key_name(k)}" for k in cats)
+        else:
+            col = values[c].to_numpy()[rows].copy()
+            observed_train = col[train][~np.isnan(col[train])]
+            if np.isnan(col).any():
+                if observed_train.size == 0:
+                    raise MissingValueError(
+                        f"{name}: column {c!r} has no value in the train split, so it cannot be "
+                        "imputed; drop it with data.drop_columns",
+                        path=spec.path,
+                    )
+                median = spec.missing == "median"
+                fill = np.median(observed_train) if median else observed_train.mean()
+                col[np.isnan(col)] = fill
+            if spec.standardize:
+                mean, std = col[train].mean(), col[train].std()
+                col = (col - mean) / (std if std > 0 else 1.0)
+            blocks.append(col.astype(np.float32)[:, None])
+            names.append(c)
+    x = np.concatenate(blocks, axis=1).astype(np.float32)
+    data = build_site(
+        manifest,
+        kind="table",
+        inputs=[x],
+        targets=y,
+        groups=groups,
+        splits=splits,
+        num_classes=len(class_names),
+        input_shape=(x.shape[1],),
+        feature_names=names,
+    )
+    return LoadResult(
+        data=data,
+        patients=patients,
+        class_names=class_names,
+        missing_rates=missing_rates,
+        notes=notes,
+    )
+
+
+__all__ = ["load_table"]

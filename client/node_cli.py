@@ -1,0 +1,123 @@
+"""Hospital IT commands: ``fedcare node start`` and ``fedcare node stop``.
+
+Thin: parse options, call :mod:`fedcare.client.deploy`, print through rich. The lead merges
+these into the ``fedcare node`` group beside ``node check`` (``client/cli.py``)::
+
+    from .client.node_cli import node_start, node_stop
+    node_app.command("start")(node_start)
+    node_app.command("stop")(node_stop)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from ..privacy.certs import CertsError
+from ..supervise import SuperviseError, process_age_s
+from .deploy import NodeDeployError, NodeSettings, start_node, stop_node
+from .errors import DataValidationError
+
+__all__ = ["node_app", "node_start", "node_stop"]
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+out = Console()
+
+node_app = typer.Typer(no_args_is_help=True, help="Run this hospital's SuperNode.")
+
+_HANDLED = (
+    CertsError,
+    NodeDeployError,
+    SuperviseError,
+    DataValidationError,
+    FileNotFoundError,
+    ValidationError,
+)
+
+
+def _fail(err: BaseException) -> None:
+    if isinstance(err, ValidationError):
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    else:
+        msg = str(err)
+    console.print("[bold red]error:[/] ", end="")
+    console.print(msg, markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@node_app.command("start")
+def node_start(
+    site: Annotated[Path, typer.Option("--site", help="The site manifest TOML.")],
+    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    port: Annotated[int, typer.Option("--port", help="Port of this node's local Runtime API.")],
+    certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="This node's private key (nodes/NAME.key).")
+    ] = None,
+    ledger_dir: Annotated[
+        Path | None, typer.Option("--ledger-dir", help="Privacy ledger folder (default STATE/ledger).")
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option("--state", help="PID file, log, app cache (default ./fedcare-node-SITE)."),
+    ] = None,
+    site_name: Annotated[
+        str | None, typer.Option("--site-name", help="Overrides the manifest's site name.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext, no authentication. Test machines only.")
+    ] = False,
+    ready_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the SuperLink to accept the node.")
+    ] = 120.0,
+) -> None:
+    """Start this hospital's SuperNode in the background; return once the SuperLink accepted it."""
+    try:
+        settings = NodeSettings(
+            site_manifest=site,
+            superlink=superlink,
+            port=port,
+            state_dir=state or Path.cwd() / f"fedcare-node-{site.stem}",
+            certs_dir=certs,
+            auth_key=key,
+            ledger_dir=ledger_dir,
+            site_name=site_name,
+            insecure=insecure,
+        )
+        started = start_node(settings, ready_timeout=ready_timeout)
+    except _HANDLED as err:
+        _fail(err)
+    if insecure:
+        console.print("[bold red]WARNING: this node connects WITHOUT TLS and without authentication.[/]")
+    since_command = process_age_s()
+    logger.info(
+        "SuperNode %s ready %.1f s after `fedcare node start` (flower-supernode: %.1f s)",
+        started.site_name,
+        since_command,
+        started.ready_s,
+    )
+    out.print(
+        f"SuperNode {started.site_name} ready: node {started.node_id}, PID {started.handle.pid}; "
+        f"{since_command:.1f} s after `fedcare node start` ({started.ready_s:.1f} s for "
+        f"flower-supernode to be accepted); log {settings.log_file}",
+        highlight=False,
+    )
+
+
+@node_app.command("stop")
+def node_stop(
+    state: Annotated[Path, typer.Option("--state", help="The state folder given to `node start`.")],
+    timeout: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 15.0,
+) -> None:
+    """Stop the SuperNode started with this state folder."""
+    try:
+        stopped = stop_node(state, timeout=timeout)
+    except _HANDLED as err:
+        _fail(err)
+    out.print("SuperNode stopped" if stopped else "SuperNode was not running (stale PID file removed)")

@@ -1,0 +1,481 @@
+"""TLS certificates and SuperNode authentication keys for a deployed federation.
+
+``init_certificates`` writes, with the ``cryptography`` library only (no ``openssl``):
+
+- a certificate authority (``ca.crt``, ``ca.key``): EC P-384, self-signed, 10 years;
+- the SuperLink's server certificate (``server.pem``, ``server.key``): EC P-384, signed by the
+  CA, 825 days, SANs = the given DNS names and IP addresses, **always** including IP
+  ``127.0.0.1`` (the SuperLink's own SuperExec connects there; without it runs hang);
+- one authentication key pair per hospital node (``nodes/<name>.key``, ``nodes/<name>.pub``):
+  EC P-384, private key in OpenSSH format without passphrase (what ``flower-supernode
+  --auth-supernode-private-key`` loads with ``load_ssh_private_key``), public key as one
+  OpenSSH line (what ``flwr supernode register`` loads with ``load_ssh_public_key``).
+
+Private keys are created with mode 0600 (``os.open(..., 0o600)``), never chmod-ed afterwards.
+Nothing is written when any target file exists, unless ``force=True``.
+
+Who gets what: the coordinator keeps ``ca.key`` and ``server.key``; each hospital gets
+``ca.crt`` and its own ``nodes/<name>.key``; the coordinator registers ``nodes/<name>.pub``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "LOOPBACK_IP",
+    "NODES_DIR",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "CertificateLayout",
+    "CertsError",
+    "CertificateVerificationError",
+    "InvalidNodeNameError",
+    "InvalidSubjectAltNameError",
+    "KeyFileExistsError",
+    "MissingCertificateError",
+    "NodeKeyPaths",
+    "generate_node_key",
+    "init_certificates",
+    "load_certificate",
+    "verify_server_certificate",
+]
+
+logger = logging.getLogger(__name__)
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+NODES_DIR = "nodes"
+LOOPBACK_IP = ipaddress.IPv4Address("127.0.0.1")
+
+CA_DAYS = 3650
+SERVER_DAYS = 825
+_CURVE = ec.SECP384R1
+_NODE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class CertsError(Exception):
+    """Base class of the certificate and key errors."""
+
+
+class KeyFileExistsError(CertsError):
+    """Raised when a key or certificate file would be overwritten without ``force``."""
+
+
+class InvalidNodeNameError(CertsError):
+    """Raised when a node name cannot be used as a key file name."""
+
+
+class InvalidSubjectAltNameError(CertsError):
+    """Raised when a DNS name or IP address for the server certificate is malformed."""
+
+
+class MissingCertificateError(CertsError):
+    """Raised when a certificate folder lacks a file a command needs."""
+
+
+class CertificateVerificationError(CertsError):
+    """Raised when the server certificate was not signed by the CA or has expired."""
+
+
+@dataclass(frozen=True)
+class NodeKeyPaths:
+    """Where one node's authentication key pair lives.
+
+    Attributes
+    ----------
+    name : str
+        The node (hospital) name.
+    private_key : pathlib.Path
+        OpenSSH private key, mode 0600; stays at the hospital.
+    public_key : pathlib.Path
+        OpenSSH public key line; the coordinator registers it with the SuperLink.
+    """
+
+    name: str
+    private_key: Path
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class CertificateLayout:
+    """The files of a certificate folder written by :func:`init_certificates`.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The folder.
+    """
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        """Return the CA certificate path (given to every hospital and to ``flwr``)."""
+        return self.root / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        """Return the CA private key path (stays with the coordinator, offline if possible)."""
+        return self.root / CA_KEY
+
+    @property
+    def server_cert(self) -> Path:
+        """Return the SuperLink's certificate path."""
+        return self.root / SERVER_CERT
+
+    @property
+    def server_key(self) -> Path:
+        """Return the SuperLink's private key path."""
+        return self.root / SERVER_KEY
+
+    def node(self, name: str) -> NodeKeyPaths:
+        """Return the key pair paths of node ``name``."""
+        _check_node_name(name)
+        folder = self.root / NODES_DIR
+        return NodeKeyPaths(name, folder / f"{name}.key", folder / f"{name}.pub")
+
+    def require(self, *paths: Path) -> None:
+        """Raise :class:`MissingCertificateError` unless every path is a file."""
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise MissingCertificateError(
+                f"missing certificate file(s): {', '.join(missing)}; create them with "
+                f"`fedcare certs init --out {self.root} ...` or point --certs at the folder "
+                "that holds them"
+            )
+
+
+def _check_node_name(name: str) -> None:
+    if not _NODE_NAME.match(name):
+        raise InvalidNodeNameError(
+            f"invalid node name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting and ending with a letter or digit (e.g. hospital-a)"
+        )
+
+
+def _parse_dns_names(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        labels = name.rstrip(".").split(".")
+        if not name or len(name) > 253 or not all(_DNS_LABEL.match(lab) for lab in labels):
+            raise InvalidSubjectAltNameError(
+                f"invalid DNS name {name!r} for the server certificate: give the host name "
+                "hospitals use to reach the SuperLink (e.g. fl.example.org); IP addresses go "
+                "in --ip"
+            )
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _parse_ips(ips: Sequence[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [LOOPBACK_IP]
+    for raw in ips:
+        try:
+            ip = ipaddress.ip_address(raw)
+        except ValueError:
+            raise InvalidSubjectAltNameError(
+                f"invalid IP address {raw!r} for the server certificate: give an IPv4 or "
+                "IPv6 address (DNS names go in --server-name / --dns)"
+            ) from None
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and write ``data``; it must not exist."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0644 and write ``data``; it must not exist."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _refuse_or_clear(paths: Sequence[Path], *, force: bool) -> None:
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise KeyFileExistsError(
+            f"refusing to overwrite existing key/certificate file(s): "
+            f"{', '.join(str(p) for p in existing)}; pass --force to replace them (hospitals "
+            "holding the old keys or CA must then receive the new ones and nodes be "
+            "re-registered)"
+        )
+    for path in existing:
+        logger.warning("replacing %s (--force)", path)
+        path.unlink()
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedcare"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _build_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(_CURVE())
+    subject = _name("fedcare federation CA")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _build_server(
+    now: dt.datetime,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    server_name: str,
+    dns_names: Sequence[str],
+    ips: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(_CURVE())
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    sans += [x509.IPAddress(ip) for ip in ips]
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(server_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def generate_node_key(out_dir: Path, name: str, *, force: bool = False) -> NodeKeyPaths:
+    """Write one node's EC P-384 authentication key pair (OpenSSH format) under ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        The certificate folder; the keys go to ``out_dir/nodes/<name>.key`` and ``.pub``.
+    name : str
+        The node name (lowercase letters, digits, ``-``, ``_``).
+    force : bool
+        Replace existing key files instead of refusing.
+
+    Returns
+    -------
+    NodeKeyPaths
+        Where the keys were written.
+
+    Raises
+    ------
+    InvalidNodeNameError
+        When ``name`` is not a usable file name.
+    KeyFileExistsError
+        When a key file exists and ``force`` is False.
+    """
+    paths = CertificateLayout(Path(out_dir)).node(name)
+    paths.private_key.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_or_clear([paths.private_key, paths.public_key], force=force)
+    _write_node_key(paths)
+    return paths
+
+
+def _write_node_key(paths: NodeKeyPaths) -> None:
+    key = ec.generate_private_key(_CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write_private(paths.private_key, private)
+    _write_public(paths.public_key, public + f" fedcare-{paths.name}\n".encode())
+    logger.info("wrote node key pair %s / %s", paths.private_key, paths.public_key)
+
+
+def init_certificates(
+    out_dir: Path,
+    *,
+    server_name: str,
+    dns_names: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    nodes: Sequence[str] = (),
+    force: bool = False,
+) -> CertificateLayout:
+    """Write a CA, a server certificate signed by it, and one auth key pair per node.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        Folder to write into (created if missing).
+    server_name : str
+        The SuperLink's public DNS name: subject CN and first DNS SAN.
+    dns_names : sequence of str
+        More DNS SANs.
+    ips : sequence of str
+        IP SANs; ``127.0.0.1`` is always added.
+    nodes : sequence of str
+        Node (hospital) names; one key pair each.
+    force : bool
+        Replace existing files instead of refusing.
+
+    Returns
+    -------
+    CertificateLayout
+        The folder's layout.
+
+    Raises
+    ------
+    InvalidSubjectAltNameError
+        When a DNS name or IP address is malformed.
+    InvalidNodeNameError
+        When a node name is not usable.
+    KeyFileExistsError
+        When any file to write exists and ``force`` is False (nothing is written then).
+    """
+    layout = CertificateLayout(Path(out_dir))
+    dns = _parse_dns_names([server_name, *dns_names])
+    ip_list = _parse_ips(ips)
+    if len(set(nodes)) != len(nodes):
+        raise InvalidNodeNameError(f"node names repeat in {list(nodes)}: give each node once")
+    node_paths = [layout.node(n) for n in nodes]
+
+    targets = [layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key]
+    targets += [p for n in node_paths for p in (n.private_key, n.public_key)]
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if node_paths:
+        (layout.root / NODES_DIR).mkdir(exist_ok=True)
+    _refuse_or_clear(targets, force=force)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, ca_cert = _build_ca(now)
+    server_key, server_cert = _build_server(now, ca_key, ca_cert, server_name, dns, ip_list)
+
+    _write_private(layout.ca_key, _pem_key(ca_key))
+    _write_public(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(layout.server_key, _pem_key(server_key))
+    _write_public(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    for paths in node_paths:
+        _write_node_key(paths)
+    logger.info(
+        "wrote CA and server certificate in %s (DNS %s, IP %s), %d node key pair(s)",
+        layout.root,
+        ", ".join(dns),
+        ", ".join(str(i) for i in ip_list),
+        len(node_paths),
+    )
+    return layout
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """Return the PEM certificate at ``path``."""
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+
+def verify_server_certificate(ca_cert_path: Path, server_cert_path: Path) -> None:
+    """Check that the server certificate was signed by the CA and is valid now.
+
+    Raises
+    ------
+    CertificateVerificationError
+        When the signature does not verify, the issuer differs, or a validity period is over.
+    """
+    ca = load_certificate(ca_cert_path)
+    server = load_certificate(server_cert_path)
+    try:
+        server.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise CertificateVerificationError(
+            f"{server_cert_path} was not issued by the CA in {ca_cert_path} ({err}); "
+            "re-create the server certificate with `fedcare certs init --force`"
+        ) from None
+    now = dt.datetime.now(dt.timezone.utc)
+    for label, cert in (("CA", ca), ("server", server)):
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise CertificateVerificationError(
+                f"the {label} certificate is not valid now (valid "
+                f"{cert.not_valid_before_utc} to {cert.not_valid_after_utc}); re-create it "
+                "with `fedcare certs init --force`"
+            )

@@ -1,0 +1,277 @@
+"""One privacy report per released model: ``privacy_report.json`` and ``privacy_report.md``.
+
+The report states, for the model released, the sample-level ε and δ each site's own ledger
+holds (values passed in, never recomputed here), client-level DP where the server used it,
+whether secure aggregation was on, the site policy checks, the membership-inference audit and
+the audit log's head hash, and a section saying plainly what is *not* a formal guarantee.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from .. import __version__
+from .artefacts import atomic_write
+from .membership import MembershipAuditResult
+
+__all__ = [
+    "JSON_NAME",
+    "MARKDOWN_NAME",
+    "ClientLevelPrivacy",
+    "GateSummary",
+    "PolicyCheck",
+    "PrivacyReport",
+    "SitePrivacy",
+    "load_report",
+    "render_markdown",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+JSON_NAME = "privacy_report.json"
+MARKDOWN_NAME = "privacy_report.md"
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f|]+$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class SitePrivacy(_Frozen):
+    """Sample-level DP of one site, as its ledger records it for this study.
+
+    Attributes
+    ----------
+    site : str
+        The site.
+    dp_enabled : bool
+        Whether the site trained with DP-SGD.
+    epsilon, delta : float or None
+        The ε spent and δ, from the site's ledger (required when ``dp_enabled``).
+    accountant : str or None
+        The accountant that computed ε (``rdp``, ``prv``, ``gdp``).
+    noise_multiplier, max_grad_norm : float or None
+        The DP-SGD settings, where known.
+    rounds : int or None
+        Rounds the site took part in.
+    """
+
+    site: Name
+    dp_enabled: bool
+    epsilon: float | None = Field(default=None, ge=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    accountant: Name | None = None
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    rounds: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.dp_enabled and (self.epsilon is None or self.delta is None or self.accountant is None):
+            raise ValueError(f"site {self.site}: DP enabled needs epsilon, delta and accountant from its ledger")
+        if not self.dp_enabled and self.epsilon is not None:
+            raise ValueError(f"site {self.site}: an epsilon is given but DP is not enabled")
+        return self
+
+
+class ClientLevelPrivacy(_Frozen):
+    """Client-level (site-level) DP applied by the server on aggregation, where used."""
+
+    mechanism: Label
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+    noise_multiplier: float = Field(ge=0)
+    clipping_norm: float = Field(gt=0)
+    accountant: Label | None = None
+
+
+class PolicyCheck(_Frozen):
+    """The outcome of a site's policy checks over the run."""
+
+    site: Name
+    policy: Label = Field(description="'strict default' or 'file sha256:<hex>'")
+    rounds_checked: int = Field(ge=0)
+    refusals: int = Field(ge=0)
+
+    @property
+    def passed(self) -> bool:
+        """Return whether no round was refused."""
+        return self.refusals == 0
+
+
+class GateSummary(_Frozen):
+    """The release gate's settings and verdict."""
+
+    max_auc: float = Field(gt=0.5, le=1)
+    basis: Literal["upper", "point"]
+    passed: bool
+
+
+class PrivacyReport(_Frozen):
+    """Everything said about the privacy of one released model (frozen)."""
+
+    study: Name
+    run_id: Name | None = None
+    round: int = Field(ge=0)
+    model_sha256: Sha256 | None = None
+    config_sha256: Sha256 | None = None
+    created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    fedcare_version: str = __version__
+    sites: tuple[SitePrivacy, ...] = Field(min_length=1)
+    client_level: ClientLevelPrivacy | None = None
+    secure_aggregation: bool
+    policy_checks: tuple[PolicyCheck, ...] = ()
+    membership: MembershipAuditResult | None = None
+    gate: GateSummary | None = None
+    audit_log_head: Sha256 | None = None
+    audit_log_entries: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> Self:
+        names = [s.site for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each site appears once in a report; got {names}")
+        if self.gate is not None and self.membership is None:
+            raise ValueError("a release gate verdict needs the membership audit it judged")
+        return self
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+NOT_GUARANTEED = (
+    "**Membership-inference audit.** The attack AUCs are empirical: they say these attacks, "
+    "with these shadow models and this audit split, did not separate members from non-members "
+    "better than reported. A stronger attack may do better. Only ε is a bound.",
+    "**Data validation.** Manifest checks, cohort-size minimums and schema validation keep bad "
+    "data out; they protect no one's privacy formally.",
+    "**Secure aggregation.** SecAgg+ hides each site's update from the server under its threat "
+    "model (an honest-but-curious server, fewer colluding or dropped clients than its threshold); "
+    "it adds no ε, and the aggregate itself is revealed.",
+    "**Patients, not records.** Sample-level ε protects one record. A patient with k records at a "
+    "site (several stays, beats, images) is protected only at about k·ε (group privacy).",
+    "**Across sites and studies.** Each site's ε covers its own records in this study. The same "
+    "patient at two sites, or in two studies, composes: the ε values add up.",
+    "**What is outside the accountant.** Hyper-parameter tuning on the private data, evaluation "
+    "metrics sent to the server, and any data-dependent choice of the training recipe are not "
+    "counted in ε. Opacus ran without `secure_mode` (no cryptographically secure noise source).",
+    "**Policy checks.** They show each site's node refused rounds outside its policy, as the node "
+    "software reported it; they are as trustworthy as that software.",
+)
+
+
+def render_markdown(report: PrivacyReport) -> str:
+    """Return the report as readable Markdown."""
+    lines: list[str] = [f"# Privacy report — study `{report.study}`", ""]
+    lines += [
+        f"- Model: round {report.round}" + (f", SHA-256 `{report.model_sha256}`" if report.model_sha256 else ""),
+        f"- Run: `{report.run_id or '—'}`; configuration SHA-256 `{report.config_sha256 or '—'}`",
+        f"- Created: {report.created_at.isoformat()} by fedcare {report.fedcare_version}",
+        "",
+        "## Sample-level differential privacy (per site)",
+        "",
+        "Each site trained with DP-SGD (Opacus) and kept its own privacy ledger. For a record held at "
+        "a site, the released model is (ε, δ)-differentially private with that site's ε and δ "
+        "below, as computed by the named accountant.",
+        "",
+        "| Site | DP | ε | δ | Accountant | Noise multiplier | Clipping norm | Rounds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report.sites:
+        lines.append(
+            f"| {s.site} | {'yes' if s.dp_enabled else '**NO**'} | {_num(s.epsilon)} | {_num(s.delta, '.1e')} | "
+            f"{s.accountant or '—'} | {_num(s.noise_multiplier, '.3f')} | {_num(s.max_grad_norm, '.3f')} | "
+            f"{'—' if s.rounds is None else s.rounds} |"
+        )
+    without = [s.site for s in report.sites if not s.dp_enabled]
+    if without:
+        lines += ["", f"**Warning:** no sample-level guarantee for the records of: {', '.join(without)}."]
+    lines += ["", "## Client-level differential privacy", ""]
+    if report.client_level is None:
+        lines.append("Not used: the server added no noise on aggregation.")
+    else:
+        c = report.client_level
+        lines.append(
+            f"{c.mechanism}: ε = {_num(c.epsilon)}, δ = {_num(c.delta, '.1e')} (noise multiplier "
+            f"{_num(c.noise_multiplier, '.3f')}, clipping norm {_num(c.clipping_norm, '.3f')}"
+            f"{', accountant ' + c.accountant if c.accountant else ''}); this bounds what the model "
+            "reveals about any one site's whole contribution."
+        )
+    lines += ["", "## Secure aggregation", ""]
+    lines.append(
+        "On (SecAgg+): the server saw only the sum of the sites' updates."
+        if report.secure_aggregation
+        else "**Off:** the server saw each site's individual update."
+    )
+    lines += ["", "## Site policy checks", ""]
+    if not report.policy_checks:
+        lines.append("No policy check results were reported.")
+    else:
+        lines += ["| Site | Policy | Rounds checked | Refusals | Result |", "|---|---|---|---|---|"]
+        for p in report.policy_checks:
+            lines.append(
+                f"| {p.site} | {p.policy} | {p.rounds_checked} | {p.refusals} | {'passed' if p.passed else 'REFUSED'} |"
+            )
+    lines += ["", "## Membership-inference audit", ""]
+    if report.membership is None:
+        lines.append("Not run.")
+    else:
+        lines += ["| Attack | AUC | Confidence interval | TPR at low FPR | Members / non-members | Shadows |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for a in report.membership.attacks:
+            level = round(a.confidence * 100)
+            lines.append(
+                f"| {a.attack} | {a.auc:.3f} | {level}%: {a.ci_low:.3f}–{a.ci_high:.3f} | "
+                f"{a.tpr_at_low_fpr:.3f} at {a.low_fpr:g} | {a.n_members} / {a.n_nonmembers} | "
+                f"{'—' if a.n_shadow is None else a.n_shadow} |"
+            )
+        if report.gate is not None:
+            basis = "upper confidence bound" if report.gate.basis == "upper" else "point estimate"
+            verdict = "passed" if report.gate.passed else "**BLOCKED**"
+            lines += ["", f"Release gate (max AUC {report.gate.max_auc:.3f} on the {basis}): {verdict}."]
+    lines += ["", "## Audit log", ""]
+    if report.audit_log_head is None:
+        lines.append("No audit log head recorded.")
+    else:
+        lines.append(
+            f"Signed audit log head when this report was written: `{report.audit_log_head}` "
+            f"({report.audit_log_entries} entries). Verify with "
+            f"`fedcare audit verify LOG --key PUB --anchor {report.audit_log_head}`."
+        )
+    lines += ["", "## Not a formal guarantee", "", "Only the ε and δ values above are formal bounds. These are not:", ""]
+    lines += [f"- {item}" for item in NOT_GUARANTEED]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: PrivacyReport, out_dir: Path | str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``privacy_report.json`` and ``privacy_report.md`` into ``out_dir``; return both paths."""
+    if not isinstance(report, PrivacyReport):
+        raise TypeError("report must be a PrivacyReport")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / JSON_NAME, out_dir / MARKDOWN_NAME
+    if not overwrite:
+        for path in (json_path, md_path):
+            if path.exists():
+                raise FileExistsError(f"{path} exists; write the report elsewhere or pass overwrite=True")
+    payload = json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write(json_path, payload.encode("utf-8"), mode=0o644)
+    atomic_write(md_path, render_markdown(report).encode("utf-8"), mode=0o644)
+    logger.info("wrote privacy report %s and %s", json_path, md_path)
+    return json_path, md_path
+
+
+def load_report(path: Path | str) -> PrivacyReport:
+    """Read a ``privacy_report.json`` back into a ``PrivacyReport``."""
+    return PrivacyReport.model_validate_json(Path(path).read_text(encoding="utf-8"))

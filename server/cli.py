@@ -1,0 +1,210 @@
+"""Coordinator commands: ``fedcare certs ...``, ``fedcare server ...`` and ``fedcare run``.
+
+Thin: each command parses its options, calls one function, and prints through rich. Wiring
+into the root command (``cli.py``)::
+
+    from .server.cli import certs_app, run_command, server_app
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(server_app, name="server")
+    app.command("run")(run_command)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.text import Text
+
+from ..privacy.certs import CertsError, generate_node_key, init_certificates
+from ..supervise import SuperviseError
+from .deploy import (
+    DeployError,
+    FlowerConnection,
+    SuperLinkSettings,
+    register_node,
+    start_superlink,
+    stop_superlink,
+    submit_run,
+)
+from .flower_app import AppFolderExistsError, InvalidStudyError, build_flower_app, load_study
+
+__all__ = ["certs_app", "run_command", "server_app"]
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+out = Console()
+
+certs_app = typer.Typer(no_args_is_help=True, help="Create the federation's CA, server certificate and node keys.")
+server_app = typer.Typer(no_args_is_help=True, help="Run the coordinator's SuperLink.")
+
+_HANDLED = (
+    CertsError,
+    DeployError,
+    SuperviseError,
+    InvalidStudyError,
+    AppFolderExistsError,
+    FileNotFoundError,
+    ValidationError,
+)
+
+
+def _fail(err: BaseException, code: int = 1) -> NoReturn:
+    if isinstance(err, ValidationError):
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    else:
+        msg = str(err)
+    console.print("[bold red]error:[/] ", end="")
+    console.print(msg, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except _HANDLED as err:
+        _fail(err)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for raw in values or [] for v in raw.split(",") if v.strip()]
+
+
+@certs_app.command("init")
+def certs_init(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the files into.")],
+    server_name: Annotated[
+        str, typer.Option("--server-name", help="The SuperLink's DNS name (certificate CN).")
+    ],
+    ip: Annotated[
+        list[str] | None,
+        typer.Option("--ip", help="IP SAN (repeat or comma-separate); 127.0.0.1 is always added."),
+    ] = None,
+    dns: Annotated[
+        list[str] | None, typer.Option("--dns", help="More DNS SANs (repeat or comma-separate).")
+    ] = None,
+    nodes: Annotated[
+        str, typer.Option("--nodes", help="Comma-separated node names, e.g. hospital-a,hospital-b.")
+    ] = "",
+    force: Annotated[bool, typer.Option("--force", help="Replace existing keys and certificates.")] = False,
+) -> None:
+    """Write a CA (EC P-384), a server certificate and one auth key pair per node."""
+    with _errors():
+        layout = init_certificates(
+            out_dir,
+            server_name=server_name,
+            dns_names=_split(dns),
+            ips=_split(ip),
+            nodes=_split([nodes]),
+            force=force,
+        )
+    out.print(f"CA certificate      {layout.ca_cert}  (give to every hospital)")
+    out.print(f"CA key              {layout.ca_key}  (keep offline; mode 0600)")
+    out.print(f"server certificate  {layout.server_cert}, key {layout.server_key}")
+    for name in _split([nodes]):
+        node = layout.node(name)
+        out.print(f"node {name}: private {node.private_key} (to the hospital), public {node.public_key}")
+
+
+@certs_app.command("node-key")
+def certs_node_key(
+    out_dir: Annotated[Path, typer.Option("--out", help="Certificate folder (keys go to nodes/).")],
+    name: Annotated[str, typer.Option("--name", help="The node name, e.g. hospital-d.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
+) -> None:
+    """Write one more node's auth key pair (a hospital can run this itself and send the .pub)."""
+    with _errors():
+        paths = generate_node_key(out_dir, name, force=force)
+    out.print(f"private key {paths.private_key} (stays at the hospital), public key {paths.public_key}")
+
+
+@server_app.command("start")
+def server_start(
+    address: Annotated[str, typer.Option("--address", help="HOST:PORT to listen on.")],
+    state: Annotated[Path, typer.Option("--state", help="State folder: database, PID file, log.")],
+    certs: Annotated[
+        Path | None, typer.Option("--certs", help="Folder from `fedcare certs init`.")
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Plaintext, no node authentication. Test machines only."),
+    ] = False,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait until it listens.")] = 60.0,
+) -> None:
+    """Start the SuperLink in the background (TLS, SuperNode authentication, no runtime installs)."""
+    with _errors():
+        settings = SuperLinkSettings(address=address, state_dir=state, certs_dir=certs, insecure=insecure)
+        handle = start_superlink(settings, ready_timeout=ready_timeout)
+    if insecure:
+        console.print("[bold red]WARNING: the SuperLink runs WITHOUT TLS and without node authentication.[/]")
+    out.print(f"SuperLink PID {handle.pid} listening on {address}; log {settings.log_file}")
+
+
+@server_app.command("stop")
+def server_stop(
+    state: Annotated[Path, typer.Option("--state", help="The state folder given to `server start`.")],
+    timeout: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 15.0,
+) -> None:
+    """Stop the SuperLink started with this state folder."""
+    with _errors():
+        stopped = stop_superlink(state, timeout=timeout)
+    out.print("SuperLink stopped" if stopped else "SuperLink was not running (stale PID file removed)")
+
+
+@server_app.command("register-node")
+def server_register_node(
+    public_key: Annotated[Path, typer.Argument(help="The node's public key (nodes/NAME.pub).")],
+    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
+    flwr_home: Annotated[
+        Path | None, typer.Option("--flwr-home", help="FLWR_HOME for flwr (default: temporary).")
+    ] = None,
+) -> None:
+    """Allow a hospital's node to connect: register its public key with the SuperLink."""
+    with _errors():
+        conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
+        node_id = register_node(public_key, conn, flwr_home=flwr_home)
+    out.print(f"registered {public_key} as node {node_id}")
+
+
+def run_command(
+    study_file: Annotated[Path, typer.Argument(help="The study TOML.")],
+    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
+    app_dir: Annotated[
+        Path | None,
+        typer.Option("--app-dir", help="Where to build the Flower App (default: temporary)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds the run may take before it is stopped.")] = 3600.0,
+    flwr_home: Annotated[
+        Path | None, typer.Option("--flwr-home", help="FLWR_HOME for flwr (default: temporary).")
+    ] = None,
+) -> None:
+    """Build the study's Flower App, submit it, stream its log, exit non-zero unless it completed."""
+    with _errors():
+        study = load_study(study_file)
+        conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
+        with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
+            folder = build_flower_app(study, app_dir or Path(tmp) / study.app_name)
+            outcome = submit_run(
+                folder,
+                conn,
+                timeout=timeout,
+                flwr_home=flwr_home,
+                on_line=lambda line: out.print(Text.from_ansi(line)),
+            )
+    if not outcome.completed:
+        console.print(f"[bold red]run {outcome.run_id} ended {outcome.status}:[/] ", end="")
+        console.print(outcome.details, markup=False, highlight=False)
+        raise typer.Exit(1)
+    out.print(f"run {outcome.run_id} {outcome.status} in {outcome.elapsed_s:.0f} s")

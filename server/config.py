@@ -1,0 +1,326 @@
+"""The coordinator's run configuration: one frozen model, parsed once at the ServerApp entry.
+
+Flower hands the ServerApp ``context.run_config``, a flat dict of ``bool | int | float | str``
+(nested tables of the app's ``[tool.flwr.app.config]`` arrive flattened with dotted keys).
+:meth:`RunConfig.from_run_config` reads it with these kebab-case keys (every one optional
+except ``input-shape``)::
+
+    study = "heart-disease"        # the study / federation name sites keep their ledgers under
+    num-server-rounds = 5
+    strategy = "fedavg"            # fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
+    proximal-mu = 0.01             # fedprox only
+    eta = 0.1                      # fedadam only: server learning rate
+    eta-l = 0.1                    # fedadam only: client learning rate flwr records
+    beta-1 = 0.9                   # fedadam only
+    beta-2 = 0.99                  # fedadam only
+    tau = 0.001                    # fedadam only
+    trim-beta = 0.2                # fedtrimmedavg only: fraction cut at each end
+    num-malicious-nodes = 0        # krum only
+    fraction-train = 1.0
+    fraction-evaluate = 1.0        # 0 skips federated evaluation
+    min-sites = 2                  # minimum available / training / evaluating sites
+    round-timeout-s = 600.0
+    local-epochs = 1               # sent to the sites each round
+    batch-size = 32
+    lr = 0.05
+    model-family = "logistic"      # models.FAMILIES
+    hidden-size = 32               # lstm
+    num-layers = 1                 # lstm
+    bidirectional = false          # lstm
+    width = 16                     # cnn
+    task = "binary"                # binary | multiclass | regression
+    num-classes = 2
+    input-shape = "13"             # one example's shape: "F", "C,H,W" or "T,F"
+    has-mask = false               # sequences with a missingness mask
+    checkpoint-dir = ""            # "" = no checkpoints
+    resume = false
+    seed = 0
+
+A strategy parameter given for another strategy is an error (it would be silently ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..models import ModelSpec, Task
+
+__all__ = [
+    "RUN_CONFIG_KEYS",
+    "STRATEGY_PARAMS",
+    "InvalidRunConfigError",
+    "RunConfig",
+]
+
+
+class InvalidRunConfigError(ValueError):
+    """Raised when the run configuration has an unknown key, a missing key or a bad value."""
+
+
+#: which strategy each strategy-specific field belongs to
+STRATEGY_PARAMS: Final[Mapping[str, str]] = {
+    "proximal_mu": "fedprox",
+    "eta": "fedadam",
+    "eta_l": "fedadam",
+    "beta_1": "fedadam",
+    "beta_2": "fedadam",
+    "tau": "fedadam",
+    "trim_beta": "fedtrimmedavg",
+    "num_malicious_nodes": "krum",
+}
+
+_MODEL_KEYS: Final[Mapping[str, str]] = {
+    "model-family": "family",
+    "hidden-size": "hidden_size",
+    "num-layers": "num_layers",
+    "bidirectional": "bidirectional",
+    "width": "width",
+}
+
+#: run-config key -> RunConfig field (model keys map into ``model``)
+RUN_CONFIG_KEYS: Final[Mapping[str, str]] = {
+    "study": "study",
+    "num-server-rounds": "num_rounds",
+    "strategy": "strategy",
+    "proximal-mu": "proximal_mu",
+    "eta": "eta",
+    "eta-l": "eta_l",
+    "beta-1": "beta_1",
+    "beta-2": "beta_2",
+    "tau": "tau",
+    "trim-beta": "trim_beta",
+    "num-malicious-nodes": "num_malicious_nodes",
+    "fraction-train": "fraction_train",
+    "fraction-evaluate": "fraction_evaluate",
+    "min-sites": "min_sites",
+    "round-timeout-s": "round_timeout_s",
+    "local-epochs": "local_epochs",
+    "batch-size": "batch_size",
+    "lr": "lr",
+    **{k: f"model.{v}" for k, v in _MODEL_KEYS.items()},
+    "task": "task",
+    "num-classes": "num_classes",
+    "input-shape": "input_shape",
+    "has-mask": "has_mask",
+    "checkpoint-dir": "checkpoint_dir",
+    "resume": "resume",
+    "seed": "seed",
+}
+_FIELD_TO_KEY: Final[Mapping[str, str]] = {v: k for k, v in RUN_CONFIG_KEYS.items()}
+
+
+class RunConfig(BaseModel):
+    """Everything the coordinator needs to run one study; built once, never mutated.
+
+    Attributes
+    ----------
+    study : str
+        Study name; sites keep one privacy ledger per study.
+    num_rounds : int
+        Total federated rounds (a resumed run continues up to this number).
+    strategy : str
+        A registered strategy (``server.strategy.STRATEGIES``).
+    proximal_mu, eta, eta_l, beta_1, beta_2, tau, trim_beta, num_malicious_nodes :
+        Strategy parameters, each allowed only with its strategy (see ``STRATEGY_PARAMS``).
+    fraction_train, fraction_evaluate : float
+        Fractions of connected sites sampled each round (at least ``min_sites``).
+    min_sites : int
+        Minimum sites available, training and evaluating; a round with fewer successful
+        training replies stops the run.
+    round_timeout_s : float
+        How long the server waits for replies in each stage of a round.
+    local_epochs, batch_size, lr :
+        Local training settings sent to the sites.
+    model : ModelSpec
+        Model family and size.
+    task, num_classes, input_shape, has_mask :
+        What the sites' data looks like, so the server can build the initial model.
+    checkpoint_dir : pathlib.Path or None
+        Where checkpoints, the final model and the metrics history go; None keeps nothing.
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir``.
+    seed : int
+        Seeds the initial model, site sampling and the sites' local training.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    study: str = Field(default="fedcare", min_length=1)
+    num_rounds: int = Field(default=3, ge=1)
+    strategy: str = "fedavg"
+    proximal_mu: float = Field(default=0.01, ge=0.0)
+    eta: float = Field(default=0.1, gt=0.0)
+    eta_l: float = Field(default=0.1, gt=0.0)
+    beta_1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    tau: float = Field(default=1e-3, gt=0.0)
+    trim_beta: float = Field(default=0.2, ge=0.0, lt=0.5)
+    num_malicious_nodes: int = Field(default=0, ge=0)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
+    min_sites: int = Field(default=2, ge=1)
+    round_timeout_s: float = Field(default=600.0, gt=0.0)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0.0)
+    model: ModelSpec = ModelSpec()
+    task: Task = "binary"
+    num_classes: int = Field(default=2, ge=1)
+    input_shape: tuple[int, ...] = Field(min_length=1, max_length=3)
+    has_mask: bool = False
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    seed: int = 0
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        """Refuse zero or negative dimensions."""
+        if any(d < 1 for d in value):
+            raise ValueError(f"every dimension of input-shape must be >= 1, got {value}")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        """Refuse strategies the registry does not hold, listing the known ones."""
+        from ..models import UnknownNameError  # noqa: PLC0415
+        from .strategy import STRATEGIES  # noqa: PLC0415 - strategy.py imports this module
+
+        try:
+            STRATEGIES.get(value)
+        except UnknownNameError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        """Check strategy parameters against the strategy and the task against the classes."""
+        for name, owner in STRATEGY_PARAMS.items():
+            if name in self.model_fields_set and owner != self.strategy:
+                raise ValueError(
+                    f"{_FIELD_TO_KEY[name]} applies to strategy {owner!r} only, but strategy is "
+                    f"{self.strategy!r}: remove it or set strategy = {owner!r}"
+                )
+        if self.task == "regression" and self.num_classes != 1 and "num_classes" in self.model_fields_set:
+            raise ValueError("a regression task has num-classes = 1 (or leave it out)")
+        if self.task == "binary" and self.num_classes != 2:
+            raise ValueError(f"task 'binary' needs num-classes = 2, got {self.num_classes}")
+        if self.task == "multiclass" and self.num_classes < 3:
+            raise ValueError(
+                f"task 'multiclass' needs num-classes >= 3, got {self.num_classes}; "
+                "use task = 'binary' for two classes"
+            )
+        if self.strategy == "krum" and self.min_sites < 2 * self.num_malicious_nodes + 3:
+            raise ValueError(
+                f"krum with num-malicious-nodes = {self.num_malicious_nodes} needs min-sites >= "
+                f"{2 * self.num_malicious_nodes + 3} (n > 2f + 2)"
+            )
+        return self
+
+    @property
+    def output_classes(self) -> int:
+        """Return the class count the model is built with (1 for regression)."""
+        return 1 if self.task == "regression" else self.num_classes
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's ``context.run_config`` (kebab-case keys, see the module docstring).
+
+        Raises
+        ------
+        InvalidRunConfigError
+            On an unknown key (listing the known ones), a missing ``input-shape`` or a bad value.
+        """
+        flat = _flatten(run_config)
+        unknown = sorted(set(flat) - set(RUN_CONFIG_KEYS))
+        if unknown:
+            raise InvalidRunConfigError(
+                f"unknown run-config key(s) {unknown}; known keys: {', '.join(RUN_CONFIG_KEYS)}. "
+                "Fix the study's [run] table (or --run-config)."
+            )
+        fields: dict[str, Any] = {}
+        model: dict[str, Any] = {}
+        for key, value in flat.items():
+            target = RUN_CONFIG_KEYS[key]
+            if target.startswith("model."):
+                model[target.removeprefix("model.")] = value
+            elif target == "input_shape":
+                fields[target] = _parse_shape(value)
+            elif target == "checkpoint_dir":
+                fields[target] = Path(str(value)).expanduser() if str(value) else None
+            else:
+                fields[target] = value
+        if model:
+            fields["model"] = model
+        return _validate(fields)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Return the flat kebab-case run config that :meth:`from_run_config` reads back."""
+        out: dict[str, bool | int | float | str] = {}
+        for key, target in RUN_CONFIG_KEYS.items():
+            if target in STRATEGY_PARAMS and STRATEGY_PARAMS[target] != self.strategy:
+                continue
+            if target.startswith("model."):
+                value: Any = getattr(self.model, target.removeprefix("model."))
+            else:
+                value = getattr(self, target)
+            if target == "input_shape":
+                value = ",".join(str(d) for d in value)
+            elif target == "checkpoint_dir":
+                value = "" if value is None else str(value)
+            out[key] = value
+        return out
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables into dotted keys (as flwr does with ``[tool.flwr.app.config]``)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _parse_shape(value: Any) -> Any:
+    """Read ``input-shape`` written as ``"1,28,28"`` (or ``"1x28x28"``, or a single int)."""
+    if isinstance(value, bool):
+        raise InvalidRunConfigError(f"input-shape must be like \"13\" or \"1,28,28\", got {value!r}")
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    text = str(value).strip().strip("()[]").replace("x", ",")
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InvalidRunConfigError(
+            f"input-shape must be comma-separated integers like \"1,28,28\", got {value!r}"
+        ) from None
+
+
+def _validate(fields: dict[str, Any]) -> RunConfig:
+    """Build the RunConfig, turning pydantic errors into one readable message in run-config keys."""
+    try:
+        return RunConfig.model_validate(fields)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            field = ".".join(loc)
+            key = _FIELD_TO_KEY.get(field) or _FIELD_TO_KEY.get(f"model.{loc[-1]}" if loc else "")
+            where = key or field or "(run config)"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "missing; set it in the study's [run] table (e.g. input-shape = \"13\")"
+            value = err.get("input")
+            shown = f" (got {value!r})" if isinstance(value, (int, float, str, bool)) else ""
+            lines.append(f"  - {where}: {msg}{shown}")
+        raise InvalidRunConfigError("invalid run config:\n" + "\n".join(lines)) from None

@@ -1,0 +1,633 @@
+"""The coordinator's side of a deployment: the SuperLink process, node registration, runs.
+
+- :func:`start_superlink` / :func:`stop_superlink`: ``flower-superlink`` with TLS, SuperNode
+  authentication on, runtime dependency installation off, telemetry and update check off, a
+  state database file and a PID file in the state folder.
+- :func:`register_node`: ``flwr supernode register KEY.pub`` with a TLS connection.
+- :func:`submit_run`: ``flwr run APP CONN --stream``, then the run's real status from
+  ``flwr ls CONN --run-id ID --format json`` (``flwr run`` exits 0 even when the run failed).
+
+The Flower CLI reads its connections from ``$FLWR_HOME/config.toml``: every call here writes
+a connection named ``fedcare`` into a FLWR_HOME of its own (a temporary folder unless given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import tomllib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from ..privacy.certs import CertificateLayout
+from ..supervise import (
+    ProcessHandle,
+    find_executable,
+    flower_env,
+    read_pid_file,
+    spawn,
+    stop_pid,
+    stop_popen,
+    stop_process,
+    wait_for_log,
+    wait_for_port,
+)
+
+__all__ = [
+    "CONNECTION_NAME",
+    "ConflictingTlsOptionsError",
+    "DeployError",
+    "FlowerCommandError",
+    "FlowerConnection",
+    "InsecureNotRequestedError",
+    "NodeRegistrationError",
+    "PlaintextWarning",
+    "RunFailedError",
+    "RunOutcome",
+    "RunSubmissionError",
+    "RunTimeoutError",
+    "SuperLinkSettings",
+    "parse_address",
+    "register_node",
+    "run_status",
+    "start_superlink",
+    "stop_superlink",
+    "submit_run",
+    "superlink_command",
+]
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_NAME = "fedcare"
+SUPERLINK_PID = "superlink.pid"
+SUPERLINK_LOG = "superlink.log"
+SUPERLINK_DB = "superlink.db"
+SUPERLINK_FLWR_HOME = "flwr-home"
+_READY_LINE = r"Uvicorn running on https?://"
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class DeployError(Exception):
+    """Base class of the coordinator-side deployment errors."""
+
+
+class InsecureNotRequestedError(DeployError):
+    """Raised when no certificates are given and plaintext was not explicitly asked for."""
+
+
+class ConflictingTlsOptionsError(DeployError):
+    """Raised when certificates and ``insecure`` are both given."""
+
+
+class FlowerCommandError(DeployError):
+    """Raised when a ``flwr`` CLI call fails or prints what fedcare cannot read."""
+
+
+class NodeRegistrationError(DeployError):
+    """Raised when the SuperLink refuses to register a node's public key."""
+
+
+class RunSubmissionError(DeployError):
+    """Raised when ``flwr run`` did not start a run."""
+
+
+class RunTimeoutError(DeployError):
+    """Raised when a run did not finish in time (it has been asked to stop)."""
+
+
+class RunFailedError(DeployError):
+    """Raised when a run finished with a status other than ``finished:completed``."""
+
+
+class PlaintextWarning(UserWarning):
+    """Warned when a SuperLink, SuperNode or connection runs without TLS."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[IPv6]:PORT`` too) into host and port; raise ValueError if malformed."""
+    if "://" in address:
+        raise ValueError(f"address {address!r} must be HOST:PORT without a URL scheme")
+    host, sep, port_s = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"address {address!r} must be HOST:PORT with a port in 1-65535")
+    return host, int(port_s)
+
+
+def warn_plaintext(what: str) -> None:
+    """Warn loudly (warning + log at WARNING) that ``what`` runs without TLS."""
+    message = (
+        f"{what} runs WITHOUT TLS (--insecure): model updates and metrics travel in plaintext "
+        "and SuperNode authentication is off, so any process that reaches the port can join "
+        "or submit runs. Use this only on a test machine, never with patient data."
+    )
+    warnings.warn(message, PlaintextWarning, stacklevel=3)
+    logger.warning(message)
+
+
+class FlowerConnection(BaseModel):
+    """How the ``flwr`` CLI reaches a SuperLink (one entry of ``$FLWR_HOME/config.toml``).
+
+    Attributes
+    ----------
+    address : str
+        ``HOST:PORT`` of the SuperLink (its single HTTP port).
+    root_certificates : pathlib.Path or None
+        The CA certificate (``ca.crt``) that signed the SuperLink's certificate.
+    insecure : bool
+        Plaintext; only when explicitly asked for.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str
+    root_certificates: Path | None = None
+    insecure: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> FlowerConnection:
+        if self.insecure and self.root_certificates is not None:
+            raise ConflictingTlsOptionsError(
+                "give either the CA certificate (--certs) or --insecure, not both"
+            )
+        if not self.insecure and self.root_certificates is None:
+            raise InsecureNotRequestedError(
+                "no CA certificate given: pass --certs DIR (the folder with ca.crt), or "
+                "--insecure to connect in plaintext (test machines only)"
+            )
+        if self.root_certificates is not None and not self.root_certificates.is_file():
+            raise FileNotFoundError(
+                f"CA certificate {self.root_certificates} not found: pass --certs pointing at "
+                "the folder written by `fedcare certs init`"
+            )
+        return self
+
+    @classmethod
+    def from_certs_dir(
+        cls, address: str, certs_dir: Path | None, *, insecure: bool = False
+    ) -> FlowerConnection:
+        """Return a connection using ``certs_dir/ca.crt`` (or plaintext when ``insecure``)."""
+        ca = None if certs_dir is None else CertificateLayout(Path(certs_dir)).ca_cert
+        if ca is not None:
+            ca = ca.resolve()
+        return cls(address=address, root_certificates=ca, insecure=insecure)
+
+    def write(self, flwr_home: Path) -> Path:
+        """Write this connection as ``[superlink.fedcare]`` into ``flwr_home/config.toml``.
+
+        Other connections already in the file are kept; ``fedcare`` becomes the default only
+        when no default is set (fedcare always names it explicitly).
+        """
+        entry: dict[str, Any] = {"address": self.address}
+        if self.insecure:
+            warn_plaintext("the flwr CLI connection")
+            entry["insecure"] = True
+        else:
+            entry["root-certificates"] = str(Path(self.root_certificates or "").resolve())
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        path = flwr_home / "config.toml"
+        doc: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as err:
+                raise FlowerCommandError(
+                    f"{path} is not valid TOML ({err}): fix it or pass another --flwr-home"
+                ) from None
+        superlink = doc.setdefault("superlink", {})
+        superlink.setdefault("default", CONNECTION_NAME)
+        superlink[CONNECTION_NAME] = entry
+        path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+        return path
+
+
+@contextmanager
+def _flwr_home(connection: FlowerConnection, flwr_home: Path | None) -> Iterator[Path]:
+    if flwr_home is not None:
+        connection.write(flwr_home)
+        yield flwr_home
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcare-flwr-home-") as tmp:
+        connection.write(Path(tmp))
+        yield Path(tmp)
+
+
+class SuperLinkSettings(BaseModel):
+    """How to start the SuperLink.
+
+    Attributes
+    ----------
+    address : str
+        ``HOST:PORT`` to listen on (Fleet, Control and Runtime APIs share this port).
+    state_dir : pathlib.Path
+        Holds the state database, PID file, log, and the SuperLink's FLWR_HOME (installed apps);
+        the SuperLink (hence the ServerApp) runs with this folder as working directory.
+    certs_dir : pathlib.Path or None
+        Folder written by ``fedcare certs init`` (``ca.crt``, ``server.pem``, ``server.key``).
+    insecure : bool
+        Plaintext without node authentication; must be asked for explicitly.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str
+    state_dir: Path
+    certs_dir: Path | None = None
+    insecure: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> SuperLinkSettings:
+        if self.insecure and self.certs_dir is not None:
+            raise ConflictingTlsOptionsError(
+                "give either --certs (TLS + SuperNode authentication) or --insecure, not both"
+            )
+        if not self.insecure and self.certs_dir is None:
+            raise InsecureNotRequestedError(
+                "no certificates given: pass --certs DIR (see `fedcare certs init`), or "
+                "--insecure to run plaintext without node authentication (test machines only)"
+            )
+        if self.certs_dir is not None:
+            layout = CertificateLayout(self.certs_dir)
+            layout.require(layout.ca_cert, layout.server_cert, layout.server_key)
+        return self
+
+    @property
+    def host(self) -> str:
+        """Return the host to bind."""
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """Return the port to bind."""
+        return parse_address(self.address)[1]
+
+    @property
+    def pid_file(self) -> Path:
+        """Return the PID file path."""
+        return self.state_dir / SUPERLINK_PID
+
+    @property
+    def log_file(self) -> Path:
+        """Return the log file path."""
+        return self.state_dir / SUPERLINK_LOG
+
+
+def superlink_command(settings: SuperLinkSettings) -> list[str]:
+    """Return the ``flower-superlink`` command line for ``settings`` (absolute paths)."""
+    state = settings.state_dir.resolve()
+    argv = [find_executable("flower-superlink")]
+    if settings.insecure:
+        argv.append("--insecure")
+    else:
+        layout = CertificateLayout(Path(settings.certs_dir or "").resolve())
+        argv += [
+            "--ssl-ca-certfile", str(layout.ca_cert),
+            "--ssl-certfile", str(layout.server_cert),
+            "--ssl-keyfile", str(layout.server_key),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    argv += [
+        "--disable-runtime-dependency-installation",
+        "--database", str(state / SUPERLINK_DB),
+        "--host", settings.host,
+        "--port", str(settings.port),
+    ]  # fmt: skip
+    return argv
+
+
+def _superlink_env(state_dir: Path, extra_env: dict[str, str] | None) -> dict[str, str]:
+    env = {"FLWR_HOME": str((state_dir / SUPERLINK_FLWR_HOME).resolve())}
+    env.update(extra_env or {})
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return flower_env(env)
+
+
+def start_superlink(
+    settings: SuperLinkSettings,
+    *,
+    ready_timeout: float = 60.0,
+    extra_env: dict[str, str] | None = None,
+) -> ProcessHandle:
+    """Start ``flower-superlink`` in the background and wait until it listens; bounded.
+
+    Parameters
+    ----------
+    settings : SuperLinkSettings
+        Where and how to run it.
+    ready_timeout : float
+        Seconds to wait for it to listen; on timeout or early exit it is stopped and the
+        error carries its log tail.
+    extra_env : dict, optional
+        More environment variables (e.g. ``PYTHONPATH`` for apps installed outside the venv).
+
+    Returns
+    -------
+    ProcessHandle
+        The running SuperLink (PID also in ``state_dir/superlink.pid``).
+    """
+    if settings.insecure:
+        warn_plaintext("the SuperLink")
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    (state / SUPERLINK_FLWR_HOME).mkdir(exist_ok=True)
+    handle = spawn(
+        superlink_command(settings),
+        log_path=settings.log_file,
+        pid_file=settings.pid_file,
+        env=_superlink_env(state, extra_env),
+        cwd=state.resolve(),
+    )
+    try:
+        wait_for_log(handle, _READY_LINE, timeout=ready_timeout, what="flower-superlink")
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+        host = "::1" if host == "::" else host
+        wait_for_port(handle, host, settings.port, timeout=ready_timeout, what="flower-superlink")
+    except BaseException:
+        stop_process(handle)
+        raise
+    logger.info("SuperLink PID %d listening on %s", handle.pid, settings.address)
+    return handle
+
+
+def stop_superlink(state_dir: Path, *, timeout: float = 15.0) -> bool:
+    """Stop the SuperLink whose PID file is in ``state_dir``; return False if it was gone.
+
+    Raises
+    ------
+    fedcare.supervise.NotRunningError
+        When ``state_dir`` holds no PID file.
+    """
+    pid_file = Path(state_dir) / SUPERLINK_PID
+    pid, ticks = read_pid_file(pid_file)
+    stopped = stop_pid(pid, ticks, timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    logger.info("SuperLink PID %d %s", pid, "stopped" if stopped else "was not running")
+    return stopped
+
+
+def _flwr(
+    args: Sequence[str],
+    *,
+    flwr_home: Path,
+    timeout: float,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    env = dict(extra_env or {})
+    env["FLWR_HOME"] = str(flwr_home)
+    try:
+        return subprocess.run(  # noqa: S603 - argv built here, no shell
+            [find_executable("flwr"), *args],
+            env=flower_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerCommandError(
+            f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s: check that the "
+            "SuperLink runs and is reachable"
+        ) from None
+
+
+def _json_from(output: str, command: str) -> dict[str, Any]:
+    start = output.find("{")
+    try:
+        data = json.loads(output[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise FlowerCommandError(f"`{command}` printed no JSON object: {output.strip()[-500:]}")
+    return data
+
+
+def register_node(
+    public_key: Path,
+    connection: FlowerConnection,
+    *,
+    flwr_home: Path | None = None,
+    timeout: float = 60.0,
+) -> int:
+    """Register a node's OpenSSH public key with the SuperLink; return its node id.
+
+    Raises
+    ------
+    NodeRegistrationError
+        When the SuperLink refuses (e.g. the key is already registered).
+    """
+    if not Path(public_key).is_file():
+        raise FileNotFoundError(
+            f"public key {public_key} not found: give the node's .pub file from "
+            "`fedcare certs init` (certs/nodes/NAME.pub)"
+        )
+    with _flwr_home(connection, flwr_home) as home:
+        proc = _flwr(
+            ["supernode", "register", str(Path(public_key).resolve()), CONNECTION_NAME,
+             "--format", "json"],
+            flwr_home=home,
+            timeout=timeout,
+        )  # fmt: skip
+    data = _json_from(proc.stdout, "flwr supernode register")
+    # `--format json` exits 0 even when registration failed: read "success"
+    if not data.get("success") or "node-id" not in data:
+        detail = str(data.get("error-message", proc.stderr)).strip()
+        raise NodeRegistrationError(
+            f"the SuperLink did not register {public_key}: {detail}. A key that is 'already in "
+            "use' is registered already; otherwise check the address and CA certificate"
+        )
+    node_id = int(data["node-id"])
+    logger.info("registered %s as node %d", public_key, node_id)
+    return node_id
+
+
+def run_status(
+    run_id: int,
+    connection: FlowerConnection,
+    *,
+    flwr_home: Path | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Return the run's entry from ``flwr ls CONN --run-id ID --format json``."""
+    with _flwr_home(connection, flwr_home) as home:
+        proc = _flwr(
+            ["ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json"],
+            flwr_home=home,
+            timeout=timeout,
+        )
+    data = _json_from(proc.stdout, "flwr ls")
+    runs = data.get("runs") or []
+    if not data.get("success") or not runs:
+        raise FlowerCommandError(
+            f"`flwr ls --run-id {run_id}` failed: {data.get('error-message', proc.stderr)}"
+        )
+    return dict(runs[0])
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended.
+
+    Attributes
+    ----------
+    run_id : int
+        The Flower run id.
+    status : str
+        ``finished:completed``, ``finished:failed``, ``finished:stopped``…
+    details : str
+        Flower's status details (the exception message when the ServerApp failed).
+    elapsed_s : float
+        Wall time from submission to the final status.
+    """
+
+    run_id: int
+    status: str
+    details: str
+    elapsed_s: float
+
+    @property
+    def completed(self) -> bool:
+        """Return whether the run finished successfully."""
+        return self.status == "finished:completed"
+
+    def check(self) -> None:
+        """Raise :class:`RunFailedError` unless the run completed."""
+        if not self.completed:
+            raise RunFailedError(
+                f"run {self.run_id} ended {self.status}: {self.details}. See the SuperLink "
+                "log in its state folder and the streamed log above"
+            )
+
+
+def _pump(stream: Any, on_line: Callable[[str], None], seen: list[str]) -> None:
+    for raw in iter(stream.readline, ""):
+        line = raw.rstrip("\n")
+        seen.append(line)
+        on_line(line)
+
+
+def submit_run(
+    app_dir: Path,
+    connection: FlowerConnection,
+    *,
+    timeout: float = 3600.0,
+    status_timeout: float = 60.0,
+    on_line: Callable[[str], None] | None = None,
+    flwr_home: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> RunOutcome:
+    """Submit the Flower App in ``app_dir`` with ``flwr run --stream``; return its final status.
+
+    ``flwr run`` exits 0 even when the run fails: the status is read with ``flwr ls``.
+
+    Parameters
+    ----------
+    app_dir : pathlib.Path
+        Folder with the app's ``pyproject.toml``.
+    connection : FlowerConnection
+        The SuperLink to submit to.
+    timeout : float
+        Seconds the run may take; past it the run is stopped and :class:`RunTimeoutError`
+        raised.
+    status_timeout : float
+        Seconds to wait at least, after the log stream ends, for the run to report a finished
+        status (polling goes on until ``timeout`` anyway).
+    on_line : callable, optional
+        Called with every streamed line (default: logged at INFO).
+    flwr_home : pathlib.Path, optional
+        FLWR_HOME for the ``flwr`` CLI (default: a temporary folder).
+    extra_env : dict, optional
+        More environment variables for ``flwr`` (it imports the app's modules to validate them).
+
+    Raises
+    ------
+    RunSubmissionError
+        When no run was started.
+    RunTimeoutError
+        When the run did not finish in time.
+    """
+    emit = on_line or (lambda line: logger.info("%s", _ANSI.sub("", line)))
+    started = time.monotonic()
+    with _flwr_home(connection, flwr_home) as home:
+        env = dict(extra_env or {})
+        env["FLWR_HOME"] = str(home)
+        proc = subprocess.Popen(  # noqa: S603 - argv built here, no shell
+            [find_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME,
+             "--stream"],
+            env=flower_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        seen: list[str] = []
+        reader = threading.Thread(target=_pump, args=(proc.stdout, emit, seen), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if proc.poll() is None:
+                stop_popen(proc, timeout=5.0)
+            reader.join(timeout=5.0)
+        text = _ANSI.sub("", "\n".join(seen))
+        match = _RUN_ID.search(text)
+        if match is None:
+            raise RunSubmissionError(
+                f"`flwr run` started no run (exit {proc.returncode}): {text.strip()[-1500:]}"
+            )
+        run_id = int(match.group(1))
+        logger.info("run %d submitted", run_id)
+        # the log stream can end before the run does (e.g. a dropped connection): keep
+        # polling until the run's own deadline, and at least ``status_timeout`` after the stream
+        now = time.monotonic()
+        timed_out = now - started >= timeout
+        deadline = now if timed_out else max(started + timeout, now + status_timeout)
+        while True:
+            entry = run_status(run_id, connection, flwr_home=home)
+            status = str(entry.get("status", ""))
+            if status.startswith("finished") or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        if not status.startswith("finished"):
+            _flwr(["stop", str(run_id), CONNECTION_NAME], flwr_home=home, timeout=60.0)
+            raise RunTimeoutError(
+                f"run {run_id} had not finished after {time.monotonic() - started:.0f} s "
+                f"(status {status!r}); it was asked to stop. Raise --timeout for longer studies"
+            )
+    outcome = RunOutcome(
+        run_id=run_id,
+        status=status,
+        details=str(entry.get("status-details", "")),
+        elapsed_s=time.monotonic() - started,
+    )
+    logger.info("run %d ended %s after %.1f s", run_id, outcome.status, outcome.elapsed_s)
+    return outcome
+

@@ -1,0 +1,383 @@
+"""Strategies by name: flwr's message-API strategies, built from a RunConfig and wrapped.
+
+``STRATEGIES`` maps a name to a builder of an *unmodified* ``flwr.serverapp.strategy`` object;
+:class:`FedcareStrategy` wraps it (as flwr's own DP wrappers do) and adds, without changing
+how flwr aggregates:
+
+- a round offset, so a resumed run continues its round numbers (FedAdam's bias correction
+  and the ``server-round`` the sites see stay those of an uninterrupted run);
+- per-site train and evaluation metrics keyed by the site name each site reports, the worst
+  site of each round, and every refusal (error reply) with the site and its reason, in a
+  :class:`~fedcare.server.checkpoint.MetricsHistory`;
+- replies aggregated in site-name order rather than arrival order (reproducible sums);
+- a minimum of successful training replies: below ``min_sites`` the run stops with
+  :class:`TooFewSitesError` instead of aggregating one or two sites silently;
+- ``state_dict()`` / ``load_state_dict()`` of the strategy's own state (FedOpt's ``m_t`` and
+  ``v_t``, FedAvgM's ``momentum_vector``) for checkpoints.
+
+Global metrics stay flwr's example-weighted average (``aggregate_metricrecords``), except that
+``epsilon`` and ``delta`` in training metrics are the maximum over sites, and an evaluation
+metric a site reports as NaN leaves that site out of that metric's average.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from ..models import Registry
+from ..models import wire
+from .checkpoint import MetricsHistory
+from .config import RunConfig
+
+__all__ = [
+    "STRATEGIES",
+    "FedcareStrategy",
+    "StrategyStateError",
+    "TooFewSitesError",
+    "aggregate_evaluate_metrics",
+    "aggregate_train_metrics",
+    "build_strategy",
+    "worst_site",
+]
+
+logger = logging.getLogger(__name__)
+
+StrategyBuilder = Callable[[RunConfig, dict[str, Any]], Strategy]
+
+STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
+
+_STATE_KIND: Final = "fedcare-strategy/1"
+_STATE_ATTRS: Final = ("m_t", "v_t", "momentum_vector")
+_MAX_OVER_SITES: Final = (wire.EPSILON, wire.DELTA)
+_REFUSAL = re.compile(r"^site '(?P<site>[^']*)' refused")
+
+
+class TooFewSitesError(RuntimeError):
+    """Fewer sites than ``min-sites`` trained successfully in a round; the run stopped."""
+
+
+class StrategyStateError(ValueError):
+    """A strategy state does not belong to this strategy (another algorithm or another tool)."""
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Aggregate training metrics as flwr does, but report ε and δ as the maximum over sites."""
+    out = aggregate_metricrecords(records, weighted_by_key)
+    for key in _MAX_OVER_SITES:
+        values = [
+            float(m[key])  # type: ignore[arg-type]
+            for r in records
+            for m in r.metric_records.values()
+            if key in m and not isinstance(m[key], list)
+        ]
+        if values:
+            out[key] = max(values)
+    return out
+
+
+def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Average evaluation metrics weighted by examples, as flwr does, over the sites where each is finite.
+
+    flwr's ``aggregate_metricrecords`` turns the global value into NaN as soon as one site
+    reports NaN (e.g. AUROC on a test split holding one class); here such a site is left out
+    of that metric's average only. A metric no site can compute stays NaN.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        for metrics in record.metric_records.values():
+            weight = float(metrics[weighted_by_key])  # type: ignore[arg-type]
+            for key, value in metrics.items():
+                if key == weighted_by_key or isinstance(value, list):
+                    continue
+                sums.setdefault(key, 0.0)
+                weights.setdefault(key, 0.0)
+                if math.isfinite(float(value)):
+                    sums[key] += weight * float(value)
+                    weights[key] += weight
+    return MetricRecord(
+        {k: sums[k] / weights[k] if weights[k] > 0 else float("nan") for k in sums}
+    )
+
+
+def _common(config: RunConfig) -> dict[str, Any]:
+    """Return the keyword arguments every FedAvg-family strategy takes."""
+    return {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_sites,
+        "min_evaluate_nodes": config.min_sites if config.fraction_evaluate > 0 else 0,
+        "min_available_nodes": config.min_sites,
+        "weighted_by_key": wire.NUM_EXAMPLES,
+        "arrayrecord_key": wire.ARRAYS,
+        "configrecord_key": wire.CONFIG,
+        "train_metrics_aggr_fn": aggregate_train_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_evaluate_metrics,
+    }
+
+
+@STRATEGIES.register("fedavg")
+def _fedavg(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedAvg (McMahan et al. 2017)."""
+    return FedAvg(**kwargs)
+
+
+@STRATEGIES.register("fedprox")
+def _fedprox(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedProx: sends ``proximal-mu`` to the sites, which add the proximal term."""
+    return FedProx(**kwargs, proximal_mu=config.proximal_mu)
+
+
+@STRATEGIES.register("fedadam")
+def _fedadam(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedAdam (Reddi et al. 2021): server-side Adam on the averaged update."""
+    return FedAdam(
+        **kwargs,
+        eta=config.eta,
+        eta_l=config.eta_l,
+        beta_1=config.beta_1,
+        beta_2=config.beta_2,
+        tau=config.tau,
+    )
+
+
+@STRATEGIES.register("fedmedian")
+def _fedmedian(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """Coordinate-wise median."""
+    return FedMedian(**kwargs)
+
+
+@STRATEGIES.register("fedtrimmedavg")
+def _fedtrimmedavg(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """Coordinate-wise trimmed mean, cutting ``trim-beta`` at each end."""
+    return FedTrimmedAvg(**kwargs, beta=config.trim_beta)
+
+
+@STRATEGIES.register("krum")
+def _krum(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """Krum: keeps the one update closest to its neighbours."""
+    return Krum(**kwargs, num_malicious_nodes=config.num_malicious_nodes)
+
+
+def worst_site(site_metrics: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """Return ``{"site", "metric", "value"}``: lowest AUROC (else accuracy), or highest RMSE (else MAE)."""
+    for metric, pick in (("auroc", min), ("accuracy", min), ("rmse", max), ("mae", max)):
+        values = {
+            site: float(m[metric])
+            for site, m in site_metrics.items()
+            if metric in m and isinstance(m[metric], (int, float)) and math.isfinite(m[metric])
+        }
+        if values:
+            site = pick(values, key=lambda s: (values[s], s))
+            return {"site": site, "metric": metric, "value": values[site]}
+    return None
+
+
+def _site_of(msg: Message) -> str | None:
+    """Return the site name a reply carries in its ConfigRecord, if any."""
+    if not msg.has_content():
+        return None
+    for record in msg.content.config_records.values():
+        name = record.get(wire.SITE)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def _metrics_of(msg: Message) -> dict[str, float]:
+    """Return a reply's scalar metrics (without lists)."""
+    out: dict[str, float] = {}
+    for record in msg.content.metric_records.values():
+        for key, value in record.items():
+            if isinstance(value, (int, float)):
+                out[key] = float(value)
+    return out
+
+
+def _in_site_order(replies: Iterable[Message]) -> list[Message]:
+    """Return replies sorted by site name (then node id), not by arrival.
+
+    Floating-point sums depend on their order; sorting makes aggregation independent of which
+    site answered first, so a run is reproducible (and a resumed run matches an uninterrupted
+    one) even though node ids and arrival order change from run to run.
+    """
+    return sorted(replies, key=lambda m: (_site_of(m) or "", m.metadata.src_node_id))
+
+
+class FedcareStrategy(Strategy):
+    """Wrap a flwr strategy: round offset, per-site metrics, refusals, minimum sites, state.
+
+    Parameters
+    ----------
+    strategy : flwr.serverapp.strategy.Strategy
+        The wrapped strategy; it does all sampling and aggregation.
+    min_sites : int
+        Fewest successful training replies a round may aggregate.
+    history : MetricsHistory, optional
+        Where rounds are recorded (a new one when omitted).
+    round_offset : int
+        Rounds completed before this ``start()`` (a resumed run's checkpointed round).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        min_sites: int,
+        history: MetricsHistory | None = None,
+        round_offset: int = 0,
+    ) -> None:
+        self.strategy = strategy
+        self.min_sites = min_sites
+        self.history = history if history is not None else MetricsHistory()
+        self.round_offset = round_offset
+
+    def __repr__(self) -> str:
+        """Return the wrapped strategy's name."""
+        return f"FedcareStrategy({type(self.strategy).__name__})"
+
+    def run_round(self, server_round: int) -> int:
+        """Return the run's round number for ``start()``'s ``server_round``."""
+        return server_round + self.round_offset
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's configuration."""
+        logger.info(
+            "fedcare strategy wrapper: min sites %d, round offset %d", self.min_sites, self.round_offset
+        )
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the wrapped strategy sample sites and build the training messages."""
+        return self.strategy.configure_train(self.run_round(server_round), arrays, config, grid)
+
+    def _record_replies(
+        self, server_round: int, replies: list[Message], stage: str
+    ) -> tuple[list[Message], list[Message]]:
+        """Record each reply's site metrics or refusal; return (valid, errors)."""
+        record = self.history.round(server_round)
+        valid = [m for m in replies if not m.has_error()]
+        errors = [m for m in replies if m.has_error()]
+        per_site = record.site_train if stage == "train" else record.site_evaluate
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            site = _site_of(msg) or f"node-{node}"
+            self.history.node_sites[node] = site
+            per_site[site] = _metrics_of(msg)
+        for msg in errors:
+            node = msg.metadata.src_node_id
+            reason = msg.error.reason or "(no reason given)"
+            match = _REFUSAL.match(reason)
+            site = match.group("site") if match else self.history.node_sites.get(node, f"node-{node}")
+            record.refusals.append(
+                {"stage": stage, "node_id": node, "site": site, "code": msg.error.code, "reason": reason}
+            )
+            logger.warning("round %d: site %s (node %d) sent no %s result: %s",
+                           server_round, site, node, stage, reason)
+        return valid, errors
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record per-site results, stop below ``min_sites``, then aggregate as the wrapped strategy does."""
+        rnd = self.run_round(server_round)
+        replies = _in_site_order(replies)
+        valid, errors = self._record_replies(rnd, replies, "train")
+        if len(valid) < self.min_sites:
+            refused = "; ".join(r["reason"] for r in self.history.round(rnd).refusals) or "none replied"
+            raise TooFewSitesError(
+                f"round {rnd}: only {len(valid)} site(s) trained, fewer than min-sites = "
+                f"{self.min_sites} ({len(errors)} error replies: {refused}). The last checkpoint "
+                "holds the model of the previous round; fix the sites or lower min-sites, then resume."
+            )
+        arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        if metrics is not None:
+            self.history.round(rnd).train = _metrics_of_record(metrics)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the wrapped strategy sample sites and build the evaluation messages."""
+        return self.strategy.configure_evaluate(self.run_round(server_round), arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record per-site metrics and the worst site, then aggregate as the wrapped strategy does."""
+        rnd = self.run_round(server_round)
+        replies = _in_site_order(replies)
+        self._record_replies(rnd, replies, "evaluate")
+        metrics = self.strategy.aggregate_evaluate(rnd, replies)
+        record = self.history.round(rnd)
+        if metrics is not None:
+            record.evaluate = _metrics_of_record(metrics)
+        record.worst_site = worst_site(record.site_evaluate)
+        if record.worst_site is not None:
+            logger.info(
+                "round %d: worst site %s (%s %.4f)",
+                rnd, record.worst_site["site"], record.worst_site["metric"], record.worst_site["value"],
+            )
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the wrapped strategy's state: its class and moment / momentum arrays."""
+        arrays: dict[str, OrderedDict[str, np.ndarray]] = {}
+        for attr in _STATE_ATTRS:
+            value = getattr(self.strategy, attr, None)
+            if value:
+                arrays[attr] = OrderedDict((k, np.array(v, copy=True)) for k, v in value.items())
+        return {"kind": _STATE_KIND, "strategy": type(self.strategy).__name__, "arrays": arrays}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output, refusing another kind or another strategy class."""
+        if not isinstance(state, dict) or state.get("kind") != _STATE_KIND:
+            raise StrategyStateError(
+                f"not a fedcare strategy state (kind {state.get('kind') if isinstance(state, dict) else None!r})"
+            )
+        name = type(self.strategy).__name__
+        if state.get("strategy") != name:
+            raise StrategyStateError(
+                f"the state is of strategy {state.get('strategy')!r}, this run uses {name!r}: "
+                "resume with the strategy the checkpoint was written by"
+            )
+        for attr, arrays in (state.get("arrays") or {}).items():
+            if attr not in _STATE_ATTRS or not hasattr(self.strategy, attr):
+                raise StrategyStateError(f"{name} has no state attribute {attr!r}")
+            setattr(self.strategy, attr, {k: np.array(v, copy=True) for k, v in arrays.items()})
+
+
+def _metrics_of_record(record: MetricRecord) -> dict[str, float]:
+    """Return a MetricRecord's scalar values as floats."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+
+
+def build_strategy(
+    config: RunConfig, *, history: MetricsHistory | None = None, round_offset: int = 0
+) -> FedcareStrategy:
+    """Build the configured flwr strategy and wrap it in a :class:`FedcareStrategy`."""
+    inner = STRATEGIES.get(config.strategy)(config, _common(config))
+    return FedcareStrategy(
+        inner, min_sites=config.min_sites, history=history, round_offset=round_offset
+    )

@@ -1,0 +1,367 @@
+"""The arms a federation is compared with: pooled data, and every site alone.
+
+Every arm uses the **same model** (same family, sizes and initial weights: ``torch.manual_seed``
+with the run's seed before building), the **same training settings** and the **same privacy
+target** (ε, δ) as the federation, and trains for the same number of epochs in total:
+``rounds × local_epochs``, run as ``rounds`` calls of :func:`~fedcare.client.training.train_local`
+with ``planned_rounds = rounds``, exactly as a site does in the federation, so DP noise is
+calibrated on the same schedule. FedProx's proximal term is a federation device and is off
+(``proximal_mu = 0``) in the baselines.
+
+- **pooled**: every site's train (validation, test) split concatenated into one site; the one
+  model is evaluated on each site's evaluation split and on the pooled test split.
+- **local**: every site trains its own model on its own data; each model is evaluated on its
+  own site's evaluation split and on the pooled test split.
+
+A site's *evaluation split* is its test split, else its validation split (as federated
+evaluation does); a site with neither is left out of the per-site metrics.
+
+Privacy accounting goes to a fresh in-memory ledger per trained model
+(:meth:`PrivacyLedger.in_memory`, study ``baseline-pooled`` / ``baseline-local``): a baseline
+never reads or writes a real site's ledger, and nothing it spends persists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..client.dataset import SiteData, Split
+from ..client.metrics import evaluate
+from ..client.training import TrainResult, TrainSettings, train_local
+from ..models import ModelSpec, build_for_data
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.settings import PrivacySettings
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+__all__ = [
+    "ARMS",
+    "BaselineResult",
+    "IncompatibleSitesError",
+    "local_baselines",
+    "pool_sites",
+    "pooled_baseline",
+    "run_baselines",
+    "weighted_mean",
+]
+
+logger = logging.getLogger(__name__)
+
+Arm = Literal["pooled", "local"]
+ARMS: Final[tuple[Arm, ...]] = ("pooled", "local")
+POOLED_SITE: Final = "pooled"
+
+
+class IncompatibleSitesError(ValueError):
+    """The sites cannot be pooled or compared: no sites, or different tasks / classes / shapes."""
+
+
+class BaselineResult(BaseModel):
+    """What one baseline arm achieved.
+
+    Attributes
+    ----------
+    arm : {"pooled", "local"}
+        Which arm.
+    metrics : dict of str to float
+        Example-weighted mean over sites of each site's evaluation metrics (the number that
+        compares with the federation's aggregated evaluation); NaN site values are skipped.
+    pooled_test : dict of str to float
+        Metrics on the pooled test split; for ``local``, the example-weighted mean over the
+        site models (weights: each site's evaluation examples).
+    sites : dict of str to dict of str to float
+        Each site's evaluation metrics (of the pooled model, or of the site's own model).
+    site_pooled_test : dict of str to dict of str to float
+        ``local`` only: each site's model on the pooled test split.
+    num_examples : dict of str to int
+        Each site's evaluation examples (the weights).
+    epsilon, delta : float
+        Privacy spent by the arm: the largest ε over its models, and δ.
+    site_epsilon : dict of str to float
+        ``local`` only: ε each site's model spent.
+    epochs : int
+        Epochs trained in total (``rounds × local_epochs``).
+    num_train : int
+        Training examples used (all sites').
+    train_loss : float
+        Last training loss (``local``: example-weighted over sites).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arm: Arm
+    metrics: dict[str, float]
+    pooled_test: dict[str, float]
+    sites: dict[str, dict[str, float]]
+    site_pooled_test: dict[str, dict[str, float]] = Field(default_factory=dict)
+    num_examples: dict[str, int]
+    epsilon: float
+    delta: float
+    site_epsilon: dict[str, float] = Field(default_factory=dict)
+    epochs: int
+    num_train: int
+    train_loss: float
+
+    def to_summary(self) -> dict[str, Any]:
+        """Return a JSON-ready dict: the metrics at the top level, everything else nested."""
+        return {
+            **self.metrics,
+            "pooled_test": self.pooled_test,
+            "sites": self.sites,
+            "site_pooled_test": self.site_pooled_test,
+            "num_examples": self.num_examples,
+            "privacy": {"epsilon": self.epsilon, "delta": self.delta, "site_epsilon": self.site_epsilon},
+            "training": {"epochs": self.epochs, "num_train": self.num_train, "train_loss": self.train_loss},
+        }
+
+
+def pool_sites(sites: Sequence[SiteData], *, name: str = POOLED_SITE) -> SiteData:
+    """Concatenate the sites' train, validation and test splits into one site called ``name``.
+
+    Group ids become ``"<site>:<group>"`` so that two sites' patients never merge.
+    """
+    first = _check_compatible(sites)
+    return dataclasses.replace(
+        first,
+        name=name,
+        train=_concat([s.train for s in sites], [s.name for s in sites]),
+        val=_concat([s.val for s in sites], [s.name for s in sites]),
+        test=_concat([s.test for s in sites], [s.name for s in sites]),
+    )
+
+
+def pooled_baseline(
+    sites: Sequence[SiteData],
+    *,
+    spec: ModelSpec,
+    train: TrainSettings,
+    privacy: PrivacySettings,
+    rounds: int,
+    seed: int,
+) -> BaselineResult:
+    """Train one model on all sites' data pooled, under the federation's budget; evaluate it.
+
+    Parameters
+    ----------
+    sites : sequence of SiteData
+        The federation's sites.
+    spec : ModelSpec
+        The federation's model.
+    train : TrainSettings
+        The federation's local training settings (``local_epochs`` per round).
+    privacy : PrivacySettings
+        The federation's DP settings (the same ε, δ target).
+    rounds : int
+        The federation's number of rounds.
+    seed : int
+        Seed of the initial weights and of training.
+    """
+    pooled = pool_sites(sites)
+    model, result = _train_arm(
+        pooled, spec=spec, train=train, privacy=privacy, rounds=rounds, seed=seed, study="baseline-pooled"
+    )
+    per_site, weights = {}, {}
+    for site in sites:
+        split = _eval_split(site)
+        if split is not None:
+            per_site[site.name] = _evaluate(model, split, site)
+            weights[site.name] = len(split)
+    pooled_test = _evaluate(model, pooled.test, pooled) if len(pooled.test) else {}
+    out = BaselineResult(
+        arm="pooled",
+        metrics=weighted_mean(per_site, weights),
+        pooled_test=pooled_test,
+        sites=per_site,
+        num_examples=weights,
+        epsilon=float(result.epsilon),
+        delta=float(result.delta),
+        epochs=rounds * _local_epochs(train),
+        num_train=len(pooled.train),
+        train_loss=float(result.loss),
+    )
+    logger.info("pooled baseline: %s (ε = %.3g)", out.metrics, out.epsilon)
+    return out
+
+
+def local_baselines(
+    sites: Sequence[SiteData],
+    *,
+    spec: ModelSpec,
+    train: TrainSettings,
+    privacy: PrivacySettings,
+    rounds: int,
+    seed: int,
+) -> BaselineResult:
+    """Train one model per site on that site's data alone, under the federation's budget.
+
+    Parameters are those of :func:`pooled_baseline`. Each site's model starts from the same
+    initial weights and is evaluated on its own evaluation split and on the pooled test split.
+    """
+    pooled = pool_sites(sites)
+    per_site: dict[str, dict[str, float]] = {}
+    on_pool: dict[str, dict[str, float]] = {}
+    weights: dict[str, int] = {}
+    eps: dict[str, float] = {}
+    deltas, losses, train_sizes = [], [], []
+    for site in sites:
+        model, result = _train_arm(
+            site, spec=spec, train=train, privacy=privacy, rounds=rounds, seed=seed, study="baseline-local"
+        )
+        eps[site.name] = float(result.epsilon)
+        deltas.append(float(result.delta))
+        losses.append(float(result.loss))
+        train_sizes.append(len(site.train))
+        split = _eval_split(site)
+        if split is not None:
+            per_site[site.name] = _evaluate(model, split, site)
+            weights[site.name] = len(split)
+            if len(pooled.test):
+                on_pool[site.name] = _evaluate(model, pooled.test, pooled)
+    out = BaselineResult(
+        arm="local",
+        metrics=weighted_mean(per_site, weights),
+        pooled_test=weighted_mean(on_pool, weights),
+        sites=per_site,
+        site_pooled_test=on_pool,
+        num_examples=weights,
+        epsilon=max(eps.values()),
+        delta=max(deltas),
+        site_epsilon=eps,
+        epochs=rounds * _local_epochs(train),
+        num_train=sum(train_sizes),
+        train_loss=_weighted([*losses], [*train_sizes]),
+    )
+    logger.info("local baselines: %s (max ε = %.3g)", out.metrics, out.epsilon)
+    return out
+
+
+def run_baselines(scenario: Scenario, sites: Sequence[SiteData], *, which: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Run the baseline arms ``which`` (``pooled``, ``local``) for a scenario; return their summaries."""
+    unknown = sorted(set(which) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known baselines: {', '.join(ARMS)}")
+    train = TrainSettings(
+        local_epochs=scenario.training.local_epochs,
+        batch_size=scenario.training.batch_size,
+        lr=scenario.training.lr,
+        seed=scenario.seed,
+    )
+    kwargs: dict[str, Any] = {
+        "spec": scenario.model, "train": train, "privacy": scenario.privacy,
+        "rounds": scenario.rounds, "seed": scenario.seed,
+    }
+    arms = {"pooled": pooled_baseline, "local": local_baselines}
+    return {arm: arms[arm](sites, **kwargs).to_summary() for arm in ARMS if arm in which}
+
+
+def weighted_mean(per_site: Mapping[str, Mapping[str, float]], weights: Mapping[str, int]) -> dict[str, float]:
+    """Return each metric's mean over sites weighted by ``weights`` (NaN values skipped)."""
+    names = sorted({k for m in per_site.values() for k in m})
+    out = {}
+    for name in names:
+        pairs = [(m[name], weights[s]) for s, m in per_site.items() if name in m]
+        out[name] = _weighted([v for v, _ in pairs], [w for _, w in pairs])
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
+    """Return the weighted mean of the finite ``values`` (NaN when none)."""
+    pairs = [(float(v), w) for v, w in zip(values, weights, strict=True) if math.isfinite(float(v)) and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def _local_epochs(train: TrainSettings) -> int:
+    """Return the settings' epochs per round."""
+    return int(train.local_epochs)
+
+
+def _round_settings(train: TrainSettings, *, seed: int, arm_site: str, round_index: int) -> TrainSettings:
+    """Return ``train`` with this round's seed and no proximal term."""
+    round_seed = zlib.crc32(f"{seed}:{arm_site}:{round_index}".encode()) & 0x7FFFFFFF
+    return train.model_copy(update={"seed": round_seed, "proximal_mu": 0.0})
+
+
+def _train_arm(
+    data: SiteData,
+    *,
+    spec: ModelSpec,
+    train: TrainSettings,
+    privacy: PrivacySettings,
+    rounds: int,
+    seed: int,
+    study: str,
+) -> tuple[nn.Module, TrainResult]:
+    """Build the model from the shared seed and train it ``rounds`` times on ``data``."""
+    if rounds < 1:
+        raise ValueError(f"rounds = {rounds}: a baseline trains for at least one round")
+    torch.manual_seed(seed)  # the same initial weights for every arm
+    model = build_for_data(
+        spec, task=data.task, num_classes=data.num_classes, input_shape=tuple(data.input_shape),
+        has_mask=data.has_mask,
+    )
+    ledger = PrivacyLedger.in_memory(site=data.name, study=study)
+    for r in range(1, rounds + 1):
+        result = train_local(
+            model, data,
+            train=_round_settings(train, seed=seed, arm_site=data.name, round_index=r),
+            privacy=privacy, ledger=ledger, planned_rounds=rounds, round_index=r,
+        )
+    return model, result  # rounds >= 1, so result is bound
+
+
+def _eval_split(site: SiteData) -> Split | None:
+    """Return the split a site evaluates on: test, else validation, else None."""
+    if len(site.test):
+        return site.test
+    if len(site.val):
+        return site.val
+    logger.warning("site %s has no test or validation examples; left out of the baseline metrics", site.name)
+    return None
+
+
+def _evaluate(model: nn.Module, split: Split, site: SiteData) -> dict[str, float]:
+    """Return the model's metrics on ``split``."""
+    model.eval()
+    return {k: float(v) for k, v in evaluate(model, split, site.task).items()}
+
+
+def _check_compatible(sites: Sequence[SiteData]) -> SiteData:
+    """Return the first site after checking that all sites describe the same kind of data."""
+    if not sites:
+        raise IncompatibleSitesError("no sites given; a baseline needs at least one site")
+    first = sites[0]
+    key = (first.kind, first.task, first.num_classes, tuple(first.input_shape), first.has_mask)
+    for site in sites[1:]:
+        other = (site.kind, site.task, site.num_classes, tuple(site.input_shape), site.has_mask)
+        if other != key:
+            raise IncompatibleSitesError(
+                f"sites {first.name} and {site.name} hold different data ({key} vs {other}); "
+                "baselines compare sites of one federation, which share kind, task, classes and shape"
+            )
+    return first
+
+
+def _concat(splits: Sequence[Split], names: Sequence[str]) -> Split:
+    """Concatenate splits row-wise; groups (when every split has them) become ``site:group``."""
+    inputs = tuple(torch.cat([s.inputs[i] for s in splits]) for i in range(len(splits[0].inputs)))
+    groups = None
+    if all(s.groups is not None for s in splits):  # prefix: two sites may reuse a patient id
+        groups = np.concatenate(
+            [np.char.add(f"{name}:", np.asarray(s.groups).astype(str)) for s, name in zip(splits, names, strict=True)]
+        )
+    return Split(inputs=inputs, targets=torch.cat([s.targets for s in splits]), groups=groups)

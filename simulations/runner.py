@@ -1,0 +1,576 @@
+"""Run a scenario on Flower's simulation engine (Ray) and write its results.
+
+:func:`run_scenario` builds the virtual hospitals, writes each one (data + privacy policy) to
+``out_dir/.sites/``, starts ``flwr.simulation.run_simulation`` in-process with the ServerApp
+and ClientApp of :func:`~fedcare.server.app.make_server_app` /
+:func:`~fedcare.client.app.make_client_app` (a provider maps each node's ``partition-id`` to its
+hospital; Ray workers load a hospital once per process), shows finished rounds in a live table,
+and writes to ``out_dir``:
+
+- ``summary.json``: final global metrics, per-site metrics per round, each site's ε and δ,
+  baselines (pooled, local-only) and the federated-versus-pooled gap, wall times;
+- ``metrics.csv``: one row per (round, stage, site, metric), ``site = "global"`` for aggregates;
+- ``final_model.npz``, ``history.json`` and ``checkpoint.npz`` (in ``checkpoints/``);
+- ``ledgers/``: every virtual hospital's privacy ledger;
+- PNG plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ..client.app import LocalSite, make_client_app
+from ..client.dataset import SiteData, Split
+from ..client.loaders import load_site_file
+from ..client.metrics import evaluate
+from ..models import ModelSpec, build_for_data, set_weights
+from ..server.app import make_server_app
+from ..server.checkpoint import (
+    FINAL_MODEL_FILE,
+    HISTORY_FILE,
+    RoundRecord,
+    load_model_file,
+    write_json_atomic,
+)
+from ..server.config import RunConfig
+from ..server.strategy import TooFewSitesError
+from .builtin import load_builtin
+from .partition import partition
+from .scenario import ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
+
+__all__ = [
+    "InProcessGrid",
+    "PartitionProvider",
+    "Summary",
+    "build_hospitals",
+    "evaluate_model_file",
+    "run_config_for",
+    "run_scenario",
+]
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT_DIR = "checkpoints"
+LEDGER_DIR = "ledgers"
+_SITES_DIR = ".sites"
+
+
+class Summary(BaseModel):
+    """What a scenario run produced (also written as ``summary.json``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scenario: str
+    status: str  # "completed" or "stopped"
+    reason: str | None = None
+    hospitals: list[dict[str, Any]]
+    strategy: str
+    rounds_planned: int
+    rounds_completed: int
+    final_global: dict[str, float | None]
+    final_train: dict[str, float | None]
+    final_sites: dict[str, dict[str, float | None]]
+    worst_site: dict[str, Any] | None
+    privacy: dict[str, dict[str, float | None]]
+    rounds: list[dict[str, Any]]
+    baselines: dict[str, Any]
+    gap_vs_pooled: dict[str, float]
+    wall_time_s: float
+    federated_time_s: float
+    out_dir: str
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PartitionProvider:
+    """Map a simulated node's ``partition-id`` to its hospital, written to ``folder`` by the runner.
+
+    Picklable (Ray ships it to its workers); each worker process loads a hospital once.
+    """
+
+    folder: Path
+
+    def __call__(self, context: Context) -> LocalSite:
+        """Return the LocalSite of this node's partition."""
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        return _load_local_site(str(self.folder / f"site-{pid}.pkl"))
+
+
+@lru_cache(maxsize=128)
+def _load_local_site(path: str) -> LocalSite:
+    """Load one hospital written by the runner (once per worker process)."""
+    with open(path, "rb") as fh:
+        site = pickle.load(fh)  # noqa: S301 - the runner wrote this file moments ago
+    if not isinstance(site, LocalSite):
+        raise TypeError(f"{path} does not hold a LocalSite")
+    return site
+
+
+def build_hospitals(scenario: Scenario) -> list[SiteData]:
+    """Return the scenario's hospitals: natural sites, or one dataset partitioned."""
+    source = scenario.data
+    if isinstance(source, ManifestsSource):
+        return [load_site_file(p) for p in source.paths]
+    if isinstance(source, SklearnSource):
+        data = load_builtin(source.name, val=source.val, test=source.test, seed=scenario.seed)
+    else:
+        assert isinstance(source, ManifestSource)
+        data = load_site_file(source.path)
+    spec = scenario.partition or PartitionSpec()
+    return partition(data, scheme=spec.scheme(), num_sites=spec.hospitals, seed=scenario.seed)
+
+
+def run_config_for(
+    scenario: Scenario, hospitals: list[SiteData], out_dir: Path, *, resume: bool = False
+) -> RunConfig:
+    """Return the RunConfig the ServerApp runs for ``scenario``."""
+    first = hospitals[0]
+    for site in hospitals[1:]:
+        if (site.task, site.num_classes, tuple(site.input_shape), site.has_mask) != (
+            first.task, first.num_classes, tuple(first.input_shape), first.has_mask
+        ):
+            raise ValueError(
+                f"hospitals disagree on the data: {first.name} has {first.task}/{first.num_classes} "
+                f"classes/{first.input_shape}, {site.name} has {site.task}/{site.num_classes} "
+                f"classes/{site.input_shape}; every hospital of a federation needs the same features"
+            )
+    sim = scenario.simulation
+    params = {k.replace("-", "_"): v for k, v in scenario.strategy.params.items()}
+    return RunConfig(
+        study=scenario.name,
+        num_rounds=scenario.rounds,
+        strategy=scenario.strategy.name,
+        **params,
+        fraction_train=sim.fraction_train,
+        fraction_evaluate=sim.fraction_evaluate,
+        min_sites=sim.min_sites or len(hospitals),
+        round_timeout_s=sim.round_timeout_s,
+        local_epochs=scenario.training.local_epochs,
+        batch_size=scenario.training.batch_size,
+        lr=scenario.training.lr,
+        model=scenario.model,
+        task=first.task,
+        num_classes=first.num_classes if first.task != "regression" else 1,
+        input_shape=tuple(first.input_shape),
+        has_mask=first.has_mask,
+        checkpoint_dir=out_dir / CHECKPOINT_DIR,
+        resume=resume,
+        seed=scenario.seed,
+    )
+
+
+def _headline(metrics: dict[str, float]) -> tuple[str, float | None]:
+    """Return the metric a table shows first: AUROC, accuracy, RMSE or MAE."""
+    for key in ("auroc", "accuracy", "rmse", "mae"):
+        if key in metrics:
+            return key, metrics[key]
+    return "-", None
+
+
+class _Progress:
+    """A live table of finished rounds (updated from the ServerApp thread)."""
+
+    def __init__(self, scenario: Scenario, console: Console | None) -> None:
+        self.scenario = scenario
+        self.rows: list[RoundRecord] = []
+        self.started = time.perf_counter()
+        self.times: list[float] = []
+        self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False) if console else None
+
+    def _table(self) -> Table:
+        table = Table(title=f"{self.scenario.name}: {self.scenario.strategy.name}, {self.scenario.rounds} rounds")
+        for col in ("round", "time s", "train loss", "global", "worst site", "max ε", "refusals"):
+            table.add_column(col, justify="right")
+        for rec, t in zip(self.rows, self.times, strict=True):
+            name, value = _headline(rec.evaluate)
+            worst = rec.worst_site
+            table.add_row(
+                str(rec.round),
+                f"{t:.1f}",
+                _fmt(rec.train.get("train-loss")),
+                f"{name} {_fmt(value)}",
+                f"{worst['site']} {_fmt(worst['value'])}" if worst else "-",
+                _fmt(rec.train.get("epsilon")),
+                str(len(rec.refusals)),
+            )
+        return table
+
+    def __call__(self, record: RoundRecord) -> None:
+        """Add a finished round."""
+        self.rows.append(record)
+        self.times.append(time.perf_counter() - self.started)
+        logger.info("round %d finished: %s", record.round, record.evaluate)
+        if self.live is not None:
+            self.live.update(self._table(), refresh=True)
+
+
+def _fmt(value: float | None) -> str:
+    """Format a metric for the table."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _write_hospitals(scenario: Scenario, hospitals: list[SiteData], folder: Path, ledgers: Path) -> None:
+    """Write each hospital (data + the scenario's privacy policy) for the Ray workers to load."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(hospitals):
+        site = LocalSite(
+            data=data,
+            privacy=scenario.privacy,
+            ledger_dir=ledgers,
+            name=data.name,
+            seed=scenario.seed * 1000 + i,
+        )
+        with open(folder / f"site-{i}.pkl", "wb") as fh:
+            pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _metrics_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return one row per (round, stage, site, metric) for metrics.csv."""
+    rows = []
+    for rec in rounds:
+        for stage in ("train", "evaluate"):
+            for metric, value in rec.get(stage, {}).items():
+                rows.append({"round": rec["round"], "stage": stage, "site": "global", "metric": metric, "value": value})
+            for site, metrics in rec.get(f"site_{stage}", {}).items():
+                for metric, value in metrics.items():
+                    rows.append({"round": rec["round"], "stage": stage, "site": site, "metric": metric, "value": value})
+    return rows
+
+
+def _privacy_by_site(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Return each site's ε and δ as last reported (ledgers only grow, so the last is the total)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for rec in rounds:
+        for site, metrics in rec.get("site_train", {}).items():
+            out[site] = {"epsilon": metrics.get("epsilon"), "delta": metrics.get("delta")}
+    return out
+
+
+def _run_baselines(scenario: Scenario, hospitals: list[SiteData]) -> dict[str, Any]:
+    """Train the pooled and local-only baselines the scenario asks for (simulations.baselines)."""
+    if not scenario.baselines:
+        return {}
+    from .baselines import run_baselines  # noqa: PLC0415 - written in parallel
+
+    return run_baselines(scenario, hospitals, which=list(scenario.baselines))
+
+
+def _gap(final: dict[str, float | None], baselines: dict[str, Any]) -> dict[str, float]:
+    """Return federated minus pooled for every metric both report."""
+    pooled = baselines.get("pooled") or {}
+    return {
+        k: float(final[k]) - float(v)  # type: ignore[arg-type]
+        for k, v in pooled.items()
+        if isinstance(v, (int, float)) and final.get(k) is not None
+    }
+
+
+def _plots(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Draw the run's plots (simulations.plots) and return {name: file}."""
+    from .plots import plot_summary  # noqa: PLC0415 - written in parallel
+
+    return {k: str(v) for k, v in plot_summary(summary, out_dir).items()}
+
+
+def _quiet_environment() -> None:
+    """Set the environment every Flower process (and Ray worker) inherits."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def run_scenario(
+    scenario: Scenario,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> Summary:
+    """Run ``scenario`` on Flower's simulation engine and write its results to ``out_dir``.
+
+    Parameters
+    ----------
+    scenario : Scenario
+        What to simulate.
+    out_dir : path
+        Output folder; a folder holding a checkpoint is refused unless ``resume``.
+    resume : bool
+        Continue an interrupted run from ``out_dir/checkpoints/checkpoint.npz``.
+    console : rich.console.Console, optional
+        Where the live progress table goes (none when omitted).
+    on_round : callable, optional
+        Also called with each finished round's record.
+    """
+    _quiet_environment()
+    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy; only when simulating
+
+    started = time.perf_counter()
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    hospitals = build_hospitals(scenario)
+    config = run_config_for(scenario, hospitals, out, resume=resume)
+    sites_dir = out / _SITES_DIR
+    _write_hospitals(scenario, hospitals, sites_dir, out / LEDGER_DIR)
+    progress = _Progress(scenario, console)
+
+    def round_done(record: RoundRecord) -> None:
+        progress(record)
+        if on_round is not None:
+            on_round(record)
+
+    server_app = make_server_app(config, on_round=round_done)
+    client_app = make_client_app(PartitionProvider(sites_dir))
+    sim = scenario.simulation
+    backend_config = {
+        "client_resources": {"num_cpus": sim.client_num_cpus, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": sim.num_cpus,
+            "num_gpus": 0,
+            "object_store_memory": sim.object_store_mb * 1024 * 1024,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+        },
+    }
+    status, reason = "completed", None
+    fed_started = time.perf_counter()
+    try:
+        if progress.live is not None:
+            progress.live.start()
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(hospitals),
+                backend_config=backend_config,  # type: ignore[arg-type]
+            )
+        finally:
+            if progress.live is not None:
+                progress.live.stop()
+    except TooFewSitesError as exc:
+        status, reason = "stopped", str(exc)
+        logger.error("%s", exc)
+    finally:
+        shutil.rmtree(sites_dir, ignore_errors=True)
+    federated_time = time.perf_counter() - fed_started
+
+    history_path = config.checkpoint_dir / HISTORY_FILE  # type: ignore[operator]
+    if status == "completed" and not history_path.is_file():
+        raise RuntimeError(
+            f"the simulation ended without writing {history_path}; see the log above "
+            "(a ClientApp or ServerApp error ends the simulation)"
+        )
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {"rounds": []}
+    rounds = [r for r in history["rounds"] if r.get("complete")]
+    last = rounds[-1] if rounds else {}
+    baselines = _run_baselines(scenario, hospitals)
+    final_global = last.get("evaluate", {})
+    model_src = config.checkpoint_dir / FINAL_MODEL_FILE  # type: ignore[operator]
+    files = {"summary": str(out / SUMMARY_FILE), "metrics": str(out / METRICS_FILE)}
+    if model_src.is_file():
+        shutil.copyfile(model_src, out / FINAL_MODEL_FILE)
+        files["model"] = str(out / FINAL_MODEL_FILE)
+    pd.DataFrame(_metrics_rows(rounds), columns=["round", "stage", "site", "metric", "value"]).to_csv(
+        out / METRICS_FILE, index=False
+    )
+    data: dict[str, Any] = {
+        "scenario": scenario.name,
+        "status": status,
+        "reason": reason,
+        "hospitals": [
+            {"name": h.name, "train": len(h.train), "val": len(h.val), "test": len(h.test)} for h in hospitals
+        ],
+        "strategy": scenario.strategy.name,
+        "rounds_planned": scenario.rounds,
+        "rounds_completed": len(rounds),
+        "final_global": final_global,
+        "final_train": last.get("train", {}),
+        "final_sites": last.get("site_evaluate", {}),
+        "worst_site": last.get("worst_site"),
+        "privacy": _privacy_by_site(rounds),
+        "rounds": rounds,
+        "baselines": baselines,
+        "gap_vs_pooled": _gap(final_global, baselines),
+        "wall_time_s": 0.0,
+        "federated_time_s": federated_time,
+        "out_dir": str(out),
+        "files": files,
+    }
+    files.update(_plots(data, out))
+    data["wall_time_s"] = time.perf_counter() - started
+    summary = Summary.model_validate(data)
+    write_json_atomic(out / SUMMARY_FILE, summary.model_dump(mode="json"))
+    return summary
+
+
+def _concat(splits: list[Split]) -> Split:
+    """Return the splits concatenated (for external validation on all of a site's data)."""
+    splits = [s for s in splits if len(s)]
+    return Split(
+        inputs=tuple(torch.cat([s.inputs[i] for s in splits]) for i in range(len(splits[0].inputs))),
+        targets=torch.cat([s.targets for s in splits]),
+    )
+
+
+def evaluate_model_file(
+    model_path: Path | str, site_path: Path | str, *, split: str = "test", out: Path | str | None = None
+) -> dict[str, Any]:
+    """Evaluate a saved global model on a site manifest's data (external validation).
+
+    Writes ``{"model", "site", "manifest", "split", "num_examples", "metrics"}`` as JSON to
+    ``out`` (default ``<model folder>/external_<site>_<split>.json``) and returns it with the
+    file's path under ``"file"``.
+
+    Raises
+    ------
+    CheckpointError
+        When the model file is unreadable.
+    DataValidationError
+        When the site's data fails validation.
+    ValueError
+        When the site's data does not fit the model, or ``split`` is unknown.
+    """
+    arrays, meta = load_model_file(model_path)
+    data = load_site_file(site_path)
+    expected = (meta["task"], int(meta["num_classes"]), tuple(meta["input_shape"]), bool(meta["has_mask"]))
+    found = (data.task, data.num_classes, tuple(data.input_shape), data.has_mask)
+    if expected[0] != found[0] or expected[2:] != found[2:] or (
+        data.task != "regression" and expected[1] != found[1]
+    ):
+        raise ValueError(
+            f"site {data.name!r} has (task, classes, input shape, mask) = {found}, the model expects "
+            f"{expected}; validate on a site with the study's features and classes"
+        )
+    model = build_for_data(
+        ModelSpec.model_validate(meta["model_spec"]),
+        task=meta["task"],
+        num_classes=int(meta["num_classes"]),
+        input_shape=tuple(meta["input_shape"]),
+        has_mask=bool(meta["has_mask"]),
+    )
+    set_weights(model, arrays)
+    choices = {"test": data.test, "val": data.val, "train": data.train}
+    if split == "all":
+        chosen = _concat([data.train, data.val, data.test])
+    elif split in choices:
+        chosen = choices[split]
+    else:
+        raise ValueError(f"unknown split {split!r}; use test, val, train or all")
+    if len(chosen) == 0:
+        raise ValueError(f"site {data.name!r} has no {split} examples; pick another --split")
+    metrics = {k: float(v) for k, v in evaluate(model, chosen, data.task).items()}
+    target = Path(out) if out is not None else Path(model_path).parent / f"external_{data.name}_{split}.json"
+    result: dict[str, Any] = {
+        "model": str(model_path),
+        "site": data.name,
+        "manifest": str(site_path),
+        "split": split,
+        "num_examples": len(chosen),
+        "metrics": metrics,
+    }
+    write_json_atomic(target, result)
+    return {**result, "file": str(target)}
+
+
+class InProcessGrid(Grid):
+    """A Grid that runs a ClientApp synchronously in this process: no Ray, no network.
+
+    For tests and debugging of the ServerApp / ClientApp contract (deterministic and fast).
+    Node ``i`` has id ``i + 1`` and node config ``partition-id = i``, ``num-partitions = n``;
+    an exception in the ClientApp becomes an error reply, as Flower's engines do.
+
+    Parameters
+    ----------
+    client_app : flwr.clientapp.ClientApp
+        The app every node runs.
+    num_nodes : int
+        How many nodes.
+    node_config : dict, optional
+        Extra node config given to every node.
+    """
+
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, node_config: dict[str, Any] | None = None
+    ) -> None:
+        if TaskIdentity._run_id is None:  # what flwr's run_simulation sets for its ServerApp
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self._app = client_app
+        self._contexts = {
+            i + 1: Context(
+                run_id=TaskIdentity.run_id,
+                node_id=i + 1,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self._ids = itertools.count(1)
+        self.calls = 0
+
+    def set_run(self, run: Run) -> None:
+        """Not used in process."""
+
+    @property
+    def run(self) -> Run:
+        """Not used in process."""
+        raise NotImplementedError("InProcessGrid has no Run")
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Not used by message-API strategies."""
+        raise NotImplementedError("build messages with flwr.app.Message")
+
+    def get_node_ids(self) -> list[int]:
+        """Return the node ids."""
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Not supported: use send_and_receive."""
+        raise NotImplementedError("InProcessGrid only implements send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Not supported: use send_and_receive."""
+        raise NotImplementedError("InProcessGrid only implements send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Run the ClientApp on every message, in order; return the replies."""
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
+            node = msg.metadata.dst_node_id
+            self.calls += 1
+            try:
+                reply = self._app(msg, self._contexts[node])
+            except Exception as exc:  # noqa: BLE001 - mirrors flwr: a ClientApp crash is an error reply
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                                reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies

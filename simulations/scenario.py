@@ -1,0 +1,239 @@
+"""A simulation scenario: which data, how many hospitals, which model, strategy, DP and rounds.
+
+A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields refused)::
+
+    name = "breast-cancer-dp"
+    rounds = 5
+    seed = 0
+    baselines = ["pooled", "local"]     # optional: also train pooled and local-only models
+
+    [data]                               # one of three sources, picked by kind:
+    kind = "sklearn"                     #   built-in table shipped with scikit-learn
+    name = "breast_cancer"               #   breast_cancer | diabetes
+    # kind = "manifests"                 #   one site manifest per natural hospital
+    # paths = ["sites/a.toml", "sites/b.toml"]
+    # kind = "manifest"                  #   one manifest, partitioned into hospitals
+    # path = "sites/all.toml"
+
+    [partition]                          # sklearn / manifest sources only
+    hospitals = 4
+    kind = "iid"                         # iid | dirichlet | quantity | natural
+    alpha = 0.5                          # dirichlet: label skew; quantity: size skew
+    min_per_site = 10                    # training examples every hospital gets at least
+
+    [model]                              # models.ModelSpec
+    family = "logistic"
+
+    [strategy]
+    name = "fedavg"                      # and its parameters, in run-config spelling:
+    # proximal-mu = 0.01
+
+    [training]
+    local_epochs = 1
+    batch_size = 32
+    lr = 0.1
+
+    [privacy]                            # privacy.settings.PrivacySettings (every site's policy)
+    enabled = true
+    target_epsilon = 3.0
+    delta = 1e-5
+    max_grad_norm = 1.0
+
+    [simulation]
+    num_cpus = 2                         # Ray's CPUs; each virtual hospital uses client_num_cpus
+    client_num_cpus = 1
+    round_timeout_s = 120
+    min_sites = 2                        # default: every hospital
+
+Relative paths resolve against the scenario file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from ..models import ModelSpec
+from ..privacy.settings import PrivacySettings
+from .partition import PartitionScheme
+
+__all__ = [
+    "DEFAULT_SCENARIO",
+    "DataSource",
+    "InvalidScenarioError",
+    "ManifestSource",
+    "ManifestsSource",
+    "PartitionSpec",
+    "Scenario",
+    "SimulationSettings",
+    "SklearnSource",
+    "StrategySpec",
+    "TrainingSpec",
+    "load_scenario",
+]
+
+DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml"
+"""The built-in scenario: breast cancer, 4 hospitals, DP logistic regression."""
+
+
+class InvalidScenarioError(ValueError):
+    """The scenario file is missing, not TOML, or does not validate."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against ``context["base_dir"]`` (the scenario's folder)."""
+    value = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return Path(base) / value if base is not None and not value.is_absolute() else value
+
+
+class SklearnSource(_Frozen):
+    """A built-in scikit-learn table (``simulations.builtin``), partitioned into hospitals."""
+
+    kind: Literal["sklearn"]
+    name: str = "breast_cancer"
+    val: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+
+class ManifestsSource(_Frozen):
+    """One site manifest per natural hospital (no partitioning)."""
+
+    kind: Literal["manifests"]
+    paths: list[Path] = Field(min_length=1)
+
+    @field_validator("paths")
+    @classmethod
+    def _resolve_all(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        """Resolve every path against the scenario's folder."""
+        return [_resolve(p, info) for p in value]
+
+
+class ManifestSource(_Frozen):
+    """One site manifest whose data is partitioned into virtual hospitals."""
+
+    kind: Literal["manifest"]
+    path: Path
+
+    _resolve_path = field_validator("path")(_resolve)
+
+
+DataSource = Annotated[Union[SklearnSource, ManifestsSource, ManifestSource], Field(discriminator="kind")]
+
+
+class PartitionSpec(PartitionScheme):
+    """How one dataset is split into virtual hospitals: a ``PartitionScheme`` plus their number.
+
+    Attributes
+    ----------
+    hospitals : int
+        Number of virtual hospitals.
+    kind, alpha, min_per_site, assign :
+        ``simulations.partition.PartitionScheme``: ``iid``, ``dirichlet`` (label skew),
+        ``quantity`` (size skew) or ``natural`` (by ``Split.groups``).
+    """
+
+    hospitals: int = Field(default=4, ge=1)
+
+    def scheme(self) -> PartitionScheme:
+        """Return the partition scheme without the hospital count."""
+        return PartitionScheme(**self.model_dump(exclude={"hospitals"}))
+
+
+class StrategySpec(_Frozen):
+    """The strategy name plus its parameters, spelled as run-config keys (``proximal-mu``…)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str = "fedavg"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Return the strategy parameters (every field but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+class TrainingSpec(_Frozen):
+    """Local training settings the server sends every round."""
+
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.1, gt=0.0)
+
+
+class SimulationSettings(_Frozen):
+    """Resources and limits of the simulation engine."""
+
+    num_cpus: int = Field(default=2, ge=1)
+    client_num_cpus: float = Field(default=1.0, gt=0.0)
+    round_timeout_s: float = Field(default=120.0, gt=0.0)
+    min_sites: int | None = Field(default=None, ge=1)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
+    object_store_mb: int = Field(default=128, ge=80)
+
+
+class Scenario(_Frozen):
+    """One simulation: data source, hospitals, model, strategy, DP, training and rounds."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    rounds: int = Field(default=3, ge=1)
+    seed: int = 0
+    baselines: list[Literal["pooled", "local"]] = []
+    data: DataSource
+    partition: PartitionSpec | None = None
+    model: ModelSpec = ModelSpec()
+    strategy: StrategySpec = StrategySpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySettings = PrivacySettings()
+    simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _partition_fits_source(self) -> Scenario:
+        """Require a partition for partitioned sources and refuse one for natural manifests."""
+        if isinstance(self.data, ManifestsSource) and self.partition is not None:
+            raise ValueError("[partition] is for kind = 'sklearn' or 'manifest'; 'manifests' lists the hospitals")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError("baselines lists a baseline twice")
+        return self
+
+    @property
+    def num_hospitals(self) -> int:
+        """Return how many hospitals the scenario simulates."""
+        if isinstance(self.data, ManifestsSource):
+            return len(self.data.paths)
+        return (self.partition or PartitionSpec()).hospitals
+
+
+def load_scenario(path: Path | str) -> Scenario:
+    """Read and validate a scenario TOML; relative paths resolve against its folder.
+
+    Raises
+    ------
+    InvalidScenarioError
+        Naming every invalid, unknown or missing field.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidScenarioError(f"scenario {path} not found; pass a scenario TOML (see simulations/scenarios/)")
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidScenarioError(f"scenario {path} is not valid TOML: {exc}") from None
+    try:
+        return Scenario.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        lines = "\n".join(
+            f"  - {'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
+            f"{str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise InvalidScenarioError(f"invalid scenario {path}:\n{lines}") from None

@@ -1,0 +1,356 @@
+"""Strategies by name, the wrapper's per-site records, and the ServerApp/ClientApp message contract.
+
+Runs the real ServerApp loop (``run_server``) against an in-process Grid (no Ray): fast and
+deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from fedcare.client.app import LocalSite, make_client_app
+from fedcare.client.errors import DataValidationError
+from fedcare.models import UnknownNameError, wire
+from fedcare.privacy.settings import PrivacySettings
+from fedcare.server.app import run_server
+from fedcare.server.config import RunConfig
+from fedcare.server.strategy import (
+    STRATEGIES,
+    FedcareStrategy,
+    StrategyStateError,
+    TooFewSitesError,
+    aggregate_evaluate_metrics,
+    aggregate_train_metrics,
+    build_strategy,
+    worst_site,
+)
+from fedcare.simulations.builtin import load_builtin
+from fedcare.simulations.partition import PartitionScheme, partition
+from fedcare.simulations.runner import InProcessGrid
+
+# --------------------------------------------------------------------------- a scripted ClientApp
+
+SIZES = (10, 20, 30)
+REFUSE: dict[tuple[int, int], str] = {}  # (partition, round) -> reason, set per test
+
+
+def _scripted_app() -> ClientApp:
+    """Site i adds i + 1 to every weight, reports 10·(i+1) examples and accuracy 0.6 + 0.1·i."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"][wire.SERVER_ROUND])
+        name = f"hospital-{pid}"
+        if (pid, rnd) in REFUSE:
+            reason = wire.REFUSAL_FORMAT.format(site=name, stage="train", reason=REFUSE[(pid, rnd)])
+            return Message(Error(code=wire.ERROR_BUDGET_SPENT, reason=reason), reply_to=msg)
+        arrays = ArrayRecord(
+            OrderedDict((k, Array(v.numpy() + (pid + 1))) for k, v in msg.content["arrays"].items())
+        )
+        metrics = MetricRecord(
+            {wire.NUM_EXAMPLES: SIZES[pid], "train-loss": float(pid), wire.EPSILON: 0.5 * (pid + 1), wire.DELTA: 1e-5}
+        )
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics,
+                                   "config": ConfigRecord({wire.SITE: name})}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        value = 0.6 + 0.1 * pid
+        metrics = MetricRecord({wire.NUM_EXAMPLES: SIZES[pid], "accuracy": value, "auroc": value})
+        return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({wire.SITE: f"hospital-{pid}"})}),
+                       reply_to=msg)
+
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _no_refusals() -> None:
+    REFUSE.clear()
+
+
+def _config(tmp_path: Path | None = None, **changes: object) -> RunConfig:
+    values: dict[str, object] = {"input_shape": (3,), "num_rounds": 2, "min_sites": 2, "seed": 1}
+    if tmp_path is not None:
+        values["checkpoint_dir"] = tmp_path
+    values.update(changes)
+    return RunConfig(**values)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_the_six_strategies_and_refuses_others() -> None:
+    assert STRATEGIES.names() == ["fedadam", "fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum"]
+    with pytest.raises(UnknownNameError, match="unknown strategy 'scaffold'; known strategys: fedadam"):
+        STRATEGIES.get("scaffold")
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "cls", "attrs"),
+    [
+        ("fedavg", {}, FedAvg, {}),
+        ("fedprox", {"proximal_mu": 0.3}, FedProx, {"proximal_mu": 0.3}),
+        ("fedadam", {"eta": 0.02, "beta_1": 0.5, "tau": 1e-4}, FedAdam, {"eta": 0.02, "beta_1": 0.5, "tau": 1e-4}),
+        ("fedmedian", {}, FedMedian, {}),
+        ("fedtrimmedavg", {"trim_beta": 0.1}, FedTrimmedAvg, {"beta": 0.1}),
+        ("krum", {"num_malicious_nodes": 1, "min_sites": 5}, Krum, {"num_malicious_nodes": 1}),
+    ],
+)
+def test_build_strategy_wraps_the_flwr_class_with_its_parameters(
+    name: str, params: dict[str, object], cls: type, attrs: dict[str, object]
+) -> None:
+    # Prepare / Execute
+    wrapped = build_strategy(_config(strategy=name, fraction_evaluate=0.5, **params))
+
+    # Assert
+    assert isinstance(wrapped, FedcareStrategy)
+    assert type(wrapped.strategy) is cls
+    inner = wrapped.strategy
+    assert (inner.fraction_evaluate, inner.min_train_nodes, inner.min_available_nodes) == (
+        0.5, wrapped.min_sites, wrapped.min_sites,
+    )
+    assert inner.weighted_by_key == wire.NUM_EXAMPLES
+    for attr, value in attrs.items():
+        assert getattr(inner, attr) == value
+
+
+# --------------------------------------------------------------------------- metric aggregation
+
+
+def _record(n: int, **metrics: float) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({wire.NUM_EXAMPLES: n, **metrics})})
+
+
+def test_train_metrics_are_weighted_but_privacy_is_the_worst_site() -> None:
+    records = [_record(10, loss=1.0, epsilon=0.5, delta=1e-5), _record(30, loss=2.0, epsilon=2.5, delta=1e-6)]
+
+    out = aggregate_train_metrics(records, wire.NUM_EXAMPLES)
+
+    assert out["loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+    assert out["epsilon"] == 2.5
+    assert out["delta"] == 1e-5
+    assert wire.NUM_EXAMPLES not in out
+
+
+def test_evaluate_metrics_leave_out_a_site_reporting_nan() -> None:
+    records = [_record(10, auroc=0.5, accuracy=0.5), _record(30, auroc=float("nan"), accuracy=0.9),
+               _record(60, auroc=0.8, accuracy=0.7)]
+
+    out = aggregate_evaluate_metrics(records, wire.NUM_EXAMPLES)
+
+    assert out["auroc"] == pytest.approx((10 * 0.5 + 60 * 0.8) / 70)
+    assert out["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9 + 60 * 0.7) / 100)
+
+
+def test_evaluate_metric_no_site_can_compute_stays_nan() -> None:
+    out = aggregate_evaluate_metrics([_record(5, r2=float("nan"))], wire.NUM_EXAMPLES)
+    assert math.isnan(out["r2"])
+
+
+def test_worst_site_prefers_auroc_then_accuracy_and_takes_the_highest_error() -> None:
+    assert worst_site({"a": {"auroc": 0.9, "accuracy": 0.5}, "b": {"auroc": 0.7, "accuracy": 0.9}}) == {
+        "site": "b", "metric": "auroc", "value": 0.7,
+    }
+    assert worst_site({"a": {"auroc": float("nan"), "accuracy": 0.8}, "b": {"auroc": float("nan"), "accuracy": 0.6}}) == {
+        "site": "b", "metric": "accuracy", "value": 0.6,
+    }
+    assert worst_site({"a": {"rmse": 1.0}, "b": {"rmse": 3.0}})["site"] == "b"
+    assert worst_site({}) is None
+
+
+# --------------------------------------------------------------------------- the wrapper in a real loop
+
+
+def test_global_metrics_are_example_weighted_and_sites_are_keyed_by_their_names(tmp_path: Path) -> None:
+    # Prepare
+    grid = InProcessGrid(_scripted_app(), num_nodes=3)
+
+    # Execute
+    history = run_server(grid, _config(tmp_path, num_rounds=1, min_sites=3))
+
+    # Assert
+    rec = history.round(1)
+    assert rec.complete
+    assert sorted(rec.site_train) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert rec.site_evaluate["hospital-2"]["accuracy"] == pytest.approx(0.8)
+    assert rec.evaluate["accuracy"] == pytest.approx((10 * 0.6 + 20 * 0.7 + 30 * 0.8) / 60)
+    assert rec.train["train-loss"] == pytest.approx((10 * 0 + 20 * 1 + 30 * 2) / 60)
+    assert rec.train["epsilon"] == 1.5
+    assert rec.worst_site == {"site": "hospital-0", "metric": "auroc", "value": pytest.approx(0.6)}
+    assert rec.refusals == []
+
+
+def test_fedavg_update_equals_the_weighted_mean_of_site_updates(tmp_path: Path) -> None:
+    from fedcare.server.app import initial_arrays
+    from fedcare.server.checkpoint import load_model_file
+
+    config = _config(tmp_path, num_rounds=1, min_sites=3)
+    run_server(InProcessGrid(_scripted_app(), num_nodes=3), config)
+
+    final, _ = load_model_file(tmp_path / "final_model.npz")
+    for name, start in initial_arrays(config).items():
+        np.testing.assert_allclose(final[name], start + (10 * 1 + 20 * 2 + 30 * 3) / 60, rtol=1e-6)
+
+
+def test_a_refusing_site_is_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    # Prepare
+    REFUSE[(1, 2)] = "privacy budget spent"
+
+    # Execute
+    history = run_server(InProcessGrid(_scripted_app(), num_nodes=3), _config(tmp_path, min_sites=2))
+
+    # Assert
+    rec = history.round(2)
+    assert rec.complete
+    assert sorted(rec.site_train) == ["hospital-0", "hospital-2"]
+    assert rec.refusals == [
+        {"stage": "train", "node_id": 2, "site": "hospital-1", "code": wire.ERROR_BUDGET_SPENT,
+         "reason": "site 'hospital-1' refused to train: privacy budget spent"}
+    ]
+    assert "hospital-1" in rec.site_evaluate  # it still evaluates
+
+
+def test_too_few_training_sites_stop_the_run_after_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # Prepare
+    REFUSE[(0, 2)] = "data failed validation"
+    REFUSE[(1, 2)] = "budget"
+
+    # Execute
+    with pytest.raises(TooFewSitesError, match=r"round 2: only 1 site\(s\) trained, fewer than min-sites = 2"):
+        run_server(InProcessGrid(_scripted_app(), num_nodes=3), _config(tmp_path, min_sites=2))
+
+    # Assert
+    from fedcare.server.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "checkpoint.npz").round == 1
+
+
+def test_strategy_state_round_trips_and_refuses_other_strategies() -> None:
+    # Prepare
+    adam = build_strategy(_config(strategy="fedadam"))
+    assert isinstance(adam.strategy, FedAdam)
+    adam.strategy.m_t = {"w": np.ones(3)}
+    adam.strategy.v_t = {"w": np.full(3, 2.0)}
+    state = adam.state_dict()
+
+    # Execute
+    other = build_strategy(_config(strategy="fedadam"))
+    other.load_state_dict(state)
+
+    # Assert
+    assert isinstance(other.strategy, FedAdam)
+    np.testing.assert_array_equal(other.strategy.v_t["w"], np.full(3, 2.0))
+    state["arrays"]["m_t"]["w"][0] = 99.0  # the loaded state is a copy
+    assert other.strategy.m_t["w"][0] == 1.0
+    with pytest.raises(StrategyStateError, match="of strategy 'FedAdam', this run uses 'FedAvg'"):
+        build_strategy(_config()).load_state_dict(state)
+    with pytest.raises(StrategyStateError, match="not a fedcare strategy state"):
+        adam.load_state_dict({"kind": "fedcare-metrics-history/1"})
+
+
+# --------------------------------------------------------------------------- the real ClientApp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sites:
+    """A picklable provider of in-memory sites; partitions in ``broken`` fail validation."""
+
+    sites: tuple[LocalSite, ...]
+    broken: tuple[int, ...] = ()
+
+    def __call__(self, context: Context) -> LocalSite:
+        pid = int(context.node_config["partition-id"])
+        if pid in self.broken:
+            raise DataValidationError(f"column 'age' of partition {pid} holds text")
+        return self.sites[pid]
+
+
+def _local_sites(tmp_path: Path, privacy: PrivacySettings, n: int = 3) -> tuple[LocalSite, ...]:
+    data = partition(load_builtin("breast_cancer"), scheme=PartitionScheme(kind="iid"), num_sites=n, seed=0)
+    return tuple(
+        LocalSite(data=d, privacy=privacy, ledger_dir=tmp_path / "ledgers", name=d.name, seed=i)
+        for i, d in enumerate(data)
+    )
+
+
+def _real_config(tmp_path: Path, **changes: object) -> RunConfig:
+    values: dict[str, object] = {
+        "input_shape": (30,), "num_rounds": 2, "min_sites": 2, "checkpoint_dir": tmp_path / "ckpt",
+        "batch_size": 64, "lr": 0.5, "study": "contract",
+    }
+    values.update(changes)
+    return RunConfig(**values)  # type: ignore[arg-type]
+
+
+FIXED_NOISE = PrivacySettings.with_noise(noise_multiplier=1.5, epsilon_budget=50.0)
+
+
+def test_client_app_trains_with_dp_and_reports_site_epsilon(tmp_path: Path) -> None:
+    # Prepare
+    provider = _Sites(_local_sites(tmp_path, FIXED_NOISE))
+
+    # Execute
+    history = run_server(InProcessGrid(make_client_app(provider), 3), _real_config(tmp_path))
+
+    # Assert
+    first, second = history.round(1), history.round(2)
+    assert sorted(second.site_train) == ["site-000", "site-001", "site-002"]
+    for site, metrics in second.site_train.items():
+        assert metrics["delta"] == 1e-5
+        assert 0 < first.site_train[site]["epsilon"] < metrics["epsilon"] < 50.0  # ε only grows
+        assert metrics["noise-multiplier"] == 1.5
+    assert set(second.evaluate) >= {"auroc", "accuracy", "loss"}
+    assert second.evaluate["auroc"] > 0.8
+    assert len(list((tmp_path / "ledgers").glob("*.json"))) == 3
+
+
+def test_a_site_whose_data_fails_validation_refuses_with_its_reason(tmp_path: Path) -> None:
+    provider = _Sites(_local_sites(tmp_path, FIXED_NOISE), broken=(1,))
+
+    history = run_server(InProcessGrid(make_client_app(provider), 3), _real_config(tmp_path, num_rounds=1))
+
+    refusals = history.round(1).refusals
+    assert [(r["stage"], r["code"]) for r in refusals] == [("train", wire.ERROR_DATA_INVALID),
+                                                           ("evaluate", wire.ERROR_DATA_INVALID)]
+    assert refusals[0]["site"] == "partition-1"
+    assert "column 'age' of partition 1 holds text" in refusals[0]["reason"]
+    assert sorted(history.round(1).site_train) == ["site-000", "site-002"]
+
+
+def test_a_site_whose_data_does_not_fit_the_model_refuses(tmp_path: Path) -> None:
+    provider = _Sites(_local_sites(tmp_path, FIXED_NOISE))
+
+    with pytest.raises(TooFewSitesError) as info:
+        run_server(InProcessGrid(make_client_app(provider), 3), _real_config(tmp_path, input_shape=(12,)))
+
+    assert "input shape (30,) (study: (12,))" in str(info.value)
+
+
+def test_a_site_whose_budget_is_spent_refuses_and_its_ledger_stays(tmp_path: Path) -> None:
+    # Prepare: a budget that one round fits and a second does not
+    tight = PrivacySettings.with_noise(noise_multiplier=1.0, epsilon_budget=1.5)
+    sites = _local_sites(tmp_path, FIXED_NOISE)
+    sites = (dataclasses.replace(sites[0], privacy=tight), *sites[1:])
+    config = _real_config(tmp_path, num_rounds=2)
+
+    # Execute
+    history = run_server(InProcessGrid(make_client_app(_Sites(sites)), 3), config)
+
+    # Assert
+    refusal = history.round(2).refusals
+    assert [(r["site"], r["code"]) for r in refusal] == [("site-000", wire.ERROR_BUDGET_SPENT)]
+    assert "would be exceeded" in refusal[0]["reason"]
+    assert history.round(2).complete
+    assert "site-000" not in history.round(2).site_train
