@@ -321,7 +321,11 @@ def train_local(
                 private.close()
                 model.load_state_dict(initial)
                 raise
-            epsilon = ledger.finalise_round()
+            try:
+                epsilon = ledger.finalise_round()
+            except BaseException:  # the reservation is on disk; the update must not survive
+                model.load_state_dict(initial)
+                raise
         finally:
             private.close()
     return TrainResult(

@@ -425,6 +425,7 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ ε
 
     def _has_non_private_round(self) -> bool:
+        """Return whether a round released a model trained without DP."""
         return any(r["status"] == "non_private" for r in self._rounds)
 
     def _charged_history(self) -> list[Entry]:
@@ -525,6 +526,7 @@ class PrivacyLedger:
             self._exit()
 
     def _enter(self) -> None:
+        """Enter a session level; the outermost takes the lock, reloads and folds a dead reservation."""
         if self._depth == 0:
             if self._lock is not None:
                 self._lock.acquire(self._lock_timeout_s)
@@ -539,6 +541,7 @@ class PrivacyLedger:
         self._depth += 1
 
     def _exit(self) -> None:
+        """Leave a session level; the outermost aborts an open round and releases the lock."""
         self._depth -= 1
         if self._depth == 0:
             try:
@@ -597,15 +600,19 @@ class PrivacyLedger:
         )
         return projected
 
-    def _close_round(self, status: str) -> float:
-        """Move the pending round into the history (charging at least its reservation); persist."""
+    def _close_round(self, status: str, *, steps_outside: bool = False) -> float:
+        """Move the pending round into the history (charging at least its reservation); persist.
+
+        ``steps_outside``: the round's steps were taken without the live accountant
+        (:meth:`commit_round`), so all reserved steps count as done.
+        """
         if self._pending is None:
             raise LedgerMismatchError("no round is reserved in this ledger; call reserve_round first")
         p = self._pending
         key = (p["noise_multiplier"], p["sample_rate"])
         before = _steps_by_key(self._history)
         after = _steps_by_key([tuple(h) for h in self.accountant.history])  # type: ignore[misc]
-        done = after.get(key, 0) - before.get(key, 0)
+        done = p["steps"] if steps_outside else after.get(key, 0) - before.get(key, 0)
         foreign = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before) if k != key}
         foreign = {k: v for k, v in foreign.items() if v != 0}
         charged = max(done, p["steps"])
@@ -658,7 +665,7 @@ class PrivacyLedger:
         with self.session():
             self.reserve_round(round_index=round_index, noise_multiplier=noise_multiplier,
                                sample_rate=sample_rate, steps=steps)
-            return self._close_round("completed")
+            return self._close_round("completed", steps_outside=True)
 
     def record_non_private_round(self, *, round_index: int) -> None:
         """Record (and persist) that a round released a model trained WITHOUT DP: ε becomes inf."""

@@ -95,7 +95,7 @@ def _wait_until(proc: subprocess.Popen[bytes], condition: Callable[[], bool], wh
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if proc.poll() is not None:
-            log = Path(proc.args[2]).parent / "helper-stderr.txt"  # type: ignore[index]
+            log = Path(proc.args[3]).parent / "helper-stderr.txt"  # args: python, file, --ledger-dir, DIR
             raise AssertionError(f"helper exited ({proc.returncode}) before {what}: {log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
