@@ -12,6 +12,11 @@ DP paths
     ``hooks``, ``ghost`` (fast gradient clipping, with Opacus's criterion wrapper),
     ``functorch`` and ``ew`` (expanded weights) are Opacus 1.6's ``grad_sample_mode``s;
     ``fast`` is ``fedcare.privacy.fast_grad.make_private_fast`` (regression and LSTM only).
+Product path (``--product``)
+    ``auto``: the step the product takes, built by ``fedcare.privacy.engine.make_private`` with
+    ``grad_sample_mode="auto"`` (what ``client.training.train_local`` calls; an RDP accountant
+    stands in for the ledger's), empty Poisson batches through ``PrivateTraining.empty_step``;
+    the row names the mode ``auto`` resolved to.
 Non-DP baselines
     the same model with a plain optimizer; for the LSTM also a model whose DPLSTM is replaced
     by ``torch.nn.LSTM`` of the same size (``nn.LSTM``), the issue's baseline.
@@ -30,6 +35,7 @@ Usage::
 
     python benchmarks/dp_step_time.py                  # all families, batches 64 and 256
     python benchmarks/dp_step_time.py --families lstm --batches 64 --rounds 5
+    python benchmarks/dp_step_time.py --product --modes hooks ew fast   # product path vs Opacus
 
 Writes ``benchmarks/results/dp_step_time.json``.
 """
@@ -54,10 +60,12 @@ from typing import Any
 import opacus
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import IAccountant, RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedcare.models import ClinicalLSTM, LinearRegression, LogisticRegression, MedicalCNN
+from fedcare.privacy import engine as product_engine
 from fedcare.privacy.fast_grad import make_private_fast, supports_fast_grad
 
 logger = logging.getLogger(__name__)
@@ -145,7 +153,8 @@ class Variant:
     dp: bool
     step: Callable[[Batch], None]
     batches: list[Batch]
-    engine: PrivacyEngine | None = None
+    accountant: IAccountant | None = None
+    resolved: str | None = None
     steps_taken: int = 0
 
     def run(self, k: int) -> float:
@@ -174,6 +183,23 @@ def _make_step(
     return step
 
 
+def _make_product_step(private: product_engine.PrivateTraining) -> Callable[[Batch], None]:
+    """Return one training step as ``client.training`` takes it (empty batch: ``empty_step``)."""
+    module, optimizer, criterion = private.module, private.optimizer, private.criterion
+
+    def step(batch: Batch) -> None:
+        *inputs, target = batch
+        optimizer.zero_grad()
+        if len(target) == 0:
+            private.empty_step()
+            return
+        loss = criterion(module(*inputs), target)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def make_private(
     mode: str,
     model: nn.Module,
@@ -184,11 +210,23 @@ def make_private(
     max_grad_norm: float,
     lr: float,
     seed: int,
-) -> tuple[nn.Module, Any, Callable[..., Any], DataLoader, PrivacyEngine]:
-    """Return ``(model, optimizer, criterion, loader, engine)`` made private by ``mode``."""
-    engine = PrivacyEngine(accountant="rdp")
+) -> tuple[nn.Module, Any, Callable[..., Any], DataLoader, IAccountant, str, Callable[[Batch], None]]:
+    """Return ``(model, optimizer, criterion, loader, accountant, resolved mode, step)`` for ``mode``.
+
+    ``mode="auto"`` goes through the product's ``fedcare.privacy.engine.make_private``.
+    """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    if mode == "auto":
+        accountant = RDPAccountant()
+        private = product_engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            accountant=accountant, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            grad_sample_mode="auto", noise_generator=generator,
+        )
+        return (private.module, private.optimizer, private.criterion, private.data_loader,
+                accountant, private.grad_sample_mode, _make_product_step(private))
+    engine = PrivacyEngine(accountant="rdp")
     common: dict[str, Any] = {
         "module": model,
         "optimizer": optimizer,
@@ -199,14 +237,15 @@ def make_private(
     }
     if mode == "fast":
         m, opt, dl = make_private_fast(engine, **common)
-        return m, opt, criterion, dl, engine
-    if mode == "ghost":
+        crit: Callable[..., Any] = criterion
+    elif mode == "ghost":
         m, opt, crit, dl = engine.make_private(
             **common, criterion=criterion, grad_sample_mode="ghost"
         )
-        return m, opt, crit, dl, engine
-    m, opt, dl = engine.make_private(**common, grad_sample_mode=mode)
-    return m, opt, criterion, dl, engine
+    else:
+        m, opt, dl = engine.make_private(**common, grad_sample_mode=mode)
+        crit = criterion
+    return m, opt, crit, dl, engine.accountant, mode, _make_step(m, opt, crit)
 
 
 def build_variants(
@@ -233,7 +272,7 @@ def build_variants(
             continue
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=g)
         try:
-            m, opt, crit, dl, engine = make_private(
+            _m, _opt, _crit, dl, accountant, resolved, step = make_private(
                 mode,
                 model,
                 loader,
@@ -245,7 +284,7 @@ def build_variants(
             )
             # Poisson sampling: batch sizes vary around `batch`
             batches = [b for _, b in zip(range(n_batches), dl)]
-            v = Variant(mode, True, _make_step(m, opt, crit), batches, engine)
+            v = Variant(mode, True, step, batches, accountant, resolved)
             v.run(1)  # fail here, not in the timing loop
             variants.append(v)
         except Exception as exc:  # noqa: BLE001 - a benchmark reports which modes do not apply
@@ -286,12 +325,12 @@ def check_clipping(fam: Family, batch: int, mode: str, seed: int) -> float:
     max_grad_norm = 0.1  # small enough that most examples are clipped
     expected = reference_clipped_sum(reference_model, fixed, fam.criterion(), max_grad_norm)
     loader = DataLoader(dataset, batch_size=batch)
-    m, opt, crit, _dl, _engine = make_private(
+    _m, opt, _crit, _dl, _acc, _resolved, step = make_private(
         mode, model, loader, fam.criterion(), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
         lr=1.0, seed=seed,
     )
     expected_batch_size = opt.expected_batch_size
-    _make_step(m, opt, crit)(fixed)
+    step(fixed)
     # p.grad is what SGD applied: (clipped sum + noise) / expected batch size, noise = 0 here
     got = [p.grad * expected_batch_size for p in model.parameters() if p.requires_grad]
     scale = max(e.abs().max().item() for e in expected)
@@ -347,8 +386,9 @@ def run_case(
         if v.dp:
             row["max_rel_err"] = check_clipping(fam, batch, v.name, seed)
             row["valid"] = row["max_rel_err"] < 1e-4
-            assert v.engine is not None
-            row["accountant_steps"] = sum(h[2] for h in v.engine.accountant.history)
+            assert v.accountant is not None
+            row["resolved"] = v.resolved
+            row["accountant_steps"] = sum(h[2] for h in v.accountant.history)
             row["optimizer_steps"] = v.steps_taken + 1  # +1: the memory-profiled step
         rows[v.name] = row
     dp_rows = {k: r for k, r in rows.items() if r["dp"] and r.get("valid")}
@@ -376,6 +416,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 ratio += f" ({r['ratio_vs_dplstm']:.2f} vs DPLSTM)"
             valid = "" if not r["dp"] else ("yes" if r["valid"] else f"NO ({r['max_rel_err']:.1e})")
             star = " *" if name == case["fastest_dp"] else ""
+            if r.get("resolved") and r["resolved"] != name:
+                name = f"{name}={r['resolved']}"
             lines.append(
                 [
                     case["family"],
@@ -420,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--lstm-hidden", type=int, default=32, help="ModelSpec's default is 32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--product",
+        action="store_true",
+        help='also time the product path: fedcare.privacy.engine.make_private(grad_sample_mode="auto")',
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -428,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks mode
     torch.set_num_threads(args.threads)
     fams = families(args.lstm_hidden)
+    if args.product and "auto" not in args.modes:
+        args.modes = [*args.modes, "auto"]
     results = []
     for name in args.families:
         for batch in args.batches:

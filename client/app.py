@@ -10,12 +10,18 @@ Everything about the hospital comes from the node, never from the server's run c
 - ``privacy-settings``: optional TOML of the site's :class:`PrivacySettings` (fields at the top
   level or under ``[privacy]``); default ``PrivacySettings()``: DP-SGD to ε = 3 at δ = 1e-5;
 - ``seed``: optional seed of the site's own randomness (shuffling, DP noise); the server never
-  chooses it, so it cannot predict a site's noise.
+  chooses it, so it cannot predict a site's noise;
+- ``report-train-loss``: optional ``true`` to send the training loss under DP (it is computed
+  without noise, outside ε; a DP site sends NaN by default);
+- ``device``: optional torch device (default ``cpu``).
 
 The server sends the model (named arrays), its spec and expected data shape, the round, the
 rounds planned, the study and the local training settings. A train reply carries the trained
 arrays, ``num-examples``, the site's training metrics and its ε / δ spent so far in the study
-(MetricRecord) and its name (ConfigRecord ``config`` → ``site``). A site whose data fails
+(MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``epsilon``, ``delta``,
+``noise-multiplier``) and its name (ConfigRecord ``config`` → ``site``). An evaluate reply
+carries ``num-examples`` and the metrics of ``client.metrics.evaluate`` on the site's test split
+(validation when it has no test split): aggregate statistics that are not covered by ε. A site whose data fails
 validation, does not fit the model, whose privacy budget is spent or whose ledger is unusable
 replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
 ``ERROR_*`` in ``models.wire``, reason ``site '<name>' refused to <stage>: <why>``) instead.
@@ -27,8 +33,10 @@ ledger is reopened from disk for every message, since another process may have w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,7 +52,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..models import ModelSpec, build_for_data, get_weights, set_weights, wire
-from ..privacy.errors import BudgetExceededError, PrivacyError
+from ..privacy.errors import BudgetExceededError, PrivacyError, PrivacyWarning
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.settings import PrivacySettings
 from .dataset import SiteData, Split
@@ -55,6 +63,7 @@ from .training import TrainSettings, train_local
 
 __all__ = [
     "NODE_DEVICE",
+    "NODE_REPORT_TRAIN_LOSS",
     "NODE_LEDGER_DIR",
     "NODE_PRIVACY_SETTINGS",
     "NODE_SEED",
@@ -76,6 +85,7 @@ NODE_LEDGER_DIR: Final = "ledger-dir"
 NODE_PRIVACY_SETTINGS: Final = "privacy-settings"
 NODE_SEED: Final = "seed"
 NODE_DEVICE: Final = "device"
+NODE_REPORT_TRAIN_LOSS: Final = "report-train-loss"
 
 
 class SiteConfigError(DataValidationError):
@@ -104,6 +114,9 @@ class LocalSite:
         Seed of the site's own randomness (None: fresh entropy).
     device : str
         Torch device for local training.
+    report_train_loss : bool
+        Send the training loss to the server even under DP. The loss is computed from the
+        data without noise (not covered by ε), so by default a DP site sends NaN instead.
     """
 
     data: SiteData
@@ -112,6 +125,7 @@ class LocalSite:
     name: str
     seed: int | None = None
     device: str = "cpu"
+    report_train_loss: bool = False
 
 
 SiteProvider = Callable[[Context], LocalSite]
@@ -175,6 +189,14 @@ def site_from_node_config(context: Context) -> LocalSite:
         privacy = PrivacySettings()
     seed = node.get(NODE_SEED)
     name = node.get(NODE_SITE_NAME)
+    report_loss = node.get(NODE_REPORT_TRAIN_LOSS) is True
+    if report_loss and privacy.enabled:
+        message = (
+            f"node config {NODE_REPORT_TRAIN_LOSS} = true: this site sends its training loss, "
+            "computed without DP noise and not covered by its ε; remove it unless approved"
+        )
+        logger.warning("PRIVACY WARNING: %s", message)
+        warnings.warn(message, PrivacyWarning, stacklevel=2)
     return LocalSite(
         data=data,
         privacy=privacy,
@@ -182,6 +204,7 @@ def site_from_node_config(context: Context) -> LocalSite:
         name=name if isinstance(name, str) and name else data.name,
         seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
         device=str(node.get(NODE_DEVICE, "cpu")),
+        report_train_loss=report_loss,
     )
 
 
@@ -244,6 +267,11 @@ def _site_seed(site: LocalSite, server_round: int) -> int | None:
     if site.seed is None:
         return None
     return zlib.crc32(f"{site.seed}:{site.name}:{server_round}".encode()) & 0x7FFFFFFF
+
+
+def _may_report_loss(site: LocalSite) -> bool:
+    """Return whether the site sends its (non-private) training loss."""
+    return site.report_train_loss or not site.privacy.enabled
 
 
 def _eval_split(data: SiteData) -> Split:
@@ -311,7 +339,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
         metrics = MetricRecord(
             {
                 wire.NUM_EXAMPLES: int(result.num_examples),
-                "train-loss": float(result.loss),
+                "train-loss": float(result.loss) if _may_report_loss(site) else math.nan,
                 "steps": int(result.steps),
                 wire.EPSILON: float(result.epsilon),
                 wire.DELTA: float(result.delta),

@@ -6,11 +6,16 @@ with the SuperLink by the coordinator), and passes the ClientApp what it must kn
 site through ``--node-config``: ``site-manifest`` (absolute path of the site manifest TOML),
 ``site-name`` and ``ledger-dir``. :func:`start_node` returns once the SuperLink accepted the
 node (Flower logs ``SuperNode ID: ...``) and reports how long that took.
+
+With ``trusted_app_hashes`` the node runs only the Flower Apps (FABs) whose SHA-256 the
+hospital pinned; every other app is refused before its code is loaded (see
+:mod:`fedcare.client.app_gate`: flwr's own ``--trusted-entities`` cannot verify self-built apps).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -30,6 +35,7 @@ from ..supervise import (
     stop_process,
     wait_for_log,
 )
+from .app_gate import TRUSTED_APPS_ENV, parse_app_hash, write_gate_bin
 from .manifest import load_manifest
 
 __all__ = [
@@ -42,7 +48,10 @@ __all__ = [
     "NodePlaintextWarning",
     "NodeSettings",
     "NodeStarted",
+    "TrustedAppsFileError",
+    "UnpinnedAppsWarning",
     "node_config_string",
+    "read_trusted_apps",
     "start_node",
     "stop_node",
     "supernode_command",
@@ -53,6 +62,7 @@ logger = logging.getLogger(__name__)
 NODE_PID = "supernode.pid"
 NODE_LOG = "supernode.log"
 NODE_FLWR_HOME = "flwr-home"
+NODE_GATE_BIN = "app-gate"
 _READY = r"SuperNode ID: (\d+)"
 
 # node-config keys the ClientApp reads (client/app.py)
@@ -79,6 +89,40 @@ class NodeConfigValueError(NodeDeployError):
 
 class NodePlaintextWarning(UserWarning):
     """Warned when a SuperNode connects without TLS."""
+
+
+class TrustedAppsFileError(NodeDeployError):
+    """Raised when a trusted apps file holds something other than app hashes, or none."""
+
+
+class UnpinnedAppsWarning(UserWarning):
+    """Warned when a SuperNode starts without pinned app hashes (it runs any app it is sent)."""
+
+
+def read_trusted_apps(path: Path) -> tuple[str, ...]:
+    """Read pinned app hashes from a file: one SHA-256 hex digest per line, ``#`` comments.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file does not exist.
+    TrustedAppsFileError
+        When a line is not a SHA-256 hex digest, or the file pins nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trusted apps file {path} not found: one app hash per line")
+    hashes = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                hashes.append(parse_app_hash(text))
+            except ValueError as err:
+                raise TrustedAppsFileError(f"{path}:{number}: {err}") from None
+    if not hashes:
+        raise TrustedAppsFileError(f"trusted apps file {path} pins no app: add the hashes to run")
+    return tuple(dict.fromkeys(hashes))
 
 
 def _quote(value: str | int | float | bool) -> str:
@@ -138,6 +182,9 @@ class NodeSettings(BaseModel):
         Seconds flwr keeps retrying an unreachable SuperLink before exiting (None: forever).
     extra_node_config : dict
         More node-config entries for the ClientApp (e.g. a site policy path).
+    trusted_app_hashes : tuple of str or None
+        SHA-256 digests of the Flower Apps (FABs) this node may run; any other app is refused
+        before its code is loaded. None: every app the SuperLink sends runs (warned).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -153,6 +200,19 @@ class NodeSettings(BaseModel):
     insecure: bool = False
     max_wait_time: float | None = None
     extra_node_config: dict[str, str | int | float | bool] = {}
+    trusted_app_hashes: tuple[str, ...] | None = None
+
+    @field_validator("trusted_app_hashes")
+    @classmethod
+    def _hashes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "an empty list of trusted apps would refuse every run: pin at least one app "
+                "hash, or give none to run any app (not recommended)"
+            )
+        return tuple(dict.fromkeys(parse_app_hash(v) for v in value))
 
     @field_validator("port")
     @classmethod
@@ -292,11 +352,30 @@ def start_node(
     (settings.ledger_dir or state / "ledger").mkdir(parents=True, exist_ok=True)
     env = {"FLWR_HOME": str((state / NODE_FLWR_HOME).resolve())}
     env.update(extra_env or {})
+    env = flower_env(env)
+    env.pop(TRUSTED_APPS_ENV, None)
+    if settings.trusted_app_hashes is None:
+        message = (
+            f"SuperNode {site_name!r} starts without pinned apps (--trust-app): it runs any "
+            "Flower App the SuperLink sends. Pin the study's app hash "
+            "(`fedcare server app-hash STUDY`) before using patient data."
+        )
+        warnings.warn(message, UnpinnedAppsWarning, stacklevel=2)
+        logger.warning(message)
+    else:
+        gate = write_gate_bin(state.resolve() / NODE_GATE_BIN)
+        env["PATH"] = os.pathsep.join([str(gate), env["PATH"]])
+        env[TRUSTED_APPS_ENV] = ",".join(settings.trusted_app_hashes)
+        logger.info(
+            "SuperNode %s runs only apps %s",
+            site_name,
+            ", ".join(h[:12] for h in settings.trusted_app_hashes),
+        )
     handle = spawn(
         supernode_command(settings, site_name=site_name),
         log_path=settings.log_file,
         pid_file=settings.pid_file,
-        env=flower_env(env),
+        env=env,
         cwd=state.resolve(),
     )
     try:

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ..privacy.certs import CertsError
 from ..supervise import SuperviseError, process_age_s
-from .deploy import NodeDeployError, NodeSettings, start_node, stop_node
+from .deploy import NodeDeployError, NodeSettings, read_trusted_apps, start_node, stop_node
 from .errors import DataValidationError
 
 __all__ = ["node_app", "node_start", "node_stop"]
@@ -76,9 +76,24 @@ def node_start(
     ready_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the SuperLink to accept the node.")
     ] = 120.0,
+    trust_app: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust-app",
+            help="SHA-256 of a Flower App this node may run (repeat); others are refused. "
+            "The coordinator prints it: `fedcare server app-hash STUDY`.",
+        ),
+    ] = None,
+    trusted_apps: Annotated[
+        Path | None,
+        typer.Option("--trusted-apps", help="File of app hashes this node may run, one per line."),
+    ] = None,
 ) -> None:
     """Start this hospital's SuperNode in the background; return once the SuperLink accepted it."""
     try:
+        pins = list(trust_app or [])
+        if trusted_apps is not None:
+            pins += read_trusted_apps(trusted_apps)
         settings = NodeSettings(
             site_manifest=site,
             superlink=superlink,
@@ -89,6 +104,7 @@ def node_start(
             ledger_dir=ledger_dir,
             site_name=site_name,
             insecure=insecure,
+            trusted_app_hashes=tuple(pins) if pins else None,
         )
         started = start_node(settings, ready_timeout=ready_timeout)
     except _HANDLED as err:

@@ -6,7 +6,9 @@
    (``BudgetExceededError``; the model and the ledger are left unchanged);
 2. reserves the round's planned steps in the site's :class:`PrivacyLedger` (persisted);
 3. trains with Opacus (Poisson sampling, per-sample clipping, Gaussian noise), Opacus charging
-   the ledger's own accountant, never a fresh one;
+   the ledger's own accountant, never a fresh one; per-sample gradients come from the path
+   ``privacy.grad_sample_mode`` resolves to for the model (``auto``: fedcare's ``fast`` for
+   regression and the LSTM, Opacus ``ew`` for the CNN, see ``privacy.engine``);
 4. finalises the round in the ledger (persisted) and only then returns, the caller's module
    holding the new weights.
 
@@ -347,7 +349,9 @@ def _train_dp(
             *inputs, target = (t.to(device) for t in batch)
             optimizer.zero_grad()
             if len(target) == 0:
-                private.empty_step()  # an empty Poisson batch still releases a noisy step
+                # an empty Poisson batch still releases a noisy step charged to the ledger; no
+                # forward pass (Opacus "ew" refuses a batch of 0)
+                private.empty_step()
             else:
                 loss = private.criterion(module(*inputs), target)
                 loss.backward()

@@ -22,10 +22,24 @@ rounds, ``max(planned_rounds - rounds_charged, 1)``, on top of the ε already in
 the same bisection Opacus uses. A site that is not sampled every round thus adds more noise than
 it strictly needs: conservative. The budget check of the ledger stays the hard stop.
 
-``grad_sample_mode``: ``"hooks"`` (default of ``"auto"`` for now), ``"functorch"`` or
-``"ghost"`` (fast gradient / ghost clipping: Opacus then also returns a wrapped criterion, which
-:class:`PrivateTraining` carries). Empty Poisson batches still take a (pure noise) step, so the
-released sequence of updates does not depend on whether a batch was empty.
+Per-sample gradients (``grad_sample_mode``)
+-------------------------------------------
+Opacus's ``"hooks"``, ``"ew"`` (torch ExpandedWeights), ``"functorch"``, ``"ghost"`` (fast
+gradient / ghost clipping: Opacus then also returns a wrapped criterion, which
+:class:`PrivateTraining` carries), or fedcare's ``"fast"`` (:mod:`fedcare.privacy.fast_grad`:
+exact closed-form / fused per-sample gradients for the regression and LSTM families, with
+Opacus's own Poisson loader, noise and accountant hook). ``"auto"`` picks per model what
+``BENCHMARKS.md`` ("DP step time") measured fastest, see :func:`resolve_grad_sample_mode`:
+``fast`` where :func:`~fedcare.privacy.fast_grad.supports_fast_grad`, ``hooks`` for other
+recurrent models, ``ew`` for models made only of ExpandedWeights layers (the GroupNorm CNN),
+``hooks`` otherwise; never ``ghost`` or ``functorch``. Every path charges the same accountant
+with the same (σ, q, steps), so ε does not depend on the mode.
+
+Empty Poisson batches still take a (pure noise) step, so the released sequence of updates does
+not depend on whether a batch was empty: :meth:`PrivateTraining.empty_step` skips the forward
+pass (``ew`` refuses a batch of 0), hands the optimizer zero-row per-sample gradients (or a zero
+clipped sum, ``fast``/``ghost``) and steps: Gaussian noise is added and the accountant takes
+exactly one step, as Opacus ``hooks`` does for an empty batch.
 """
 
 from __future__ import annotations
@@ -41,12 +55,16 @@ from opacus import PrivacyEngine
 from opacus.accountants import IAccountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 from opacus.grad_sample import AbstractGradSampleModule
+from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
+from opacus.layers.dp_rnn import DPRNNBase, DPRNNCellBase
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..models.exchange import unwrap
 from .errors import BudgetExceededError, UnsupportedModuleError
+from .fast_grad import FastGradSampleModule, make_private_fast, supports_fast_grad
 from .ledger import epsilon_of, merge_steps
 
 if TYPE_CHECKING:
@@ -55,6 +73,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EPSILON_TOLERANCE",
+    "GRAD_SAMPLE_MODES",
+    "OPACUS_MODES",
     "PrivateTraining",
     "calibrate_noise_multiplier",
     "make_private",
@@ -69,15 +89,67 @@ logger = logging.getLogger(__name__)
 EPSILON_TOLERANCE = 0.01
 """Bisection tolerance on ε, as in ``opacus.accountants.utils.get_noise_multiplier``."""
 
-_MODES = ("hooks", "ghost", "functorch")
+OPACUS_MODES = ("hooks", "ew", "functorch", "ghost")
+"""Opacus 1.6 ``grad_sample_mode`` values fedcare passes through."""
+
+GRAD_SAMPLE_MODES = (*OPACUS_MODES, "fast")
+"""Per-sample gradient paths :func:`make_private` accepts besides ``"auto"``."""
+
+_EW_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding,
+)
+"""Layers torch's ExpandedWeights (Opacus ``"ew"``) computes per-sample gradients for."""
+
+_RECURRENT: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase, DPRNNBase, DPRNNCellBase)
 
 
-def resolve_grad_sample_mode(mode: str) -> str:
-    """Return the Opacus ``grad_sample_mode`` for a setting: ``"auto"`` is ``"hooks"`` for now."""
+def _is_recurrent(module: nn.Module) -> bool:
+    """Return whether ``module`` contains a recurrent layer (``ew`` is no faster there)."""
+    return any(isinstance(m, _RECURRENT) for m in module.modules())
+
+
+def _ew_compatible(module: nn.Module) -> bool:
+    """Return whether every trainable parameter sits directly in an ExpandedWeights layer.
+
+    Exact types only: a subclass may use its parameters in a forward ExpandedWeights cannot see.
+    """
+    found = False
+    for sub in module.modules():
+        if any(p.requires_grad for p in sub.parameters(recurse=False)):
+            if type(sub) not in _EW_LAYERS:
+                return False
+            found = True
+    return found
+
+
+def resolve_grad_sample_mode(mode: str, *, module: nn.Module | None = None) -> str:
+    """Return the per-sample gradient path for a setting; ``"auto"`` picks it for ``module``.
+
+    ``"auto"`` (the measured fastest valid path, ``BENCHMARKS.md`` "DP step time"):
+    ``"fast"`` when :func:`~fedcare.privacy.fast_grad.supports_fast_grad` (linear / logistic
+    regression, ClinicalLSTM on plain DPLSTMs); ``"hooks"`` for any other recurrent model;
+    ``"ew"`` when every trainable layer is one torch's ExpandedWeights supports (the GroupNorm
+    CNN: Conv2d, GroupNorm, Linear); ``"hooks"`` otherwise. Never ``"ghost"`` or
+    ``"functorch"`` (slower on every family measured). Explicit modes are returned unchanged.
+
+    Raises
+    ------
+    ValueError
+        Unknown mode, or ``"auto"`` without ``module`` (the choice depends on the model).
+    """
     if mode == "auto":
+        if module is None:
+            raise ValueError("grad_sample_mode 'auto' depends on the model: pass module=")
+        if supports_fast_grad(module):
+            return "fast"
+        if _is_recurrent(module):
+            return "hooks"
+        if _ew_compatible(module):
+            return "ew"
         return "hooks"
-    if mode not in _MODES:
-        raise ValueError(f"unknown grad_sample_mode {mode!r}; known: auto, {', '.join(_MODES)}")
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"unknown grad_sample_mode {mode!r}; known: auto, {', '.join(GRAD_SAMPLE_MODES)}")
     return mode
 
 
@@ -225,9 +297,11 @@ class PrivateTraining:
     Attributes
     ----------
     module : torch.nn.Module
-        Opacus's ``GradSampleModule`` around the caller's module (shares its parameters).
+        Opacus's ``GradSampleModule`` (or, mode ``"fast"``, fedcare's ``FastGradSampleModule``)
+        around the caller's module (shares its parameters).
     optimizer : opacus.optimizers.DPOptimizer
-        Clips, adds noise and steps the ledger's accountant.
+        Clips (or, ``"fast"``/``"ghost"``, takes the clipped sum), adds noise and steps the
+        ledger's accountant.
     data_loader : torch.utils.data.DataLoader
         Opacus's Poisson ``DPDataLoader``.
     criterion : callable
@@ -238,7 +312,7 @@ class PrivateTraining:
     steps_per_epoch : int
         Batches per pass of :attr:`data_loader`.
     grad_sample_mode : str
-        The resolved Opacus mode.
+        The resolved mode: ``"hooks"``, ``"ew"``, ``"functorch"``, ``"ghost"`` or ``"fast"``.
     """
 
     module: nn.Module
@@ -252,7 +326,13 @@ class PrivateTraining:
     closed: bool = False
 
     def empty_step(self) -> None:
-        """Take a step for an empty Poisson batch: zero clipped sum, noise added, step charged."""
+        """Take a step for an empty Poisson batch: zero clipped sum, noise added, step charged.
+
+        Call it instead of the forward pass (``"ew"`` refuses a batch of 0). The optimizer gets
+        zero-row per-sample gradients (``p.grad_sample`` of shape ``(0, *p.shape)``), or a zero
+        clipped sum in ``p.grad`` for the ``"fast"``/``"ghost"`` optimizer, and steps: Gaussian
+        noise is added and the accountant takes exactly one step, as with Opacus ``"hooks"``.
+        """
         params = [p for p in self.optimizer.params]
         if isinstance(self.optimizer, DPOptimizerFastGradientClipping):
             for p in params:
@@ -267,6 +347,12 @@ class PrivateTraining:
         if self.closed:
             return
         self.closed = True
+        if isinstance(self.module, FastGradSampleModule):  # no hooks; drop per-sample leftovers
+            for p in self.module._module.parameters():
+                for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+            return
         if isinstance(self.module, AbstractGradSampleModule):
             inner = self.module._module
             self.module._close()
@@ -304,8 +390,9 @@ def make_private(
         The ledger's live accountant (``PrivacyLedger.accountant``).
     noise_multiplier, max_grad_norm : float
         σ and the clipping norm C.
-    grad_sample_mode : {"auto", "hooks", "ghost", "functorch"}
-        See :func:`resolve_grad_sample_mode`.
+    grad_sample_mode : {"auto", "hooks", "ew", "functorch", "ghost", "fast"}
+        See :func:`resolve_grad_sample_mode`; ``"fast"`` needs a model
+        :func:`~fedcare.privacy.fast_grad.supports_fast_grad` accepts.
     noise_generator : torch.Generator, optional
         Seeded generator for the noise (on the parameters' device); None: torch's global RNG.
     """
@@ -317,9 +404,30 @@ def make_private(
             "instead of BatchNorm and opacus.layers.DPLSTM instead of nn.LSTM (fedcare's model "
             "families already do)"
         )
-    mode = resolve_grad_sample_mode(grad_sample_mode)
+    mode = resolve_grad_sample_mode(grad_sample_mode, module=module)
+    if mode == "fast" and not supports_fast_grad(module):
+        raise UnsupportedModuleError(
+            f"grad_sample_mode 'fast' has no exact per-sample gradient path for "
+            f"{type(module).__name__} (only linear/logistic regression and ClinicalLSTM on plain "
+            "DPLSTMs): use 'auto', 'hooks' or 'ew'"
+        )
     engine = PrivacyEngine(accountant=accountant.mechanism(), secure_mode=False)
     engine.accountant = accountant  # the ledger's: Opacus's step hook charges the persistent ledger
+    if mode == "fast":  # Opacus's loader, optimizer (noise) and this accountant's step hook
+        private_module, dp_optimizer, dp_loader = make_private_fast(
+            engine,
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            loss_reduction="mean",
+            poisson_sampling=True,
+            noise_generator=noise_generator,
+        )
+        return _private_training(private_module, dp_optimizer, dp_loader, criterion,
+                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 mode=mode, requested=grad_sample_mode, accountant=accountant)
     common: dict[str, Any] = dict(
         module=module,
         optimizer=optimizer,
@@ -338,10 +446,30 @@ def make_private(
     else:
         private_module, dp_optimizer, dp_loader = engine.make_private(**common)
         dp_criterion = criterion
+    return _private_training(private_module, dp_optimizer, dp_loader, dp_criterion,
+                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                             mode=mode, requested=grad_sample_mode, accountant=accountant)
+
+
+def _private_training(
+    private_module: nn.Module,
+    dp_optimizer: DPOptimizer,
+    dp_loader: DataLoader,
+    dp_criterion: Callable[..., Any],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    mode: str,
+    requested: str,
+    accountant: IAccountant,
+) -> PrivateTraining:
+    """Log what :func:`make_private` set up and return it as a :class:`PrivateTraining`."""
     sample_rate = float(dp_loader.sample_rate)
     logger.info(
-        "DP-SGD with Opacus: mode %s, σ=%.4f, C=%g, q=%.5f, %d steps per epoch, accountant %s",
-        mode, noise_multiplier, max_grad_norm, sample_rate, len(dp_loader), accountant.mechanism(),
+        "DP-SGD with Opacus: per-sample gradients %s (%s requested) for %s, σ=%.4f, C=%g, q=%.5f, "
+        "%d steps per epoch, accountant %s",
+        mode, requested, type(unwrap(private_module)).__name__, noise_multiplier, max_grad_norm,
+        sample_rate, len(dp_loader), accountant.mechanism(),
     )
     return PrivateTraining(
         module=private_module,

@@ -56,7 +56,8 @@ WEAK_EPSILON = 10.0
 SUPPORTED_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 """Opacus accountants fedcare accepts: both give a sound upper bound for DP-SGD."""
 
-GradSampleMode = Literal["hooks", "ghost", "functorch", "auto"]
+GradSampleMode = Literal["auto", "fast", "ew", "hooks", "ghost", "functorch"]
+"""Per-sample gradient paths; ``privacy.engine.resolve_grad_sample_mode`` says what ``auto`` picks."""
 
 
 def known_accountants() -> list[str]:
@@ -83,11 +84,14 @@ class PrivacySettings(BaseModel):
         Opacus accountant (see the module docstring).
     epsilon_budget : float or None
         The site's total ε for the study; default ``target_epsilon``.
-    grad_sample_mode : {"hooks", "ghost", "functorch", "auto"}
-        How Opacus computes per-sample gradients: ``hooks`` (per-layer hooks), ``ghost`` (fast
-        gradient / ghost clipping: norms without materialising per-sample gradients),
-        ``functorch`` (``torch.func`` vmap); ``auto`` is ``hooks`` for now (see
-        ``privacy.engine.resolve_grad_sample_mode``).
+    grad_sample_mode : {"auto", "fast", "ew", "hooks", "ghost", "functorch"}
+        How per-sample gradients are computed: ``fast`` (fedcare's exact closed-form / fused
+        path, ``privacy.fast_grad``: linear/logistic regression and ClinicalLSTM only), or
+        Opacus's ``ew`` (torch ExpandedWeights), ``hooks`` (per-layer hooks), ``ghost`` (fast
+        gradient / ghost clipping), ``functorch`` (``torch.func`` vmap). ``auto`` (default)
+        picks the fastest measured valid path per model: ``fast`` for regression and the LSTM,
+        ``ew`` for the CNN, ``hooks`` otherwise (``privacy.engine.resolve_grad_sample_mode``).
+        Sampling, clipping bound, noise and accounting are the same in every mode.
 
     Notes
     -----

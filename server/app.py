@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,7 +35,6 @@ from .checkpoint import (
     FINAL_MODEL_FILE,
     HISTORY_FILE,
     Checkpoint,
-    CheckpointError,
     MetricsHistory,
     RoundRecord,
     load_checkpoint,
@@ -43,7 +43,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import RunConfig
-from .strategy import FedcareStrategy, build_strategy
+from .strategy import FedcareStrategy, TooFewSitesError, build_strategy
 
 __all__ = [
     "CheckpointExistsError",
@@ -165,7 +165,8 @@ def run_server(
     """Run the study ``config`` describes on ``grid``; return the metrics history.
 
     Writes ``checkpoint.npz`` after every round, and ``final_model.npz`` and ``history.json``
-    at the end, to ``config.checkpoint_dir`` (when set).
+    (with ``status`` "completed", or "stopped" when too few sites trained) at the end, to
+    ``config.checkpoint_dir`` (when set).
 
     Raises
     ------
@@ -236,26 +237,41 @@ def run_server(
 
     remaining = config.num_rounds - done
     started = time.perf_counter()
-    if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=_to_record(arrays),
-            num_rounds=remaining,
-            timeout=config.round_timeout_s,
-            train_config=train_config(config),
-            evaluate_config=ConfigRecord({wire.STUDY: config.study, **_model_fields(config)}),
-            evaluate_fn=on_round_end,
-        )
-    else:
-        logger.info("checkpoint already holds all %d rounds; writing the final outputs", done)
-    logger.info("study %s: %d round(s) in %.1f s", config.study, remaining, time.perf_counter() - started)
-    if folder is not None:
-        save_model_file(folder / FINAL_MODEL_FILE, final["arrays"], model_meta(config))
-        write_json_atomic(
-            folder / HISTORY_FILE,
-            {"run_config": config.to_run_config(), **history.state_dict()},
-        )
+    status = "completed"
+    try:
+        if remaining > 0:
+            strategy.start(
+                grid=grid,
+                initial_arrays=_to_record(arrays),
+                num_rounds=remaining,
+                timeout=config.round_timeout_s,
+                train_config=train_config(config),
+                evaluate_config=ConfigRecord({wire.STUDY: config.study, **_model_fields(config)}),
+                evaluate_fn=on_round_end,
+            )
+        else:
+            logger.info("checkpoint already holds all %d rounds; writing the final outputs", done)
+    except TooFewSitesError:
+        status = "stopped"  # write what the complete rounds produced, then report the stop
+        raise
+    finally:
+        if status == "stopped" or sys.exc_info()[0] is None:
+            logger.info("study %s %s after %.1f s", config.study, status, time.perf_counter() - started)
+            _write_outputs(config, final["arrays"], history, status)
     return history
+
+
+def _write_outputs(
+    config: RunConfig, arrays: OrderedDict[str, np.ndarray], history: MetricsHistory, status: str
+) -> None:
+    """Write the final model and the metrics history (when the run has a checkpoint folder)."""
+    if config.checkpoint_dir is None:
+        return
+    save_model_file(config.checkpoint_dir / FINAL_MODEL_FILE, arrays, model_meta(config))
+    write_json_atomic(
+        config.checkpoint_dir / HISTORY_FILE,
+        {"status": status, "run_config": config.to_run_config(), **history.state_dict()},
+    )
 
 
 def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:

@@ -34,7 +34,13 @@ from .deploy import (
     stop_superlink,
     submit_run,
 )
-from .flower_app import AppFolderExistsError, InvalidStudyError, build_flower_app, load_study
+from .flower_app import (
+    AppFolderExistsError,
+    InvalidStudyError,
+    app_hash,
+    build_flower_app,
+    load_study,
+)
 
 __all__ = ["certs_app", "run_command", "server_app"]
 
@@ -137,15 +143,41 @@ def server_start(
         bool,
         typer.Option("--insecure", help="Plaintext, no node authentication. Test machines only."),
     ] = False,
+    control_address: Annotated[
+        str | None,
+        typer.Option(
+            "--control-address",
+            help="Loopback HOST:PORT for the Control API (flwr run, register-node); the "
+            "--address port then serves the Fleet API only. Default when --address is not "
+            "loopback: 127.0.0.1:<port+1>.",
+        ),
+    ] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait until it listens.")] = 60.0,
 ) -> None:
     """Start the SuperLink in the background (TLS, SuperNode authentication, no runtime installs)."""
     with _errors():
-        settings = SuperLinkSettings(address=address, state_dir=state, certs_dir=certs, insecure=insecure)
+        settings = SuperLinkSettings(
+            address=address,
+            state_dir=state,
+            certs_dir=certs,
+            insecure=insecure,
+            control_address=control_address,
+        )
         handle = start_superlink(settings, ready_timeout=ready_timeout)
     if insecure:
         console.print("[bold red]WARNING: the SuperLink runs WITHOUT TLS and without node authentication.[/]")
-    out.print(f"SuperLink PID {handle.pid} listening on {address}; log {settings.log_file}")
+    control = settings.effective_control_address
+    if control is None:
+        out.print(
+            f"SuperLink PID {handle.pid} listening on {address} (Fleet, Control and Runtime "
+            f"APIs; loopback only); log {settings.log_file}"
+        )
+    else:
+        out.print(
+            f"SuperLink PID {handle.pid}: Fleet API (hospitals) on {address}; Control API "
+            f"(flwr run, register-node: --superlink {control}) on {control} only; "
+            f"log {settings.log_file}"
+        )
 
 
 @server_app.command("stop")
@@ -162,7 +194,9 @@ def server_stop(
 @server_app.command("register-node")
 def server_register_node(
     public_key: Annotated[Path, typer.Argument(help="The node's public key (nodes/NAME.pub).")],
-    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    superlink: Annotated[
+        str, typer.Option("--superlink", help="HOST:PORT of the SuperLink's Control API.")
+    ],
     certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
     flwr_home: Annotated[
@@ -178,7 +212,9 @@ def server_register_node(
 
 def run_command(
     study_file: Annotated[Path, typer.Argument(help="The study TOML.")],
-    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    superlink: Annotated[
+        str, typer.Option("--superlink", help="HOST:PORT of the SuperLink's Control API.")
+    ],
     certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
     app_dir: Annotated[
@@ -196,6 +232,7 @@ def run_command(
         conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
             folder = build_flower_app(study, app_dir or Path(tmp) / study.app_name)
+            out.print(f"app {study.app_name} hash {app_hash(folder)}", highlight=False)
             outcome = submit_run(
                 folder,
                 conn,
@@ -208,3 +245,16 @@ def run_command(
         console.print(outcome.details, markup=False, highlight=False)
         raise typer.Exit(1)
     out.print(f"run {outcome.run_id} {outcome.status} in {outcome.elapsed_s:.0f} s")
+
+
+@server_app.command("app-hash")
+def server_app_hash(
+    study_file: Annotated[Path, typer.Argument(help="The study TOML.")],
+) -> None:
+    """Print the SHA-256 of the app `fedcare run STUDY` submits: hospitals pin it with
+    `fedcare node start --trust-app HASH`."""
+    with _errors():
+        study = load_study(study_file)
+        with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
+            digest = app_hash(build_flower_app(study, Path(tmp) / study.app_name))
+    out.print(digest, highlight=False)

@@ -2,7 +2,9 @@
 
 - :func:`start_superlink` / :func:`stop_superlink`: ``flower-superlink`` with TLS, SuperNode
   authentication on, runtime dependency installation off, telemetry and update check off, a
-  state database file and a PID file in the state folder.
+  state database file and a PID file in the state folder. With a control address (always when
+  the Fleet address is not loopback) it runs through :mod:`fedcare.server.superlink_front`:
+  Fleet API only on the public address, Control and Runtime APIs on loopback only.
 - :func:`register_node`: ``flwr supernode register KEY.pub`` with a TLS connection.
 - :func:`submit_run`: ``flwr run APP CONN --stream``, then the run's real status from
   ``flwr ls CONN --run-id ID --format json`` (``flwr run`` exits 0 even when the run failed).
@@ -17,6 +19,7 @@ import json
 import logging
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -59,6 +62,8 @@ __all__ = [
     "RunSubmissionError",
     "RunTimeoutError",
     "SuperLinkSettings",
+    "UnsafeControlAddressError",
+    "default_control_address",
     "parse_address",
     "register_node",
     "run_status",
@@ -76,6 +81,7 @@ SUPERLINK_LOG = "superlink.log"
 SUPERLINK_DB = "superlink.db"
 SUPERLINK_FLWR_HOME = "flwr-home"
 _READY_LINE = r"Uvicorn running on https?://"
+_FRONT_READY_LINE = "fedcare SuperLink front ready"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -90,6 +96,10 @@ class InsecureNotRequestedError(DeployError):
 
 class ConflictingTlsOptionsError(DeployError):
     """Raised when certificates and ``insecure`` are both given."""
+
+
+class UnsafeControlAddressError(DeployError):
+    """Raised when the Control API would listen on a non-loopback address or clash with Fleet."""
 
 
 class FlowerCommandError(DeployError):
@@ -127,6 +137,23 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` is a loopback address (``localhost`` counts)."""
+    from .superlink_front import is_loopback as _is_loopback  # noqa: PLC0415 - light module
+
+    return _is_loopback(host)
+
+
+def default_control_address(fleet_address: str) -> str:
+    """Return ``127.0.0.1:<fleet port + 1>``, the default Control address of a split SuperLink."""
+    port = parse_address(fleet_address)[1]
+    if port >= 65535:
+        raise UnsafeControlAddressError(
+            f"fleet port {port} has no next port for the Control API: pass --control-address"
+        )
+    return f"127.0.0.1:{port + 1}"
+
+
 def warn_plaintext(what: str) -> None:
     """Warn loudly (warning + log at WARNING) that ``what`` runs without TLS."""
     message = (
@@ -144,7 +171,8 @@ class FlowerConnection(BaseModel):
     Attributes
     ----------
     address : str
-        ``HOST:PORT`` of the SuperLink (its single HTTP port).
+        ``HOST:PORT`` of the SuperLink's Control API (its control address when Fleet and
+        Control are split, else its single port).
     root_certificates : pathlib.Path or None
         The CA certificate (``ca.crt``) that signed the SuperLink's certificate.
     insecure : bool
@@ -237,7 +265,13 @@ class SuperLinkSettings(BaseModel):
     Attributes
     ----------
     address : str
-        ``HOST:PORT`` to listen on (Fleet, Control and Runtime APIs share this port).
+        ``HOST:PORT`` the hospitals' SuperNodes connect to (the Fleet API). Without a control
+        address, Fleet, Control and Runtime APIs share this port, which is allowed only on a
+        loopback address.
+    control_address : str or None
+        Loopback ``HOST:PORT`` for the Control and Runtime APIs (``flwr run``, node
+        registration, the ServerApp); the Fleet port then serves the Fleet API only. Defaults
+        to ``127.0.0.1:<port + 1>`` when ``address`` is not loopback.
     state_dir : pathlib.Path
         Holds the state database, PID file, log, and the SuperLink's FLWR_HOME (installed apps);
         the SuperLink (hence the ServerApp) runs with this folder as working directory.
@@ -253,12 +287,51 @@ class SuperLinkSettings(BaseModel):
     state_dir: Path
     certs_dir: Path | None = None
     insecure: bool = False
+    control_address: str | None = None
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("control_address")
+    @classmethod
+    def _control(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _ = parse_address(value)
+        if not is_loopback(host):
+            raise UnsafeControlAddressError(
+                f"--control-address {value!r} is not a loopback address: the Control API "
+                "(submit runs, register nodes) has no authentication, so it listens on "
+                "127.0.0.1 only; reach it from elsewhere through SSH, never over the network"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _split(self) -> SuperLinkSettings:
+        control = self.effective_control_address
+        if control is not None and parse_address(control)[1] == self.port:
+            raise UnsafeControlAddressError(
+                f"the Control port and the Fleet port are both {self.port}: give "
+                "--control-address another port"
+            )
+        return self
+
+    @property
+    def effective_control_address(self) -> str | None:
+        """Return the Control API's address, or None when it shares the (loopback) Fleet port."""
+        if self.control_address is not None:
+            return self.control_address
+        if is_loopback(self.host):
+            return None
+        return default_control_address(self.address)
+
+    @property
+    def coordinator_address(self) -> str:
+        """Return where ``flwr run`` / ``register-node`` connect (the Control API)."""
+        return self.effective_control_address or self.address
 
     @model_validator(mode="after")
     def _tls(self) -> SuperLinkSettings:
@@ -298,9 +371,21 @@ class SuperLinkSettings(BaseModel):
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
-    """Return the ``flower-superlink`` command line for ``settings`` (absolute paths)."""
+    """Return the SuperLink command line for ``settings`` (absolute paths).
+
+    ``flower-superlink`` itself when the APIs share one loopback port; else
+    ``python -m fedcare.server.superlink_front --fleet-address ADDRESS -- <flower-superlink
+    arguments with --host/--port = the control address>``.
+    """
     state = settings.state_dir.resolve()
-    argv = [find_executable("flower-superlink")]
+    control = settings.effective_control_address
+    if control is None:
+        argv = [find_executable("flower-superlink")]
+        host, port = settings.host, settings.port
+    else:
+        argv = [sys.executable, "-m", "fedcare.server.superlink_front",
+                "--fleet-address", settings.address, "--"]  # fmt: skip
+        host, port = parse_address(control)
     if settings.insecure:
         argv.append("--insecure")
     else:
@@ -314,8 +399,8 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
     argv += [
         "--disable-runtime-dependency-installation",
         "--database", str(state / SUPERLINK_DB),
-        "--host", settings.host,
-        "--port", str(settings.port),
+        "--host", host,
+        "--port", str(port),
     ]  # fmt: skip
     return argv
 
@@ -362,15 +447,26 @@ def start_superlink(
         env=_superlink_env(state, extra_env),
         cwd=state.resolve(),
     )
+    control = settings.effective_control_address
+    ready = _READY_LINE if control is None else _FRONT_READY_LINE
     try:
-        wait_for_log(handle, _READY_LINE, timeout=ready_timeout, what="flower-superlink")
+        wait_for_log(handle, ready, timeout=ready_timeout, what="flower-superlink")
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
         host = "::1" if host == "::" else host
         wait_for_port(handle, host, settings.port, timeout=ready_timeout, what="flower-superlink")
+        if control is not None:
+            c_host, c_port = parse_address(control)
+            wait_for_port(handle, c_host, c_port, timeout=ready_timeout, what="flower-superlink")
     except BaseException:
         stop_process(handle)
         raise
-    logger.info("SuperLink PID %d listening on %s", handle.pid, settings.address)
+    if control is None:
+        logger.info("SuperLink PID %d listening on %s (all APIs)", handle.pid, settings.address)
+    else:
+        logger.info(
+            "SuperLink PID %d: Fleet API on %s, Control/Runtime APIs on %s",
+            handle.pid, settings.address, control,
+        )  # fmt: skip
     return handle
 
 

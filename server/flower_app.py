@@ -27,6 +27,7 @@ off). The FAB's hash still identifies the study's configuration.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import tomllib
@@ -47,6 +48,7 @@ __all__ = [
     "Study",
     "StudyInfo",
     "AppComponents",
+    "app_hash",
     "build_flower_app",
     "load_study",
 ]
@@ -297,3 +299,15 @@ def build_flower_app(study: Study, out_dir: Path, *, check_modules: bool = True)
         ) from None
     logger.info("built Flower App %s in %s", study.app_name, out_dir)
     return out_dir
+
+
+def app_hash(app_dir: Path) -> str:
+    """Return the SHA-256 (hex) of the FAB ``flwr run`` builds from ``app_dir``.
+
+    flwr 1.41 builds FABs deterministically (fixed zip timestamps, ``build_fab_from_disk``,
+    the same call ``flwr run`` makes), so this is the hash the SuperLink and every SuperNode
+    see for the run, and what a hospital pins with ``fedcare node start --trust-app``.
+    """
+    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - CLI-only import
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()

@@ -11,13 +11,15 @@ how flwr aggregates:
   :class:`~fedcare.server.checkpoint.MetricsHistory`;
 - replies aggregated in site-name order rather than arrival order (reproducible sums);
 - a minimum of successful training replies: below ``min_sites`` the run stops with
-  :class:`TooFewSitesError` instead of aggregating one or two sites silently;
+  :class:`TooFewSitesError` instead of aggregating one or two sites silently; likewise when
+  fewer than ``min_sites`` sites connect within ``round-timeout-s`` (flwr waits forever);
 - ``state_dict()`` / ``load_state_dict()`` of the strategy's own state (FedOpt's ``m_t`` and
   ``v_t``, FedAvgM's ``momentum_vector``) for checkpoints.
 
-Global metrics stay flwr's example-weighted average (``aggregate_metricrecords``), except that
-``epsilon`` and ``delta`` in training metrics are the maximum over sites, and an evaluation
-metric a site reports as NaN leaves that site out of that metric's average.
+Global metrics are flwr's example-weighted average (what ``aggregate_metricrecords`` computes),
+except that a metric a site reports as NaN leaves that site out of that metric's average
+(flwr's would turn NaN), and ``epsilon`` / ``delta`` in training metrics are the maximum over
+sites (the worst-off site's privacy, not a meaningless mean).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -41,7 +44,6 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..models import Registry
 from ..models import wire
@@ -80,8 +82,12 @@ class StrategyStateError(ValueError):
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Aggregate training metrics as flwr does, but report ε and δ as the maximum over sites."""
-    out = aggregate_metricrecords(records, weighted_by_key)
+    """Aggregate training metrics like evaluation ones, but report ε and δ as the maximum over sites.
+
+    A DP site sends NaN for its (non-private) training loss; such sites are left out of that
+    metric's average (see :func:`aggregate_evaluate_metrics`).
+    """
+    out = aggregate_evaluate_metrics(records, weighted_by_key)
     for key in _MAX_OVER_SITES:
         values = [
             float(m[key])  # type: ignore[arg-type]
@@ -236,6 +242,8 @@ class FedcareStrategy(Strategy):
         Where rounds are recorded (a new one when omitted).
     round_offset : int
         Rounds completed before this ``start()`` (a resumed run's checkpointed round).
+    connect_timeout_s : float
+        How long a round waits for ``min_sites`` connected sites before stopping the run.
     """
 
     def __init__(
@@ -245,11 +253,13 @@ class FedcareStrategy(Strategy):
         min_sites: int,
         history: MetricsHistory | None = None,
         round_offset: int = 0,
+        connect_timeout_s: float = 600.0,
     ) -> None:
         self.strategy = strategy
         self.min_sites = min_sites
         self.history = history if history is not None else MetricsHistory()
         self.round_offset = round_offset
+        self.connect_timeout_s = connect_timeout_s
 
     def __repr__(self) -> str:
         """Return the wrapped strategy's name."""
@@ -266,11 +276,30 @@ class FedcareStrategy(Strategy):
         )
         self.strategy.summary()
 
+    def _wait_for_sites(self, grid: Grid, server_round: int) -> None:
+        """Wait (at most ``connect_timeout_s``) until ``min_sites`` nodes are connected.
+
+        flwr's own sampling waits for them without a bound; a federation whose hospitals never
+        connect would hang forever.
+        """
+        deadline = time.monotonic() + self.connect_timeout_s
+        while (connected := len(list(grid.get_node_ids()))) < self.min_sites:
+            if time.monotonic() >= deadline:
+                raise TooFewSitesError(
+                    f"round {server_round}: only {connected} site(s) connected after "
+                    f"{self.connect_timeout_s:g} s, fewer than min-sites = {self.min_sites}; start "
+                    "the hospitals' nodes (fedcare node start) or lower min-sites, then resume"
+                )
+            logger.info("waiting for sites: %d of %d connected", connected, self.min_sites)
+            time.sleep(min(1.0, self.connect_timeout_s))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Let the wrapped strategy sample sites and build the training messages."""
-        return self.strategy.configure_train(self.run_round(server_round), arrays, config, grid)
+        rnd = self.run_round(server_round)
+        self._wait_for_sites(grid, rnd)
+        return self.strategy.configure_train(rnd, arrays, config, grid)
 
     def _record_replies(
         self, server_round: int, replies: list[Message], stage: str
@@ -283,6 +312,10 @@ class FedcareStrategy(Strategy):
         for msg in valid:
             node = msg.metadata.src_node_id
             site = _site_of(msg) or f"node-{node}"
+            if site in per_site:  # two nodes claim one site: keep both, say so
+                logger.warning("round %d: node %d also reports site %r; check the nodes' site names",
+                               server_round, node, site)
+                site = f"{site}@node-{node}"
             self.history.node_sites[node] = site
             per_site[site] = _metrics_of(msg)
         for msg in errors:
@@ -320,7 +353,10 @@ class FedcareStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Let the wrapped strategy sample sites and build the evaluation messages."""
-        return self.strategy.configure_evaluate(self.run_round(server_round), arrays, config, grid)
+        rnd = self.run_round(server_round)
+        if getattr(self.strategy, "fraction_evaluate", 1.0) > 0:
+            self._wait_for_sites(grid, rnd)
+        return self.strategy.configure_evaluate(rnd, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -379,5 +415,9 @@ def build_strategy(
     """Build the configured flwr strategy and wrap it in a :class:`FedcareStrategy`."""
     inner = STRATEGIES.get(config.strategy)(config, _common(config))
     return FedcareStrategy(
-        inner, min_sites=config.min_sites, history=history, round_offset=round_offset
+        inner,
+        min_sites=config.min_sites,
+        history=history,
+        round_offset=round_offset,
+        connect_timeout_s=config.round_timeout_s,
     )

@@ -27,7 +27,11 @@ _errors = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Log through rich: warnings (or everything with --verbose); Flower's own chatter likewise."""
+    """Log through rich: warnings (or everything with --verbose).
+
+    Flower configures its own ``flwr`` logger and console handler when it is imported; call
+    this after the imports. Its records are not propagated as well (they would print twice).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     level = logging.INFO if verbose else logging.WARNING
@@ -37,11 +41,15 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=_errors, show_path=False)],
         force=True,
     )
-    logging.getLogger("flwr").setLevel(level)
+    flower = logging.getLogger("flwr")
+    flower.setLevel(level)
+    flower.propagate = False
 
 
 def _fmt(value: object) -> str:
-    """Format a metric value."""
+    """Format a metric value ("-" when missing or NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -55,12 +63,12 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log Flower's and fedcare's progress.")] = False,
 ) -> None:
     """Run a federated simulation scenario and write summary.json, metrics.csv, the model and plots."""
-    _setup_logging(verbose)
     from ..client.errors import DataValidationError  # noqa: PLC0415 - keep --help fast
     from ..server.app import CheckpointExistsError, ResumeMismatchError  # noqa: PLC0415
     from .runner import run_scenario  # noqa: PLC0415
     from .scenario import DEFAULT_SCENARIO, InvalidScenarioError, load_scenario  # noqa: PLC0415
 
+    _setup_logging(verbose)
     try:
         spec = load_scenario(scenario or DEFAULT_SCENARIO)
         summary = run_scenario(spec, out, resume=resume, console=_errors)
@@ -100,11 +108,11 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Metrics JSON (default beside the model).")] = None,
 ) -> None:
     """Validate a saved global model externally on any site's data; print and write the metrics."""
-    _setup_logging(False)
     from ..client.errors import DataValidationError  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
     from .runner import evaluate_model_file  # noqa: PLC0415
 
+    _setup_logging(False)
     try:
         result = evaluate_model_file(model, site, split=split, out=out)
     except (DataValidationError, CheckpointError, ValueError) as exc:

@@ -48,8 +48,9 @@ from ..client.dataset import SiteData, Split
 from ..client.loaders import load_site_file
 from ..client.metrics import evaluate
 from ..models import ModelSpec, build_for_data, set_weights
-from ..server.app import make_server_app
+from ..server.app import CheckpointExistsError, make_server_app
 from ..server.checkpoint import (
+    CHECKPOINT_FILE,
     FINAL_MODEL_FILE,
     HISTORY_FILE,
     RoundRecord,
@@ -58,8 +59,10 @@ from ..server.checkpoint import (
 )
 from ..server.config import RunConfig
 from ..server.strategy import TooFewSitesError
+from .baselines import run_baselines
 from .builtin import load_builtin
 from .partition import partition
+from .plots import plot_summary
 from .scenario import ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
 
 __all__ = [
@@ -161,12 +164,10 @@ def run_config_for(
                 f"classes/{site.input_shape}; every hospital of a federation needs the same features"
             )
     sim = scenario.simulation
-    params = {k.replace("-", "_"): v for k, v in scenario.strategy.params.items()}
     return RunConfig(
         study=scenario.name,
         num_rounds=scenario.rounds,
-        strategy=scenario.strategy.name,
-        **params,
+        **scenario.run_config_fields(),
         fraction_train=sim.fraction_train,
         fraction_evaluate=sim.fraction_evaluate,
         min_sites=sim.min_sites or len(hospitals),
@@ -206,7 +207,7 @@ class _Progress:
     def _table(self) -> Table:
         table = Table(title=f"{self.scenario.name}: {self.scenario.strategy.name}, {self.scenario.rounds} rounds")
         for col in ("round", "time s", "train loss", "global", "worst site", "max ε", "refusals"):
-            table.add_column(col, justify="right")
+            table.add_column(col, justify="right", no_wrap=True)
         for rec, t in zip(self.rows, self.times, strict=True):
             name, value = _headline(rec.evaluate)
             worst = rec.worst_site
@@ -231,8 +232,8 @@ class _Progress:
 
 
 def _fmt(value: float | None) -> str:
-    """Format a metric for the table."""
-    return "-" if value is None else f"{value:.4f}"
+    """Format a metric for the table ("-" when missing or NaN)."""
+    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 def _write_hospitals(scenario: Scenario, hospitals: list[SiteData], folder: Path, ledgers: Path) -> None:
@@ -276,8 +277,6 @@ def _run_baselines(scenario: Scenario, hospitals: list[SiteData]) -> dict[str, A
     """Train the pooled and local-only baselines the scenario asks for (simulations.baselines)."""
     if not scenario.baselines:
         return {}
-    from .baselines import run_baselines  # noqa: PLC0415 - written in parallel
-
     return run_baselines(scenario, hospitals, which=list(scenario.baselines))
 
 
@@ -293,8 +292,6 @@ def _gap(final: dict[str, float | None], baselines: dict[str, Any]) -> dict[str,
 
 def _plots(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Draw the run's plots (simulations.plots) and return {name: file}."""
-    from .plots import plot_summary  # noqa: PLC0415 - written in parallel
-
     return {k: str(v) for k, v in plot_summary(summary, out_dir).items()}
 
 
@@ -337,6 +334,12 @@ def run_scenario(
     out.mkdir(parents=True, exist_ok=True)
     hospitals = build_hospitals(scenario)
     config = run_config_for(scenario, hospitals, out, resume=resume)
+    existing = config.checkpoint_dir / CHECKPOINT_FILE  # type: ignore[operator]
+    if existing.exists() and not resume:  # refuse before Ray starts, as the ServerApp would
+        raise CheckpointExistsError(
+            f"{out} holds a checkpoint of an earlier run ({existing}); pass --resume to continue "
+            "it, or choose another --out"
+        )
     sites_dir = out / _SITES_DIR
     _write_hospitals(scenario, hospitals, sites_dir, out / LEDGER_DIR)
     progress = _Progress(scenario, console)

@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..models import ModelSpec
 from ..privacy.settings import PrivacySettings
+from ..server.config import RunConfig
 from .partition import PartitionScheme
 
 __all__ = [
@@ -202,7 +203,25 @@ class Scenario(_Frozen):
             raise ValueError("[partition] is for kind = 'sklearn' or 'manifest'; 'manifests' lists the hospitals")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError("baselines lists a baseline twice")
+        self.run_config_fields()  # the strategy and its parameters must make a valid RunConfig
         return self
+
+    def run_config_fields(self) -> dict[str, Any]:
+        """Return the strategy fields of the RunConfig (run-config spellings turned into fields).
+
+        Raises ``ValueError`` naming an unknown strategy or a parameter it does not take.
+        """
+        fields = {"strategy": self.strategy.name}
+        fields.update({k.replace("-", "_"): v for k, v in self.strategy.params.items()})
+        try:
+            RunConfig(input_shape=(1,), **fields)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'strategy'}: {str(e['msg']).removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
+            raise ValueError(f"[strategy] is invalid: {problems}") from None
+        return fields
 
     @property
     def num_hospitals(self) -> int:

@@ -9,7 +9,12 @@ import warnings
 import pytest
 from pydantic import ValidationError
 
+from opacus.layers import DPLSTM
+from torch import nn
+
+from fedcare.models import build_model
 from fedcare.privacy.engine import resolve_grad_sample_mode
+from fedcare.privacy.fast_grad import supports_fast_grad
 from fedcare.privacy.errors import PrivacyWarning
 from fedcare.privacy.settings import DEFAULT_TARGET_EPSILON, PrivacySettings, known_accountants
 
@@ -83,7 +88,8 @@ def test_gdp_is_known_to_opacus_but_refused() -> None:
         {"max_grad_norm": 0.0},
         {"target_epsilon": math.inf},
         {"target_epsilon": math.nan},
-        {"grad_sample_mode": "ew"},
+        {"grad_sample_mode": "vmap"},
+        {"grad_sample_mode": "ghost_fsdp"},
         {"secure_mode": True},
         {"unknown_field": 1},
     ],
@@ -110,12 +116,45 @@ def test_helpers_are_keyword_only_and_build_what_they_say() -> None:
     assert d.enabled is False and d.budget == math.inf
 
 
-def test_auto_grad_sample_mode_is_hooks_for_now() -> None:
-    assert resolve_grad_sample_mode("auto") == "hooks"
-    for mode in ("hooks", "ghost", "functorch"):
+@pytest.mark.parametrize(
+    ("family", "kwargs", "expected"),
+    [
+        ("cnn", {"in_channels": 1, "num_classes": 2, "image_size": 28}, "ew"),
+        ("cnn", {"in_channels": 3, "num_classes": 5, "image_size": 224, "width": 4}, "ew"),
+        ("lstm", {"input_size": 36, "num_classes": 2, "hidden_size": 32, "use_mask": True}, "fast"),
+        ("lstm", {"input_size": 3, "num_classes": 4, "num_layers": 2, "bidirectional": True}, "fast"),
+        ("logistic", {"in_features": 13}, "fast"),
+        ("logistic", {"in_features": 13, "num_classes": 3}, "fast"),
+        ("linear", {"in_features": 10}, "fast"),
+    ],
+)
+def test_auto_grad_sample_mode_is_the_measured_fastest_per_family(family: str, kwargs: dict, expected: str) -> None:
+    # Prepare
+    model = build_model(family, **kwargs)
+    # Execute / Assert
+    assert resolve_grad_sample_mode("auto", module=model) == expected
+    assert PrivacySettings().grad_sample_mode == "auto"
+
+
+def test_auto_falls_back_to_opacus_without_a_fast_path() -> None:
+    # an LSTM layout the fused path does not reproduce (2 layers with dropout): hooks, not ew
+    lstm = build_model("lstm", input_size=3, num_classes=2, hidden_size=4)
+    lstm.forward_lstm = DPLSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+    assert not supports_fast_grad(lstm)
+    assert resolve_grad_sample_mode("auto", module=lstm) == "hooks"
+    # only ExpandedWeights layers: ew; a layer ExpandedWeights does not know (PReLU): hooks
+    assert resolve_grad_sample_mode("auto", module=nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))) == "ew"
+    assert resolve_grad_sample_mode("auto", module=nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 1))) == "hooks"
+
+
+def test_explicit_grad_sample_modes_pass_through_and_unknown_ones_are_refused() -> None:
+    for mode in ("hooks", "ew", "ghost", "functorch", "fast"):
         assert resolve_grad_sample_mode(mode) == mode
-    with pytest.raises(ValueError, match="unknown grad_sample_mode"):
-        resolve_grad_sample_mode("ew")
+        assert PrivacySettings(grad_sample_mode=mode).grad_sample_mode == mode
+    with pytest.raises(ValueError, match="unknown grad_sample_mode 'vmap'; known: auto, hooks, ew"):
+        resolve_grad_sample_mode("vmap")
+    with pytest.raises(ValueError, match="depends on the model: pass module="):
+        resolve_grad_sample_mode("auto")
 
 
 def test_strong_settings_do_not_warn() -> None:

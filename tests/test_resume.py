@@ -170,7 +170,7 @@ name = "fedadam"
 eta = 0.05
 
 [training]
-local_epochs = 8
+local_epochs = 3
 batch_size = 16
 lr = 0.2
 
@@ -183,7 +183,7 @@ epsilon_budget = 100.0
 num_cpus = 2
 round_timeout_s = 120
 """
-ROUNDS = 6
+ROUNDS = 5
 KILL_AFTER = 2
 
 

@@ -105,10 +105,17 @@ def test_natural_manifests_take_no_partition(tmp_path: Path) -> None:
         load_scenario(_scenario(tmp_path, text))
 
 
-def test_a_strategy_parameter_of_another_strategy_is_refused(tmp_path: Path) -> None:
-    scenario = load_scenario(_scenario(tmp_path, SMALL.replace('name = "fedprox"', 'name = "fedavg"')))
-    with pytest.raises(ValueError, match="proximal-mu applies to strategy 'fedprox' only"):
-        run_config_for(scenario, build_hospitals(scenario), tmp_path)
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ('name = "fedavg"', "proximal-mu applies to strategy 'fedprox' only"),
+        ('name = "fedprox"\netaa = 0.1', "etaa: Extra inputs are not permitted"),
+        ('name = "scaffold"', "unknown strategy 'scaffold'"),
+    ],
+)
+def test_strategy_errors_surface_when_the_scenario_loads(tmp_path: Path, strategy: str, message: str) -> None:
+    with pytest.raises(InvalidScenarioError, match=message):
+        load_scenario(_scenario(tmp_path, SMALL.replace('name = "fedprox"', strategy)))
 
 
 # --------------------------------------------------------------------------- external validation

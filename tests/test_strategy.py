@@ -232,9 +232,15 @@ def test_too_few_training_sites_stop_the_run_after_the_last_good_checkpoint(tmp_
         run_server(InProcessGrid(_scripted_app(), num_nodes=3), _config(tmp_path, min_sites=2))
 
     # Assert
+    import json
+
     from fedcare.server.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoint.npz").round == 1
+    written = json.loads((tmp_path / "history.json").read_text())
+    assert written["status"] == "stopped"
+    assert [(r["round"], r["complete"]) for r in written["rounds"]] == [(1, True), (2, False)]
+    assert {r["site"] for r in written["rounds"][1]["refusals"]} == {"hospital-0", "hospital-1"}
 
 
 def test_strategy_state_round_trips_and_refuses_other_strategies() -> None:
@@ -311,9 +317,23 @@ def test_client_app_trains_with_dp_and_reports_site_epsilon(tmp_path: Path) -> N
         assert metrics["delta"] == 1e-5
         assert 0 < first.site_train[site]["epsilon"] < metrics["epsilon"] < 50.0  # ε only grows
         assert metrics["noise-multiplier"] == 1.5
+        assert math.isnan(metrics["train-loss"])  # computed without noise: a DP site withholds it
     assert set(second.evaluate) >= {"auroc", "accuracy", "loss"}
     assert second.evaluate["auroc"] > 0.8
     assert len(list((tmp_path / "ledgers").glob("*.json"))) == 3
+
+
+def test_a_site_may_opt_in_to_report_its_training_loss(tmp_path: Path) -> None:
+    sites = tuple(dataclasses.replace(s, report_train_loss=True) for s in _local_sites(tmp_path, FIXED_NOISE))
+
+    history = run_server(InProcessGrid(make_client_app(_Sites(sites)), 3), _real_config(tmp_path, num_rounds=1))
+
+    sites_metrics = list(history.round(1).site_train.values())
+    assert all(0 < m["train-loss"] < 5 for m in sites_metrics)
+    weighted = sum(m["train-loss"] * m[wire.NUM_EXAMPLES] for m in sites_metrics)
+    assert history.round(1).train["train-loss"] == pytest.approx(
+        weighted / sum(m[wire.NUM_EXAMPLES] for m in sites_metrics)
+    )
 
 
 def test_a_site_whose_data_fails_validation_refuses_with_its_reason(tmp_path: Path) -> None:
@@ -354,3 +374,79 @@ def test_a_site_whose_budget_is_spent_refuses_and_its_ledger_stays(tmp_path: Pat
     assert "would be exceeded" in refusal[0]["reason"]
     assert history.round(2).complete
     assert "site-000" not in history.round(2).site_train
+
+
+def test_a_round_waits_a_bounded_time_for_enough_sites(tmp_path: Path) -> None:
+    # Prepare: two connected sites, three required
+    grid = InProcessGrid(_scripted_app(), num_nodes=2)
+    config = _config(tmp_path, min_sites=3, round_timeout_s=0.3)
+
+    # Execute / Assert
+    with pytest.raises(TooFewSitesError, match=r"only 2 site\(s\) connected after 0.3 s"):
+        run_server(grid, config)
+    assert grid.calls == 0
+
+
+# --------------------------------------------------------------------------- the deployed apps
+
+
+def _context(run_config: dict[str, object]) -> Context:
+    from flwr.app import RecordDict as _RecordDict
+
+    return Context(run_id=1, node_id=0, node_config={}, state=_RecordDict(), run_config=run_config)  # type: ignore[arg-type]
+
+
+def _table_site(folder: Path) -> Path:
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.to_csv(folder / "wdbc.csv", index=False)
+    manifest = folder / "site.toml"
+    manifest.write_text(
+        'site = "wdbc"\ntask = "binary"\nclasses = [0, 1]\n[split]\nval = 0.1\ntest = 0.3\nseed = 0\n'
+        '[data]\nkind = "table"\npath = "wdbc.csv"\ntarget = "target"\n'
+    )
+    return manifest
+
+
+def test_the_deployed_server_app_parses_the_run_config_once(tmp_path: Path) -> None:
+    from fedcare.server.app import app as server_app
+    from fedcare.server.config import InvalidRunConfigError
+
+    run_config = {"input-shape": "3", "num-server-rounds": 1, "min-sites": 3, "checkpoint-dir": str(tmp_path)}
+    server_app(InProcessGrid(_scripted_app(), 3), _context(run_config))
+
+    assert (tmp_path / "history.json").is_file() and (tmp_path / "final_model.npz").is_file()
+    with pytest.raises(InvalidRunConfigError, match="unknown run-config key"):
+        server_app(InProcessGrid(_scripted_app(), 3), _context({**run_config, "rounds": 2}))
+
+
+def test_the_deployed_client_app_reads_the_site_from_node_config(tmp_path: Path) -> None:
+    # Prepare
+    from fedcare.client.app import app as client_app
+
+    manifest = _table_site(tmp_path)
+    settings = tmp_path / "privacy.toml"
+    settings.write_text("[privacy]\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n")
+    node = {"site-manifest": str(manifest), "ledger-dir": str(tmp_path / "ledger"), "privacy-settings": str(settings)}
+    config = _real_config(tmp_path, num_rounds=1, min_sites=2)
+
+    # Execute
+    history = run_server(InProcessGrid(client_app, 2, node_config=node), config)
+
+    # Assert
+    assert list(history.round(1).site_train) == ["wdbc", "wdbc@node-2"]  # two nodes, one manifest
+    assert history.round(1).site_train["wdbc"]["noise-multiplier"] == 1.0
+    assert len(list((tmp_path / "ledger").glob("*.json"))) == 1
+
+
+def test_a_node_without_a_ledger_folder_refuses(tmp_path: Path) -> None:
+    from fedcare.client.app import app as client_app
+
+    node = {"site-manifest": str(_table_site(tmp_path))}
+
+    with pytest.raises(TooFewSitesError) as info:
+        run_server(InProcessGrid(client_app, 2, node_config=node), _real_config(tmp_path, num_rounds=1))
+
+    assert "node config lacks 'ledger-dir'" in str(info.value)
+    assert "site 'site' refused to train" in str(info.value)  # named after the manifest file

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_wine
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
 
@@ -17,7 +19,8 @@ from fedcare.client.device import select_device
 from fedcare.client.metrics import evaluate
 from fedcare.client.training import TaskLoss, TrainSettings, train_local
 from fedcare.models import build_model
-from fedcare.privacy.errors import MissingLedgerError, PrivacyWarning
+from fedcare.privacy.engine import PrivateTraining, make_private
+from fedcare.privacy.errors import MissingLedgerError, PrivacyWarning, UnsupportedModuleError
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.settings import PrivacySettings
 
@@ -82,7 +85,7 @@ def test_dp_logistic_regression_on_breast_cancer_beats_chance_clearly(
     assert set(model.state_dict()) == {"linear.weight", "linear.bias"}  # no Opacus "_module." prefix
 
 
-@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+@pytest.mark.parametrize("mode", ["ghost", "functorch", "ew", "fast"])
 def test_grad_sample_modes_train_the_same_model_as_hooks(breast_cancer: SiteData, tmp_path: Path, mode: str) -> None:
     # Prepare: same start, same seed, fixed noise
     privacy = {m: PrivacySettings.with_noise(noise_multiplier=1.0, epsilon_budget=10.0, grad_sample_mode=m)
@@ -224,6 +227,130 @@ def test_cnn_smoke(tmp_path: Path) -> None:
                          ledger=_ledger(tmp_path, "cnn"), planned_rounds=1, round_index=1)
     assert result.steps == 2 and math.isfinite(result.loss)
     assert set(evaluate(model, data.test, "multiclass")) == {"loss", "accuracy", "balanced_accuracy", "auroc", "auprc"}
+
+
+def _images(n: int, *, num_classes: int = 3, seed: int = 0) -> SiteData:
+    g = torch.Generator().manual_seed(seed)
+    split = Split(inputs=(torch.randn(n, 1, 28, 28, generator=g),),
+                  targets=torch.randint(0, num_classes, (n,), generator=g))
+    return SiteData(name="img", kind="image", task="multiclass", num_classes=num_classes,
+                    input_shape=(1, 28, 28), train=split, val=split, test=split)
+
+
+@pytest.mark.parametrize("family", ["logistic", "lstm"])
+def test_fast_path_round_charges_the_ledger_exactly_like_hooks(
+    breast_cancer: SiteData, tmp_path: Path, family: str
+) -> None:
+    # Prepare: "auto" resolves to the fast path for both families; the same rounds with hooks
+    if family == "logistic":
+        data, build = breast_cancer, lambda: build_model("logistic", in_features=30)
+        train = TrainSettings(batch_size=64, lr=0.3, seed=7)
+    else:  # 12 sequences, B=2: q=1/6 and some Poisson batches are empty
+        data = _sequences(12)
+        build = lambda: build_model("lstm", input_size=3, num_classes=2, hidden_size=6,  # noqa: E731
+                                    bidirectional=True, use_mask=True)
+        train = TrainSettings(batch_size=2, lr=0.3, seed=1)
+    runs = {}
+    for mode in ("auto", "hooks"):
+        torch.manual_seed(0)
+        model = build()
+        ledger = _ledger(tmp_path, f"{family}-{mode}")
+        privacy = PrivacySettings.with_target(epsilon=3.0, delta=1e-3, grad_sample_mode=mode)
+        # Execute: two rounds of a two-round study (noise calibrated for both)
+        results = [train_local(model, data, train=train, privacy=privacy, ledger=ledger, planned_rounds=2,
+                               round_index=r) for r in (1, 2)]
+        runs[mode] = (results, ledger, _weights(model))
+    # Assert: ε reported = ledger's = a fresh Opacus accountant's over the same history, exactly
+    for results, ledger, _ in runs.values():
+        fresh = RDPAccountant()
+        fresh.history = [tuple(h) for h in ledger.history]
+        assert results[-1].epsilon == ledger.spent_epsilon() == fresh.get_epsilon(delta=1e-3)
+        assert 0 < results[0].epsilon < results[-1].epsilon <= 3.0
+        # the optimizer's step hook charged the ledger's accountant once per step, no more
+        assert all(r["steps_done"] == r["steps_reserved"] == r["steps_charged"] > 0 for r in ledger.rounds)
+    fast, hooks = runs["auto"], runs["hooks"]
+    assert fast[1].history == hooks[1].history and len(fast[1].history) == 1  # (σ, q, steps)
+    assert [r.noise_multiplier for r in fast[0]] == [r.noise_multiplier for r in hooks[0]]
+    assert [r.epsilon for r in fast[0]] == [r.epsilon for r in hooks[0]]
+    assert fast[1].history[0][2] == 2 * fast[0][0].steps
+    for a, b in zip(fast[2], hooks[2], strict=True):  # same noise, same sampling: same model
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_ew_cnn_round_with_empty_poisson_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: 16 images, B=2 -> q=1/8; with sampling seed 5 three of the 8 batches are empty
+    data = _images(16)
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=3, image_size=28, width=4)
+    before = _weights(model)
+    ledger = _ledger(tmp_path, "cnn-ew")
+    modes, empty = [], []
+    original = PrivateTraining.empty_step
+
+    def counting(self: PrivateTraining) -> None:
+        modes.append(self.grad_sample_mode)
+        empty.append([p.detach().clone() for p in self.module._module.parameters()])
+        original(self)
+        empty[-1] = [p.detach() - b for p, b in zip(self.module._module.parameters(), empty[-1], strict=True)]
+
+    monkeypatch.setattr(PrivateTraining, "empty_step", counting)
+    # Execute
+    result = train_local(model, data, train=TrainSettings(batch_size=2, seed=5),
+                         privacy=PrivacySettings.with_noise(noise_multiplier=1.0, epsilon_budget=10.0, delta=1e-3),
+                         ledger=ledger, planned_rounds=1, round_index=1)
+    # Assert: "auto" chose ew; empty batches stepped (noise moved every weight) and were charged
+    assert modes and set(modes) == {"ew"}
+    assert all(all(d.abs().sum() > 0 for d in step) for step in empty)
+    assert result.steps == 8 and math.isfinite(result.loss)
+    assert ledger.history == [(1.0, 1 / 8, 8)]
+    assert ledger.rounds[0]["steps_done"] == 8  # the accountant took one step per batch, empty or not
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_ew_empty_step_is_opacus_hooks_empty_batch() -> None:
+    # Prepare: the same CNN made private with ew and with hooks, same noise generator seed
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 3, (16,), generator=g))
+    torch.manual_seed(0)
+    models = {m: build_model("cnn", in_channels=1, num_classes=3, image_size=28, width=4) for m in ("hooks", "ew")}
+    models["ew"].load_state_dict(models["hooks"].state_dict())
+    start = _weights(models["hooks"])
+    accountants = {m: RDPAccountant() for m in models}
+    private = {
+        m: make_private(module=models[m], optimizer=torch.optim.SGD(models[m].parameters(), lr=1.0),
+                        data_loader=DataLoader(dataset, batch_size=4), criterion=TaskLoss("multiclass"),
+                        accountant=accountants[m], noise_multiplier=1.3, max_grad_norm=0.5,
+                        grad_sample_mode=m, noise_generator=torch.Generator().manual_seed(3))
+        for m in models
+    }
+    x, y = dataset.tensors[0][:0], dataset.tensors[1][:0]
+    # Execute: hooks runs forward/backward on the empty batch; ew skips the forward (empty_step)
+    with pytest.raises(RuntimeError, match="Batch size must be positive"):
+        private["ew"].module(x)
+    private["hooks"].optimizer.zero_grad()
+    private["hooks"].criterion(private["hooks"].module(x), y).backward()
+    private["hooks"].optimizer.step()
+    private["ew"].optimizer.zero_grad()
+    private["ew"].empty_step()
+    # Assert: one accountant step each, the same pure-noise update (every weight moved)
+    assert accountants["ew"].history == accountants["hooks"].history == [(1.3, 0.25, 1)]
+    for a, b, s in zip(models["ew"].parameters(), models["hooks"].parameters(), start, strict=True):
+        assert torch.equal(a, b) and (a != s).all()
+    for p in private.values():
+        p.close()
+
+
+def test_fast_mode_on_a_cnn_is_refused_before_anything_is_charged(tmp_path: Path) -> None:
+    model = build_model("cnn", in_channels=1, num_classes=3, image_size=28, width=4)
+    before = _weights(model)
+    ledger = _ledger(tmp_path, "cnn-fast")
+    with pytest.raises(UnsupportedModuleError, match="'fast'.*use 'auto', 'hooks' or 'ew'"):
+        train_local(model, _images(16), train=TrainSettings(batch_size=2, seed=0),
+                    privacy=PrivacySettings.with_noise(noise_multiplier=1.0, epsilon_budget=10.0, delta=1e-3,
+                                                       grad_sample_mode="fast"),
+                    ledger=ledger, planned_rounds=1, round_index=1)
+    assert ledger.history == [] and ledger.rounds == [] and ledger.pending is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_fedprox_pulls_toward_the_global_weights(breast_cancer: SiteData, tmp_path: Path) -> None:

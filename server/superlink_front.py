@@ -1,0 +1,215 @@
+"""Run flwr 1.41's SuperLink with the Fleet API on its own port and Control on loopback.
+
+In flwr 1.41 ``flower-superlink`` serves the Fleet (``/v1/fleet/...``), Control
+(``/v1/control/...``: submit runs, register nodes) and Runtime (``/v1/runtime/...``: the
+ServerApp's API) HTTP APIs on one uvicorn port; ``--control-api-address`` and
+``--fleet-api-address`` are deprecated and only used by the internal legacy gRPC servers
+(``FLWR_INTERNAL_GRPC_*``), so the HTTP Control API cannot be moved off the Fleet port with a
+flag, and the open-source Control API has no authentication.
+
+This module runs the *same* SuperLink (flwr's own argument parsing, FastAPI app and lifespan:
+``flwr.superlink.cli.flower_superlink`` and ``flwr.superlink.main.create_app``) in one uvicorn
+server listening on two sockets:
+
+- the **control socket** (``--host``/``--port`` of the flower-superlink arguments; must be a
+  loopback address): every API, as in plain ``flower-superlink``; the SuperLink's own
+  SuperExec / ServerApp connect here;
+- the **fleet socket** (``--fleet-address``, e.g. ``0.0.0.0:9300``): only the exact Fleet
+  routes flwr registers (``flwr.superlink.routers.fleet.router``) and ``/health``; every other
+  request gets HTTP 403 before it reaches flwr.
+
+TLS is still terminated by uvicorn with the SuperLink's certificate (same ``--ssl-*`` files),
+so the filter sees decrypted paths; which socket a request came in on is read from the ASGI
+``server`` entry (the accepting socket's local address), never from a request header.
+
+Usage (what ``fedcare server start`` runs)::
+
+    python -m fedcare.server.superlink_front --fleet-address 0.0.0.0:9300 -- \
+        --ssl-ca-certfile ... --host 127.0.0.1 --port 9301 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import json
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from logging import ERROR, INFO
+from typing import Any
+
+__all__ = ["FLEET_ONLY_EXTRA_PATHS", "READY_MESSAGE", "FleetOnlyGate", "fleet_paths", "is_loopback", "main"]
+
+#: paths besides the Fleet router's that the fleet socket serves
+FLEET_ONLY_EXTRA_PATHS = frozenset({"/health"})
+#: logged once both sockets listen (``server/deploy.py`` waits for it)
+READY_MESSAGE = "fedcare SuperLink front ready"
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` is a loopback address (``localhost`` counts)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def fleet_paths() -> frozenset[str]:
+    """Return the exact paths of flwr's Fleet HTTP router plus ``/health``."""
+    from flwr.superlink.routers.fleet.router import router  # noqa: PLC0415 - heavy import
+
+    paths = {getattr(route, "path", "") for route in router.routes}
+    paths.discard("")
+    if not paths or not all(p.startswith("/v1/fleet/") for p in paths):
+        raise RuntimeError(
+            f"unexpected Fleet routes in this flwr ({sorted(paths)}): fedcare's SuperLink front "
+            "supports flwr 1.41; use `fedcare server start` with a loopback --address instead"
+        )
+    return frozenset(paths) | FLEET_ONLY_EXTRA_PATHS
+
+
+class FleetOnlyGate:
+    """ASGI wrapper: requests accepted on ``control_port`` pass; on any other port only
+    ``allowed_paths`` pass, the rest get HTTP 403 without reaching the wrapped app."""
+
+    def __init__(self, app: ASGIApp, *, control_port: int, allowed_paths: Iterable[str]) -> None:
+        self.app = app
+        self.control_port = control_port
+        self.allowed_paths = frozenset(allowed_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward or refuse one ASGI connection."""
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        server = scope.get("server")
+        if server is not None and len(server) >= 2 and server[1] == self.control_port:
+            await self.app(scope, receive, send)
+            return
+        if (
+            scope["type"] == "http"
+            and not scope.get("root_path")
+            and scope.get("path") in self.allowed_paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        await _refuse(scope, send)
+
+
+async def _refuse(scope: Scope, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = json.dumps(
+        {
+            "detail": (
+                f"{scope.get('path', '')} is not served on the Fleet port: the Control and "
+                "Runtime APIs listen on the coordinator's loopback control address only"
+            )
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    bind_host = "" if host in ("0.0.0.0", "") else host.strip("[]")
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    if host == "::":
+        bind_host, family = "::", socket.AF_INET6
+    infos = socket.getaddrinfo(bind_host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    fam, kind, proto, _, addr = infos[0]
+    sock = socket.socket(fam, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _parse(argv: Sequence[str]) -> tuple[str, int, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m fedcare.server.superlink_front")
+    parser.add_argument("--fleet-address", required=True, help="HOST:PORT for the Fleet API only")
+    parser.add_argument("superlink_args", nargs=argparse.REMAINDER, help="-- flower-superlink arguments")
+    args = parser.parse_args(list(argv))
+    rest = list(args.superlink_args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    host, sep, port_s = args.fleet_address.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        parser.error(f"--fleet-address {args.fleet_address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port_s), rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the SuperLink with a fleet-only socket and a loopback control socket; blocks."""
+    fleet_host, fleet_port, superlink_args = _parse(sys.argv[1:] if argv is None else argv)
+
+    import uvicorn  # noqa: PLC0415 - heavy imports after argument checks
+    from flwr.supercore import log
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+
+    # the module, not the `flower_superlink` function its package re-exports under that name
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    sys.argv = ["flower-superlink", *superlink_args]
+    config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 - flwr's own parsing, pinned <1.42
+    if not is_loopback(config.host):
+        log(ERROR, "the control address %s:%s must be a loopback address", config.host, config.port)
+        return 2
+    if config.port == fleet_port:
+        log(ERROR, "the control port and the fleet port must differ (both %d)", fleet_port)
+        return 2
+
+    app = create_app(config, fs.SuperLinkLifespan)
+    gate = FleetOnlyGate(app, control_port=config.port, allowed_paths=fleet_paths())
+    scheme = "https" if config.ssl_certfile else "http"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                log(
+                    INFO,
+                    "%s: Fleet API only on %s://%s:%d; Control, Runtime and Fleet APIs on "
+                    "%s://%s:%d (loopback)",
+                    READY_MESSAGE, scheme, fleet_host, fleet_port, scheme, config.host, config.port,
+                )  # fmt: skip
+
+    uv_config = uvicorn.Config(
+        app=gate,
+        host=config.host,
+        port=config.port,
+        reload=False,
+        access_log=True,
+        proxy_headers=False,
+        log_config=get_uvicorn_log_config(console_handler.level),
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        workers=1,
+    )
+    sockets = [_bind(config.host, config.port), _bind(fleet_host, fleet_port)]
+    log(INFO, "Starting the SuperLink (fedcare front): control %s:%d, fleet %s:%d",
+        config.host, config.port, fleet_host, fleet_port)  # fmt: skip
+    _Server(uv_config).run(sockets=sockets)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
