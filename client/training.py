@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -179,12 +180,22 @@ def _proximal_step(
             p.sub_(lr * mu * (p - g))
 
 
-def _generators(seed: int | None, device: torch.device) -> tuple[torch.Generator | None, torch.Generator | None]:
-    """Return (sampling, noise) generators seeded from ``seed``; (None, None) for fresh randomness."""
+def _generators(
+    seed: int | None, device: torch.device, *stream: int
+) -> tuple[torch.Generator | None, torch.Generator | None]:
+    """Return (sampling, noise) generators for ``seed`` and ``stream``; (None, None) if no seed.
+
+    ``stream`` (round index, rounds already charged) is mixed in so that no two DP rounds of a
+    study ever reuse the same noise, even when a caller passes the same seed every round or a
+    round is retried after a crash: repeated noise would void the accountant's guarantee.
+    """
     if seed is None:
         return None, None
-    sampling = torch.Generator().manual_seed(int(seed))
-    noise = torch.Generator(device=device).manual_seed(int(seed) ^ _NOISE_SEED_OFFSET)
+    words = np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(2, dtype=np.uint64)
+    sampling = torch.Generator().manual_seed(int(words[0] >> np.uint64(1)))
+    noise = torch.Generator(device=device).manual_seed(
+        int(words[1] >> np.uint64(1)) ^ _NOISE_SEED_OFFSET
+    )
     return sampling, noise
 
 
@@ -292,7 +303,7 @@ def train_local(
         )
         ledger.check_round(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        sampling, noise = _generators(train.seed, device)
+        sampling, noise = _generators(train.seed, device, round_index, ledger.rounds_charged)
         loader = DataLoader(data.train.dataset(), batch_size=train.batch_size, generator=sampling)
         private = make_private(
             module=model,

@@ -44,6 +44,7 @@ exactly one step, as Opacus ``hooks`` does for an empty batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -165,6 +166,32 @@ def steps_per_epoch(*, sample_rate: float) -> int:
     return int(1 / sample_rate)
 
 
+@functools.lru_cache(maxsize=256)
+def _fresh_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    epsilon_tolerance: float,
+) -> float:
+    """Return Opacus's ``get_noise_multiplier`` for a fresh study, memoised.
+
+    The search is deterministic and costs seconds (PRV: tens of seconds); sites and baselines
+    with the same plan (every virtual hospital of an IID simulation) share one result.
+    """
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=epsilon_tolerance,
+        )
+    )
+
+
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
@@ -182,15 +209,8 @@ def calibrate_noise_multiplier(
     reached (the prior history alone spends it).
     """
     if not prior_history:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=epsilon_tolerance,
-            )
+        return _fresh_noise_multiplier(
+            target_epsilon, delta, sample_rate, steps, accountant, epsilon_tolerance
         )
 
     def eps(sigma: float) -> float:

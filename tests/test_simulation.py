@@ -69,7 +69,7 @@ def test_the_default_scenario_needs_no_files_and_has_four_dp_hospitals() -> None
     assert scenario.privacy.enabled and scenario.privacy.target_epsilon == 3.0
     assert len(hospitals) == scenario.num_hospitals == 4
     assert sum(h.num_train for h in hospitals) == len(load_builtin("breast_cancer").train)
-    assert scenario.baselines == ["pooled", "local"]
+    assert scenario.baselines == ["pooled"]
 
 
 def test_scenario_maps_to_the_run_config_the_server_runs(tmp_path: Path) -> None:
@@ -210,3 +210,13 @@ def test_simulation_end_to_end_writes_summary_metrics_model_and_plots(tmp_path: 
     assert pngs and all((out / p).stat().st_size > 1000 for p in pngs)
     assert not (out / ".sites").exists()
     assert evaluate_model_file(out / "final_model.npz", _external_site(tmp_path))["metrics"]["auroc"] > 0.8
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT_SCENARIO.parent.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_bundled_scenario_loads_and_partitions(path: Path) -> None:
+    scenario = load_scenario(path)
+
+    hospitals = build_hospitals(scenario)
+
+    assert len(hospitals) == scenario.num_hospitals
+    assert run_config_for(scenario, hospitals, Path("/nonexistent")).num_rounds == scenario.rounds

@@ -82,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
     # LSTM over 0.7 s windows decimated by 18 (14 steps); the R peak at 80 % of the window
     "mitbih_site_a": Recipe(
         model=ModelSpec(family="lstm", hidden_size=16), epsilon=5.0, delta=1e-5, max_grad_norm=1.0,
-        train=TrainSettings(local_epochs=3, batch_size=128, lr=2.0, seed=0, device="cpu"),
+        train=TrainSettings(local_epochs=3, batch_size=128, lr=4.0, seed=0, device="cpu"),
         rounds=2, min_auroc=0.90,
     ),
     # the GroupNorm CNN, width 8, on 28 x 28 images
@@ -93,7 +93,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "pneumoniamnist": Recipe(
         model=ModelSpec(family="cnn", width=8), epsilon=5.0, delta=1e-5, max_grad_norm=1.0,
-        train=TrainSettings(local_epochs=2, batch_size=128, lr=2.0, seed=0, device="cpu"),
+        train=TrainSettings(local_epochs=3, batch_size=128, lr=2.0, seed=0, device="cpu"),
         rounds=2, min_auroc=0.80,
     ),
 }
