@@ -4,7 +4,8 @@ Roles and their command groups:
 
 - researcher: ``fedcare simulate``, ``fedcare evaluate``
 - hospital IT: ``fedcare node check|start|stop``
-- coordinator: ``fedcare certs init``, ``fedcare server start|stop|register-node``, ``fedcare run``
+- coordinator: ``fedcare certs init``, ``fedcare server start|stop|register-node``, ``fedcare run``,
+  ``fedcare release``
 - everyone: ``fedcare audit verify|membership|keygen|artefact-key|rotate``
 """
 
@@ -18,6 +19,8 @@ from .client.cli import node_app
 from .client.node_cli import node_start, node_stop
 from .privacy.cli import audit_app
 from .server.cli import certs_app, run_command, server_app
+from .server.release import release_command
+from .simulations.audit import membership_command
 from .simulations.cli import evaluate, simulate
 
 # Flower phones home unless told not to; a hospital's processes never do.
@@ -37,6 +40,8 @@ app.add_typer(node_app, name="node")
 app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")
 app.command("run")(run_command)
+app.command("release")(release_command)
+audit_app.command("membership")(membership_command)
 app.add_typer(audit_app, name="audit")
 
 

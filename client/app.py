@@ -14,16 +14,29 @@ Everything about the hospital comes from the node, never from the server's run c
 - ``report-train-loss``: optional ``true`` to send the training loss under DP (it is computed
   without noise, outside ε; a DP site sends NaN by default);
 - ``device``: optional torch device (default ``cpu``).
+- ``policy``: optional TOML of the hospital's own :class:`~fedcare.privacy.policy.SitePolicy`
+  (``privacy.policy``); without it the node applies ``node_default_policy()`` (the strict
+  default minus the SecAgg+ requirement, since fedcare has no SecAgg+ yet: warned every round).
+
+Before any training the node states what the round asks (:class:`RoundRequest`: study, model
+family, the site's DP values with the noise planned for this round and the accountant's projected
+ε after it, δ, C, secure aggregation (always off today), the app hash from the environment
+variable ``FEDCARE_APP_HASH`` (set by the node's app gate when apps are pinned), the training
+cohort size and the ε already spent in this study and over all the site's ledgers in
+``ledger-dir``) and calls ``check_round``; a refusal touches neither the model nor the ledger.
 
 The server sends the model (named arrays), its spec and expected data shape, the round, the
 rounds planned, the study and the local training settings. A train reply carries the trained
 arrays, ``num-examples``, the site's training metrics and its ε / δ spent so far in the study
 (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``epsilon``, ``delta``,
-``noise-multiplier``) and its name (ConfigRecord ``config`` → ``site``). An evaluate reply
+``noise-multiplier``) and, in the ConfigRecord ``config``, its name (``site``), the SHA-256 of
+its manifest file (``manifest-sha256``; a digest of the data description for sites built in
+memory, never of data) and, under DP, its ``accountant`` and clipping norm ``max-grad-norm``:
+the server logs them in the audit log and the privacy report. An evaluate reply
 carries ``num-examples`` and the metrics of ``client.metrics.evaluate`` on the site's test split
 (validation when it has no test split): aggregate statistics that are not covered by ε. A site whose data fails
-validation, does not fit the model, whose privacy budget is spent or whose ledger is unusable
-replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
+validation, does not fit the model, whose privacy budget is spent, whose ledger is unusable or
+whose policy refuses the round replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
 ``ERROR_*`` in ``models.wire``, reason ``site '<name>' refused to <stage>: <why>``) instead.
 
 Loaded data is cached per process (Ray actors and long-lived SuperNode processes reuse it); the
@@ -32,9 +45,12 @@ ledger is reopened from disk for every message, since another process may have w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import sys
 import tomllib
 import warnings
 import zlib
@@ -52,32 +68,51 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..models import ModelSpec, build_for_data, get_weights, set_weights, wire
-from ..privacy.errors import BudgetExceededError, PrivacyError, PrivacyWarning
+from ..privacy.engine import plan_noise_multiplier, sample_rate_for, steps_per_epoch
+from ..privacy.errors import BudgetExceededError, LedgerCorruptError, PrivacyError, PrivacyWarning
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.policy import (
+    NO_SECURE_AGGREGATION_WARNING,
+    PolicyFileError,
+    PolicyViolation,
+    RoundRequest,
+    Rule,
+    SitePolicy,
+    check_round,
+    load_policy,
+    node_default_policy,
+)
 from ..privacy.settings import PrivacySettings
 from .dataset import SiteData, Split
 from .errors import DataValidationError
 from .loaders import load_site_file
 from .metrics import evaluate
+from .secure import secure_round_active, secure_train_mod
 from .training import TrainSettings, train_local
 
 __all__ = [
     "NODE_DEVICE",
     "NODE_REPORT_TRAIN_LOSS",
+    "ENV_APP_HASH",
     "NODE_LEDGER_DIR",
+    "NODE_POLICY",
     "NODE_PRIVACY_SETTINGS",
     "NODE_SEED",
     "NODE_SITE_MANIFEST",
     "NODE_SITE_NAME",
     "LocalSite",
     "SiteConfigError",
+    "SitePolicyError",
     "SiteProvider",
     "app",
     "make_client_app",
+    "round_request",
     "site_from_node_config",
 ]
 
 logger = logging.getLogger(__name__)
+
+_LEDGER_SUFFIX: Final = ".ledger.json"  # PrivacyLedger.path_for's file suffix
 
 NODE_SITE_MANIFEST: Final = "site-manifest"
 NODE_SITE_NAME: Final = "site-name"
@@ -86,10 +121,16 @@ NODE_PRIVACY_SETTINGS: Final = "privacy-settings"
 NODE_SEED: Final = "seed"
 NODE_DEVICE: Final = "device"
 NODE_REPORT_TRAIN_LOSS: Final = "report-train-loss"
+NODE_POLICY: Final = "policy"
+ENV_APP_HASH: Final = "FEDCARE_APP_HASH"
 
 
 class SiteConfigError(DataValidationError):
     """The node was started without what the ClientApp needs (manifest, ledger folder, settings)."""
+
+
+class SitePolicyError(SiteConfigError):
+    """The node's site policy file is missing or invalid: the node refuses every round (fails closed)."""
 
 
 class ModelMismatchError(DataValidationError):
@@ -117,6 +158,14 @@ class LocalSite:
     report_train_loss : bool
         Send the training loss to the server even under DP. The loss is computed from the
         data without noise (not covered by ε), so by default a DP site sends NaN instead.
+    manifest_sha256 : str or None
+        SHA-256 of the site's manifest file (nodes); None: a digest of the data description
+        (name, kind, task, shapes, split sizes; never data) is sent instead.
+    policy : SitePolicy or None
+        The hospital's own round policy, checked before every training round.
+        :func:`site_from_node_config` always sets one (the file's, else
+        ``node_default_policy()``) and so does the simulation runner. ``None`` means NO policy
+        check: only for sites built by hand in tests and experiments, warned every round.
     """
 
     data: SiteData
@@ -126,6 +175,8 @@ class LocalSite:
     seed: int | None = None
     device: str = "cpu"
     report_train_loss: bool = False
+    policy: SitePolicy | None = None
+    manifest_sha256: str | None = None
 
 
 SiteProvider = Callable[[Context], LocalSite]
@@ -160,6 +211,15 @@ def _load_policy(key: tuple[str, int, int]) -> PrivacySettings:
         ) from None
 
 
+@lru_cache(maxsize=8)
+def _load_site_policy(key: tuple[str, int, int]) -> SitePolicy:
+    """Read a site policy TOML (once per file version); refuse an invalid one."""
+    try:
+        return load_policy(key[0])
+    except PolicyFileError as exc:
+        raise SitePolicyError(str(exc), path=Path(key[0])) from None
+
+
 def _required_path(node_config: dict[str, Any], key: str, example: str) -> Path:
     """Return node_config[key] as a path, or refuse with how to set it."""
     value = node_config.get(key)
@@ -187,6 +247,21 @@ def site_from_node_config(context: Context) -> LocalSite:
         privacy = _load_policy(_stat_key(policy_path))
     else:
         privacy = PrivacySettings()
+    site_policy = node_default_policy()
+    policy_file = node.get(NODE_POLICY)
+    if policy_file is None:
+        logger.info("no site policy file (node config %r): applying the node default policy", NODE_POLICY)
+    else:
+        if not isinstance(policy_file, str) or not policy_file:
+            raise SitePolicyError(f"node config {NODE_POLICY!r} must be the path of the site policy TOML")
+        path = Path(policy_file).expanduser()
+        if not path.is_file():
+            raise SitePolicyError(
+                f"site policy file {path} (node config {NODE_POLICY!r}) not found; fix the path, or "
+                "remove the key for the default policy",
+                path=path,
+            )
+        site_policy = _load_site_policy(_stat_key(path))
     seed = node.get(NODE_SEED)
     name = node.get(NODE_SITE_NAME)
     report_loss = node.get(NODE_REPORT_TRAIN_LOSS) is True
@@ -205,7 +280,38 @@ def site_from_node_config(context: Context) -> LocalSite:
         seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
         device=str(node.get(NODE_DEVICE, "cpu")),
         report_train_loss=report_loss,
+        policy=site_policy,
+        manifest_sha256=_manifest_digest(manifest),
     )
+
+
+@lru_cache(maxsize=8)
+def _manifest_digest_cached(key: tuple[str, int, int]) -> str:
+    """Return the SHA-256 of a manifest file (once per file version)."""
+    return hashlib.sha256(Path(key[0]).read_bytes()).hexdigest()
+
+
+def _manifest_digest(path: Path) -> str:
+    """Return the SHA-256 (hex) of the site manifest file's bytes."""
+    return _manifest_digest_cached(_stat_key(path))
+
+
+def site_digest(site: LocalSite) -> str:
+    """Return the digest a train reply carries: the manifest's SHA-256, else one of the data description.
+
+    The description is the site name, data kind, task, classes, input shape, mask flag, feature
+    names and split sizes: nothing about any patient.
+    """
+    if site.manifest_sha256:
+        return site.manifest_sha256
+    data = site.data
+    description = {
+        "name": site.name, "kind": data.kind, "task": data.task, "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape), "has_mask": data.has_mask,
+        "feature_names": list(data.feature_names),
+        "splits": [len(data.train), len(data.val), len(data.test)],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _guess_name(context: Context) -> str:
@@ -286,6 +392,131 @@ def _eval_split(data: SiteData) -> Split:
     )
 
 
+def _model_family(config: ConfigRecord) -> str:
+    """Return the model family the server's spec names."""
+    return ModelSpec.model_validate_json(str(config[wire.MODEL_SPEC])).family
+
+
+def _site_ledger_epsilons(site: LocalSite, current: PrivacyLedger) -> dict[str, float]:
+    """Return ε spent per study over every ledger of ``site`` in its ledger folder (current included).
+
+    Ledgers of other sites sharing the folder are skipped; a file that cannot be read as a
+    ledger raises (``LedgerCorruptError``): the node cannot know whose ε it holds, so it refuses.
+    """
+    spent = {current.study: current.spent_epsilon()}
+    folder = Path(site.ledger_dir)
+    if not folder.is_dir():
+        return spent
+    for path in sorted(folder.glob("*" + _LEDGER_SUFFIX)):
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            owner, study = state["site"], state["study"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise LedgerCorruptError(path, f"cannot tell whose ledger it is ({type(exc).__name__}: {exc})") from None
+        if owner != site.name or study in spent:
+            continue
+        spent[str(study)] = PrivacyLedger.open(folder, site=site.name, study=str(study)).spent_epsilon()
+    return spent
+
+
+def round_request(
+    site: LocalSite,
+    ledger: PrivacyLedger,
+    *,
+    study: str,
+    model_family: str,
+    train: TrainSettings,
+    planned_rounds: int,
+    round_index: int,
+    secure_aggregation: bool = False,
+) -> RoundRequest:
+    """Return what this round asks of the site, computed from the site's own settings and ledger.
+
+    ``secure_aggregation`` must come from :func:`~fedcare.client.secure.secure_round_active`
+    (set by the SecAgg+ client mod), never from anything the server sends.
+
+    With DP the round's σ is planned exactly as ``train_local`` will plan it (fixed σ, or the
+    study's calibration to its target ε) and ``epsilon_after_round`` is the accountant's
+    projection; a round over the site's own ε budget raises ``BudgetExceededError`` here, as in
+    ``train_local``. Nothing is persisted: the ledger changes only when a round is reserved.
+    A study or site whose spent ε is unbounded (a round trained without DP) raises
+    ``PolicyViolation`` for any DP round, since no ε limit can hold any more.
+    """
+    privacy = site.privacy
+    n = len(site.data.train)
+    values: dict[str, Any] = {
+        "study": study,
+        "model_family": model_family,
+        "dp_enabled": privacy.enabled,
+        "secure_aggregation": secure_aggregation,
+        "app_hash": os.environ.get(ENV_APP_HASH) or None,
+        "cohort_size": n,
+    }
+    if privacy.enabled and n > 0:
+        ledger.bind(accountant=privacy.accountant, delta=privacy.delta, epsilon_budget=privacy.budget)
+        sample_rate = sample_rate_for(num_examples=n, batch_size=train.batch_size)
+        steps = steps_per_epoch(sample_rate=sample_rate) * train.local_epochs
+        sigma = plan_noise_multiplier(
+            privacy=privacy, ledger=ledger, sample_rate=sample_rate, steps_per_round=steps,
+            planned_rounds=planned_rounds, round_index=round_index,
+        )
+        values |= {
+            "target_epsilon": privacy.target_epsilon,
+            "noise_multiplier": sigma,
+            "delta": privacy.delta,
+            "max_grad_norm": privacy.max_grad_norm,
+            "epsilon_after_round": ledger.check_round(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
+        }
+    spent = _site_ledger_epsilons(site, ledger)
+    study_spent, total_spent = spent[study], sum(spent.values())
+    if not math.isfinite(total_spent):
+        if privacy.enabled:
+            rule = Rule.EPSILON_STUDY if not math.isfinite(study_spent) else Rule.EPSILON_TOTAL
+            where = f"study {study!r}" if rule is Rule.EPSILON_STUDY else "another study of this site"
+            raise PolicyViolation(
+                rule,
+                f"{where} already released a model trained WITHOUT differential privacy, so the ε "
+                "spent is unbounded and no ε limit can hold; the coordinator must leave this site "
+                "out (the hospital's DPO decides whether a new study may start)",
+                asked=math.inf,
+            )
+        study_spent = total_spent = sys.float_info.max  # a non-DP round: ε limits do not apply
+    values |= {"epsilon_spent_study": study_spent, "epsilon_spent_total": max(total_spent, study_spent)}
+    return RoundRequest.from_values(values)
+
+
+def enforce_policy(site: LocalSite, request: RoundRequest) -> SitePolicy | None:
+    """Check ``request`` against the site's policy; return the policy applied.
+
+    Raises ``PolicyViolation`` naming the rule broken. Warns (log + ``PrivacyWarning``) every
+    round that runs without secure aggregation.
+    """
+    policy = site.policy
+    if policy is None:
+        message = (
+            f"site {site.name!r}: this LocalSite carries no site policy, so NO policy check runs "
+            "(hand-built sites only; nodes and simulations always set one)"
+        )
+        logger.warning("PRIVACY WARNING: %s", message)
+        warnings.warn(message, PrivacyWarning, stacklevel=2)
+    else:
+        check_round(policy, request)
+    if not request.secure_aggregation:
+        message = f"site {site.name!r}: {NO_SECURE_AGGREGATION_WARNING}"
+        logger.warning("PRIVACY WARNING: %s", message)
+        warnings.warn(message, PrivacyWarning, stacklevel=2)
+    return policy
+
+
+def _site_info(site: LocalSite) -> dict[str, Any]:
+    """Return what a train reply says about the site: name, manifest digest, DP accountant and C."""
+    info: dict[str, Any] = {wire.SITE: site.name, wire.MANIFEST_SHA256: site_digest(site)}
+    if site.privacy.enabled:
+        info[wire.ACCOUNTANT] = str(site.privacy.accountant)
+        info[wire.MAX_GRAD_NORM] = float(site.privacy.max_grad_norm)
+    return info
+
+
 def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
     """Return the fedcare ClientApp; ``site_provider`` maps a node's Context to its :class:`LocalSite`.
 
@@ -299,12 +530,14 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
     provider = site_provider or site_from_node_config
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[secure_train_mod])  # SecAgg+ rounds only; plain rounds pass through
     def train(msg: Message, context: Context) -> Message:
         """Train the received model on the site's data under the site's privacy policy."""
         config: ConfigRecord = msg.content[wire.CONFIG]  # type: ignore[assignment]
         try:
             site = provider(context)
+        except SitePolicyError as exc:  # an unreadable policy refuses everything (fails closed)
+            return _refuse(msg, _guess_name(context), "train", wire.ERROR_POLICY, str(exc))
         except DataValidationError as exc:
             return _refuse(msg, _guess_name(context), "train", wire.ERROR_DATA_INVALID, str(exc))
         try:
@@ -321,17 +554,28 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             seed=_site_seed(site, server_round),
             device=site.device,
         )
+        study = str(config[wire.STUDY])
+        planned_rounds = int(config[wire.NUM_ROUNDS])  # type: ignore[arg-type]
         try:
-            ledger = _open_ledger(site, str(config[wire.STUDY]))
-            result = train_local(
-                model,
-                site.data,
-                train=settings,
-                privacy=site.privacy,
-                ledger=ledger,
-                planned_rounds=int(config[wire.NUM_ROUNDS]),  # type: ignore[arg-type]
-                round_index=server_round,
-            )
+            ledger = _open_ledger(site, study)
+            with ledger.session():  # one lock from the policy check to the end of training
+                request = round_request(
+                    site, ledger, study=study, model_family=_model_family(config), train=settings,
+                    planned_rounds=planned_rounds, round_index=server_round,
+                    secure_aggregation=secure_round_active(context),
+                )
+                enforce_policy(site, request)
+                result = train_local(
+                    model,
+                    site.data,
+                    train=settings,
+                    privacy=site.privacy,
+                    ledger=ledger,
+                    planned_rounds=planned_rounds,
+                    round_index=server_round,
+                )
+        except PolicyViolation as exc:
+            return _refuse(msg, site.name, "train", wire.ERROR_POLICY, str(exc))
         except BudgetExceededError as exc:
             return _refuse(msg, site.name, "train", wire.ERROR_BUDGET_SPENT, str(exc))
         except PrivacyError as exc:  # ledger locked, corrupt or of other terms: refuse, never train
@@ -352,7 +596,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                     OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in get_weights(model).items())
                 ),
                 wire.METRICS: metrics,
-                wire.CONFIG: ConfigRecord({wire.SITE: site.name}),
+                wire.CONFIG: ConfigRecord(_site_info(site)),
             }
         )
         return Message(content, reply_to=msg)

@@ -25,6 +25,7 @@ gradients do not see a parameter-only term).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -180,14 +181,25 @@ def _proximal_step(
             p.sub_(lr * mu * (p - g))
 
 
+def _digest(model: nn.Module) -> int:
+    """Return a 63-bit digest of the model's parameters and buffers (the round's starting point)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
 def _generators(
     seed: int | None, device: torch.device, *stream: int
 ) -> tuple[torch.Generator | None, torch.Generator | None]:
     """Return (sampling, noise) generators for ``seed`` and ``stream``; (None, None) if no seed.
 
-    ``stream`` (round index, rounds already charged) is mixed in so that no two DP rounds of a
-    study ever reuse the same noise, even when a caller passes the same seed every round or a
-    round is retried after a crash: repeated noise would void the accountant's guarantee.
+    ``stream`` (round index, digest of the starting weights) is mixed in so that two DP rounds
+    never share noise unless they are the very same computation: the same noise added to two
+    different gradient sums would reveal their difference. A round retried after a crash from
+    the same global model repeats exactly (same output, nothing new released), which is what
+    makes a resumed federation equal an uninterrupted one.
     """
     if seed is None:
         return None, None
@@ -303,7 +315,7 @@ def train_local(
         )
         ledger.check_round(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        sampling, noise = _generators(train.seed, device, round_index, ledger.rounds_charged)
+        sampling, noise = _generators(train.seed, device, round_index, _digest(model))
         loader = DataLoader(data.train.dataset(), batch_size=train.batch_size, generator=sampling)
         private = make_private(
             module=model,

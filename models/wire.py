@@ -18,6 +18,10 @@ DELTA: Final = "delta"
 SITE: Final = "site"
 REFUSED: Final = "refused"
 REASON: Final = "reason"
+# what a training site says about itself (ConfigRecord of the train reply, beside SITE)
+MANIFEST_SHA256: Final = "manifest-sha256"  # SHA-256 of the site manifest / data description, never data
+ACCOUNTANT: Final = "accountant"  # the site's DP accountant (DP sites only)
+MAX_GRAD_NORM: Final = "max-grad-norm"  # the site's DP clipping norm C (DP sites only)
 
 # config the server sends
 SERVER_ROUND: Final = "server-round"
@@ -37,4 +41,10 @@ HAS_MASK: Final = "has-mask"
 ERROR_DATA_INVALID: Final = 1001  # manifest or data failed validation, or does not fit the model
 ERROR_BUDGET_SPENT: Final = 1002  # the site's privacy budget for this study is spent
 ERROR_LEDGER: Final = 1003  # the site's privacy ledger is unusable (locked, corrupt, mismatched)
+ERROR_POLICY: Final = 1004  # the site's own privacy policy refuses the round (or cannot be read)
 REFUSAL_FORMAT: Final = "site '{site}' refused to {stage}: {reason}"  # Error.reason of both
+
+# secure-aggregation (SecAgg+) rounds: flwr's legacy fit messages carry a flat config of scalars
+PARAM_NAMES: Final = "param-names"  # JSON list of the model's array names, in Parameters order
+SECURE_AGGREGATION: Final = "secure-aggregation"  # train metric: 1 when the round went through SecAgg+
+ERROR_SECURE_ROUND: Final = 1005  # a SecAgg+ round's message could not be served (names, range)

@@ -100,7 +100,7 @@ class RunStartFields(_Fields):
     run_id: Name
     study: Name
     config_sha256: Sha256
-    app_hash: Sha256
+    app_hash: Sha256 | None = None  # None: the server could not learn the app (FAB) hash
 
 
 class SiteRound(_Fields):

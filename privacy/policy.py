@@ -31,6 +31,7 @@ from typing import Annotated, Any, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 __all__ = [
+    "NO_SECURE_AGGREGATION_WARNING",
     "STRICT_DEFAULTS",
     "PolicyFileError",
     "PolicyViolation",
@@ -39,6 +40,7 @@ __all__ = [
     "SitePolicy",
     "check_round",
     "load_policy",
+    "node_default_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,7 +157,15 @@ class SitePolicy(BaseModel):
 
     @classmethod
     def strict_default(cls) -> SitePolicy:
-        """Return the strict policy used when a site gives no policy file."""
+        """Return the strict policy (every rule at its strictest, SecAgg+ required).
+
+        Notes
+        -----
+        A node without a policy file does **not** apply this one as it is: fedcare has no
+        SecAgg+ yet, so every round would be refused on ``secure_aggregation``. It applies
+        :func:`node_default_policy` instead (this policy with ``require_secure_aggregation =
+        False``), and warns every round.
+        """
         return cls()
 
     def weakening_settings(self) -> list[str]:
@@ -239,6 +249,27 @@ class RoundRequest(BaseModel):
                 Rule.MALFORMED_REQUEST,
                 f"the round's request is invalid ({detail}); the coordinator must send valid values",
             ) from None
+
+
+#: Why the node default does not require secure aggregation (logged by the node every round).
+NO_SECURE_AGGREGATION_WARNING: str = (
+    "secure aggregation not available: the server sees this site's individual update"
+)
+
+
+def node_default_policy() -> SitePolicy:
+    """Return the policy a node applies without a policy file: strict, except SecAgg+.
+
+    WARNING — THIS IS WEAKER THAN THE STRICT DEFAULT. fedcare cannot run secure aggregation yet
+    (SecAgg+ is still to be built), so a node that required it would refuse every round. Until it
+    exists the node default is :meth:`SitePolicy.strict_default` with ``require_secure_aggregation
+    = False``: **the coordinator sees each site's individual (DP-noised) model update**. Every
+    other rule stays at its strict value (ε ≤ 3 per study, ≤ 6 in total, δ ≤ 1e-5, σ ≥ 0.5,
+    C ≤ 2, cohort ≥ 20, DP required). Restore ``require_secure_aggregation = True`` here once
+    SecAgg+ is available. A site that wants SecAgg+ enforced (and hence refuses every round
+    today) says so in its policy file, where the key defaults to ``true``.
+    """
+    return SitePolicy.strict_default().model_copy(update={"require_secure_aggregation": False})
 
 
 def load_policy(path: Path | str | None) -> SitePolicy:

@@ -30,11 +30,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..models import build_for_data, get_weights, wire
+from ..privacy.artefacts import ArtefactKey, sha256_file
+from ..privacy.report import ClientLevelPrivacy, write_report
 from .checkpoint import (
     CHECKPOINT_FILE,
+    ENCRYPTED_SUFFIX,
     FINAL_MODEL_FILE,
     HISTORY_FILE,
     Checkpoint,
+    CheckpointKeyError,
     MetricsHistory,
     RoundRecord,
     load_checkpoint,
@@ -43,6 +47,17 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import RunConfig
+from .safekeeping import (
+    RunAudit,
+    artefact_metadata,
+    artefact_path,
+    build_privacy_report,
+    load_artefact_key,
+    run_identity,
+    safe_name,
+    update_norm,
+    warn_plaintext,
+)
 from .strategy import FedcareStrategy, TooFewSitesError, build_strategy
 
 __all__ = [
@@ -166,7 +181,10 @@ def run_server(
 
     Writes ``checkpoint.npz`` after every round, and ``final_model.npz`` and ``history.json``
     (with ``status`` "completed", or "stopped" when too few sites trained) at the end, to
-    ``config.checkpoint_dir`` (when set).
+    ``config.checkpoint_dir`` (when set); with ``artefact-key`` the checkpoint and the model are
+    AES-GCM artefacts ``checkpoint.npz.enc`` / ``final_model.npz.enc`` bound to the study, kind,
+    round and configuration hash. A completed run also writes ``privacy_report.json`` / ``.md``.
+    With ``audit-key`` every step is appended to the signed audit log (``server.safekeeping``).
 
     Raises
     ------
@@ -174,16 +192,27 @@ def run_server(
         When a checkpoint exists and ``resume`` is false.
     ResumeMismatchError
         When resuming from a checkpoint of another study, model or strategy.
+    CheckpointTamperedError
+        When the encrypted checkpoint to resume from fails authentication or is another run's file.
+    CheckpointKeyError
+        When the checkpoint is encrypted and no key is configured, or the reverse.
     TooFewSitesError
         When fewer than ``min-sites`` sites train in a round (the run stops).
     """
+    if config.secure_aggregation:  # SecAgg+ (+ client-level DP): flwr's legacy workflow path
+        from .secagg import run_secure  # noqa: PLC0415 - secagg imports this module
+
+        return run_secure(grid, config, on_round=on_round)
     _quiet_flower()
     random.seed(config.seed)  # flwr samples sites with the random module
     history = MetricsHistory()
     strategy: FedcareStrategy = build_strategy(config, history=history)
     arrays = initial_arrays(config)
     folder = config.checkpoint_dir
-    ckpt_path = folder / CHECKPOINT_FILE if folder is not None else None
+    key = load_artefact_key(config.artefact_key)
+    ckpt_path = artefact_path(folder, CHECKPOINT_FILE, key) if folder is not None else None
+    if folder is not None:
+        _refuse_other_format(folder, key)
     done = 0
     if ckpt_path is not None and ckpt_path.exists():
         if not config.resume:
@@ -191,7 +220,8 @@ def run_server(
                 f"a checkpoint exists at {ckpt_path}; set resume = true to continue that run, "
                 "or use another checkpoint-dir"
             )
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, key=key,
+                               expected={"study": safe_name(config.study), "kind": "checkpoint"})
         _check_resumable(ckpt, config, ckpt_path)
         if list(ckpt.arrays) != list(arrays) or any(
             ckpt.arrays[k].shape != arrays[k].shape for k in arrays
@@ -210,13 +240,17 @@ def run_server(
         logger.warning("resume requested but no checkpoint in %s: starting from round 1", folder)
     strategy.round_offset = done
     final: dict[str, OrderedDict[str, np.ndarray]] = {"arrays": arrays}
+    secure = bool(getattr(config, "secure_aggregation", False))
+    audit = RunAudit.open(config)
+    run_id, app_hash = run_identity(grid, config)
+    audit.run_start(config, run_id=run_id, app_hash=app_hash)
 
     def on_round_end(server_round: int, record: ArrayRecord) -> MetricRecord | None:
         """Checkpoint after each complete round (flwr calls this once per round, and at 0)."""
         if server_round == 0:
             return None
         rnd = strategy.run_round(server_round)
-        final["arrays"] = _from_record(record)
+        previous, final["arrays"] = final["arrays"], _from_record(record)
         rec = history.round(rnd)
         rec.complete = True
         if ckpt_path is not None:
@@ -230,7 +264,13 @@ def run_server(
                     run_config=config.to_run_config(),
                     rng_state=_rng_to_json(random.getstate()),
                 ),
+                key=key,
+                metadata=artefact_metadata(config, "checkpoint", rnd) if key is not None else None,
             )
+        audit.round(rec, aggregate_update_norm=update_norm(previous, final["arrays"]), secure_aggregation=secure)
+        audit.refusals(rec)
+        if ckpt_path is not None:
+            audit.checkpoint(rnd, ckpt_path, key)
         if on_round is not None:
             on_round(rec)
         return None
@@ -253,25 +293,72 @@ def run_server(
             logger.info("checkpoint already holds all %d rounds; writing the final outputs", done)
     except TooFewSitesError:
         status = "stopped"  # write what the complete rounds produced, then report the stop
+        for rec in history.rounds:
+            if not rec.complete:
+                audit.refusals(rec)
         raise
     finally:
-        if status == "stopped" or sys.exc_info()[0] is None:
-            logger.info("study %s %s after %.1f s", config.study, status, time.perf_counter() - started)
-            _write_outputs(config, final["arrays"], history, status)
+        try:
+            if status == "stopped" or sys.exc_info()[0] is None:
+                logger.info("study %s %s after %.1f s", config.study, status, time.perf_counter() - started)
+                _write_outputs(config, final["arrays"], history, status, key=key, audit=audit,
+                               secure_aggregation=secure, run_id=run_id)
+        finally:
+            audit.close()
     return history
 
 
+def _refuse_other_format(folder: Path, key: ArtefactKey | None) -> None:
+    """Refuse a checkpoint folder holding the other format: plaintext where the run encrypts, or the reverse."""
+    plain, encrypted = folder / CHECKPOINT_FILE, folder / f"{CHECKPOINT_FILE}{ENCRYPTED_SUFFIX}"
+    if key is not None and plain.exists():
+        raise CheckpointKeyError(
+            f"{plain} is a plaintext checkpoint but this run encrypts (artefact-key is set): a plaintext "
+            "file must not stand in for an encrypted one. Use another checkpoint-dir, or remove the "
+            "plaintext checkpoint if you know where it came from"
+        )
+    if key is None and encrypted.exists():
+        raise CheckpointKeyError(
+            f"{encrypted} is an encrypted checkpoint but no artefact-key is configured: set artefact-key "
+            "to the key file it was written with (or \"env\" with FEDCARE_ARTEFACT_KEY set)"
+        )
+
+
 def _write_outputs(
-    config: RunConfig, arrays: OrderedDict[str, np.ndarray], history: MetricsHistory, status: str
+    config: RunConfig,
+    arrays: OrderedDict[str, np.ndarray],
+    history: MetricsHistory,
+    status: str,
+    *,
+    key: ArtefactKey | None = None,
+    audit: RunAudit | None = None,
+    secure_aggregation: bool = False,
+    run_id: str | None = None,
+    client_level: ClientLevelPrivacy | None = None,
 ) -> None:
-    """Write the final model and the metrics history (when the run has a checkpoint folder)."""
+    """Write the final model, the metrics history and (completed runs) the privacy report.
+
+    ``secure_aggregation`` and ``client_level`` (client-level DP: mechanism, ε, δ, σ, C) are what
+    the aggregation path used; the report states them.
+    """
     if config.checkpoint_dir is None:
         return
-    save_model_file(config.checkpoint_dir / FINAL_MODEL_FILE, arrays, model_meta(config))
+    model_path = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
+    round_ = history.last_complete
+    save_model_file(model_path, arrays, model_meta(config), key=key,
+                    metadata=artefact_metadata(config, "model", round_) if key is not None else None)
+    if audit is not None:
+        audit.checkpoint(round_, model_path, key)
     write_json_atomic(
         config.checkpoint_dir / HISTORY_FILE,
         {"status": status, "run_config": config.to_run_config(), **history.state_dict()},
     )
+    if status == "completed":
+        report = build_privacy_report(config, history, model_sha256=sha256_file(model_path),
+                                      secure_aggregation=secure_aggregation, client_level=client_level,
+                                      audit=audit, run_id=run_id)
+        if report is not None:
+            write_report(report, config.checkpoint_dir, overwrite=True)
 
 
 def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:
@@ -305,6 +392,8 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         """Parse the run config once and run the study."""
         run = config if config is not None else RunConfig.from_run_config(context.run_config)
+        if config is None:  # a deployment: its models should not sit unencrypted on the coordinator
+            warn_plaintext(run)
         run_server(grid, run, on_round=on_round)
 
     return server_app

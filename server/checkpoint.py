@@ -13,12 +13,14 @@ array. Writes are atomic: a temporary file in the same folder, ``fsync``, ``os.r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +29,26 @@ from typing import Any, Final
 import numpy as np
 
 from .. import __version__
+from ..privacy.artefacts import (
+    MAGIC,
+    ArtefactKey,
+    ArtefactMetadata,
+    ArtefactMismatch,
+    ArtefactTampered,
+    WrongKey,
+    decrypt_bytes,
+    encrypt_bytes,
+)
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "ENCRYPTED_SUFFIX",
     "FINAL_MODEL_FILE",
     "HISTORY_FILE",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointKeyError",
+    "CheckpointTamperedError",
     "MetricsHistory",
     "RoundRecord",
     "load_checkpoint",
@@ -48,12 +63,22 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE: Final = "checkpoint.npz"
 FINAL_MODEL_FILE: Final = "final_model.npz"
 HISTORY_FILE: Final = "history.json"
+ENCRYPTED_SUFFIX: Final = ".enc"  # checkpoint.npz.enc, final_model.npz.enc: AES-GCM artefacts
 _FORMAT: Final = "fedcare-checkpoint/1"
 _HISTORY_KIND: Final = "fedcare-metrics-history/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read, or does not fit the run that wants to resume from it."""
+
+
+class CheckpointTamperedError(CheckpointError):
+    """An encrypted checkpoint or model failed authentication, or is another run's file (swapped)."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """An encrypted file was given without its key (or under another key), or a plaintext one where
+    the run encrypts."""
 
 
 def _clean(value: Any) -> Any:
@@ -84,6 +109,9 @@ class RoundRecord:
         ``{"site", "metric", "value"}``: lowest AUROC (or accuracy), or highest RMSE.
     refusals : list of dict
         ``{"stage", "node_id", "site", "code", "reason"}`` for every error reply.
+    site_info : dict of str to dict
+        What each training site said about itself besides metrics: ``manifest_sha256`` (digest of
+        its manifest / data description, never data), ``accountant`` and ``max_grad_norm`` (DP).
     complete : bool
         Whether the round finished (its checkpoint was written).
     """
@@ -95,6 +123,7 @@ class RoundRecord:
     site_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     worst_site: dict[str, Any] | None = None
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    site_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +137,7 @@ class RoundRecord:
                 "site_evaluate": self.site_evaluate,
                 "worst_site": self.worst_site,
                 "refusals": self.refusals,
+                "site_info": self.site_info,
                 "complete": self.complete,
             }
         )
@@ -128,6 +158,7 @@ class RoundRecord:
             site_evaluate={s: metrics(m) for s, m in raw.get("site_evaluate", {}).items()},
             worst_site=raw.get("worst_site"),
             refusals=list(raw.get("refusals", [])),
+            site_info={s: dict(v) for s, v in raw.get("site_info", {}).items()},
             complete=bool(raw.get("complete", False)),
         )
 
@@ -256,8 +287,73 @@ def _check_key(name: str) -> str:
     return name
 
 
-def save_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` to ``path`` atomically (a reader sees the old or the new file, never half)."""
+def _write_npz(
+    path: Path, payload: dict[str, np.ndarray], key: ArtefactKey | None, metadata: ArtefactMetadata | None
+) -> None:
+    """Write ``payload`` as one npz atomically; encrypted (AES-GCM, ``metadata`` bound) with a key."""
+    if key is None:
+        _write_atomic(path, lambda fh: np.savez(fh, **payload))
+        return
+    if metadata is None:
+        raise ValueError("an encrypted artefact needs its ArtefactMetadata (study, kind, round, config hash)")
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    blob = encrypt_bytes(buffer.getvalue(), key=key, metadata=metadata)
+    _write_atomic(path, lambda fh: fh.write(blob))
+
+
+def _read_npz_bytes(
+    path: Path, key: ArtefactKey | None, expected: Mapping[str, Any] | None, what: str
+) -> io.BytesIO | Path:
+    """Return what ``np.load`` should open: the decrypted bytes of an encrypted file, else ``path``.
+
+    Raises
+    ------
+    CheckpointTamperedError
+        The file fails authentication, or is authentic but another study's / kind's / round's.
+    CheckpointKeyError
+        An encrypted file without a key or under another key, or a plaintext file given a key.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC))
+    encrypted = head == MAGIC
+    if key is None:
+        if encrypted:
+            raise CheckpointKeyError(
+                f"{path} is an encrypted {what}; give its artefact key (run config artefact-key, "
+                "the scenario's [artefacts] key, or --key FILE / --key env)"
+            )
+        return path
+    if not encrypted:
+        raise CheckpointKeyError(
+            f"{path} is a plaintext {what} but this run encrypts its artefacts: a plaintext file "
+            "must not stand in for an encrypted one. Restore the encrypted file from a trusted "
+            "backup, or start a new run in another checkpoint-dir"
+        )
+    try:
+        data, _ = decrypt_bytes(path.read_bytes(), key=key, expected=expected)
+    except WrongKey as exc:
+        raise CheckpointKeyError(f"{path}: {exc}") from None
+    except (ArtefactTampered, ArtefactMismatch) as exc:
+        raise CheckpointTamperedError(
+            f"{what} {path} is not trustworthy: {exc}. Do not use it: restore it from a trusted "
+            "backup, or start a new run in another checkpoint-dir (the sites' ledgers keep the ε "
+            "already spent)"
+        ) from None
+    return io.BytesIO(data)
+
+
+def save_checkpoint(
+    path: Path | str,
+    ckpt: Checkpoint,
+    *,
+    key: ArtefactKey | None = None,
+    metadata: ArtefactMetadata | None = None,
+) -> None:
+    """Write ``ckpt`` to ``path`` atomically (a reader sees the old or the new file, never half).
+
+    With ``key`` the file is an AES-256-GCM artefact (``privacy.artefacts``) binding ``metadata``.
+    """
     strategy_state = dict(ckpt.strategy_state)
     strategy_arrays: dict[str, dict[str, np.ndarray]] = strategy_state.pop("arrays", {}) or {}
     payload: dict[str, np.ndarray] = {}
@@ -279,23 +375,30 @@ def save_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
     }
     blob = json.dumps(_clean(meta), allow_nan=False).encode("utf-8")
     payload["meta"] = np.frombuffer(blob, dtype=np.uint8)
-    _write_atomic(Path(path), lambda fh: np.savez(fh, **payload))
+    _write_npz(Path(path), payload, key, metadata)
     logger.debug("checkpoint of round %d written to %s", ckpt.round, path)
 
 
-def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def load_checkpoint(
+    path: Path | str, *, key: ArtefactKey | None = None, expected: Mapping[str, Any] | None = None
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (decrypted and authenticated with ``key``).
 
     Raises
     ------
     CheckpointError
         When the file is missing, unreadable or not a fedcare checkpoint.
+    CheckpointTamperedError
+        When an encrypted checkpoint fails authentication or its metadata differs from ``expected``.
+    CheckpointKeyError
+        When the key is missing or wrong, or a plaintext file is given with a key.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; start without resume or fix the path")
+    source = _read_npz_bytes(path, key, expected, "checkpoint")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(source, allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
             if meta.get("format") != _FORMAT:
                 raise CheckpointError(
@@ -327,21 +430,34 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     )
 
 
-def save_model_file(path: Path | str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write a model (named arrays) plus a JSON ``meta`` (model spec, task, shape) as one npz."""
+def save_model_file(
+    path: Path | str,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    *,
+    key: ArtefactKey | None = None,
+    metadata: ArtefactMetadata | None = None,
+) -> None:
+    """Write a model (named arrays) plus a JSON ``meta`` (model spec, task, shape) as one npz.
+
+    With ``key`` the file is an AES-256-GCM artefact binding ``metadata``.
+    """
     payload = {f"model/{_check_key(k)}": np.asarray(v) for k, v in arrays.items()}
     blob = json.dumps(_clean({"format": "fedcare-model/1", "names": list(arrays), **meta}))
     payload["meta"] = np.frombuffer(blob.encode("utf-8"), dtype=np.uint8)
-    _write_atomic(Path(path), lambda fh: np.savez(fh, **payload))
+    _write_npz(Path(path), payload, key, metadata)
 
 
-def load_model_file(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
-    """Read a model written by :func:`save_model_file`: (named arrays, meta)."""
+def load_model_file(
+    path: Path | str, *, key: ArtefactKey | None = None, expected: Mapping[str, Any] | None = None
+) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
+    """Read a model written by :func:`save_model_file` (decrypted with ``key``): (named arrays, meta)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no model file at {path}; pass the final_model.npz of a run")
+    source = _read_npz_bytes(path, key, expected, "model file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(source, allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
             if meta.get("format") != "fedcare-model/1":
                 raise CheckpointError(f"{path} is not a fedcare model file")

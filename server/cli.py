@@ -229,6 +229,13 @@ def run_command(
     """Build the study's Flower App, submit it, stream its log, exit non-zero unless it completed."""
     with _errors():
         study = load_study(study_file)
+        run_config = study.run_config()
+        if run_config is not None and run_config.checkpoint_dir is not None and run_config.artefact_key is None:
+            console.print(
+                "[bold yellow]warning:[/] this study writes its checkpoints and final model UNENCRYPTED; "
+                "create a key with `fedcare audit artefact-key KEYFILE` and set artefact-key in [run]",
+                highlight=False, soft_wrap=True,
+            )
         conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
             folder = build_flower_app(study, app_dir or Path(tmp) / study.app_name)

@@ -35,12 +35,26 @@ except ``input-shape``)::
     checkpoint-dir = ""            # "" = no checkpoints
     resume = false
     seed = 0
+    artefact-key = ""              # AES key of checkpoints / final model: a 0600 key file, "env"
+                                   # (FEDCARE_ARTEFACT_KEY) or "env:NAME"; "" = plaintext (warned)
+    audit-key = ""                 # Ed25519 key (fedcare audit keygen): sign an audit log; "" = none
+    audit-log = ""                 # the audit log; "" = <checkpoint-dir>/audit.jsonl
+    secure-aggregation = false     # SecAgg+: the server sees only the sum of the sites' updates
+    secagg-num-shares = 1.0        # int > 2: shares per site; float in (0, 1]: fraction of sites
+    secagg-reconstruction-threshold = 0.67  # int, or float in (0, 1]: fraction of the shares
+    secagg-clipping-range = 8.0    # parameters must lie in [-range, range] to be quantised
+    client-dp-clipping-norm = 0.0  # > 0: client-level DP (each site's update clipped to this L2 norm)
+    client-dp-noise-multiplier = 1.0  # σ of the server's Gaussian noise on the mean (std σC/m)
+    client-dp-delta = 1e-5         # δ of the client-level ε the server reports
 
 A strategy parameter given for another strategy is an error (it would be silently ignored).
+Secure aggregation needs a mean-based strategy (fedavg, fedprox): robust aggregators need the
+individual updates SecAgg+ hides. Client-level DP runs on the secure path only.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -54,7 +68,19 @@ __all__ = [
     "STRATEGY_PARAMS",
     "InvalidRunConfigError",
     "RunConfig",
+    "SECURE_AGGREGATION_STRATEGIES",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: strategies whose aggregate is a (weighted) mean, the only thing SecAgg+ can compute
+SECURE_AGGREGATION_STRATEGIES: Final = ("fedavg", "fedprox")
+
+#: fields written by ``to_run_config`` only when secure aggregation is on
+_SECURE_FIELDS: Final = frozenset({
+    "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
+    "client_dp_clipping_norm", "client_dp_noise_multiplier", "client_dp_delta",
+})
 
 
 class InvalidRunConfigError(ValueError):
@@ -109,7 +135,18 @@ RUN_CONFIG_KEYS: Final[Mapping[str, str]] = {
     "checkpoint-dir": "checkpoint_dir",
     "resume": "resume",
     "seed": "seed",
+    "artefact-key": "artefact_key",
+    "audit-key": "audit_key",
+    "audit-log": "audit_log",
+    "secure-aggregation": "secure_aggregation",
+    "secagg-num-shares": "secagg_num_shares",
+    "secagg-reconstruction-threshold": "secagg_reconstruction_threshold",
+    "secagg-clipping-range": "secagg_clipping_range",
+    "client-dp-clipping-norm": "client_dp_clipping_norm",
+    "client-dp-noise-multiplier": "client_dp_noise_multiplier",
+    "client-dp-delta": "client_dp_delta",
 }
+_OPTIONAL_TEXT: Final = ("checkpoint_dir", "artefact_key", "audit_key", "audit_log")
 _FIELD_TO_KEY: Final[Mapping[str, str]] = {v: k for k, v in RUN_CONFIG_KEYS.items()}
 
 
@@ -145,6 +182,27 @@ class RunConfig(BaseModel):
         Continue from the checkpoint in ``checkpoint_dir``.
     seed : int
         Seeds the initial model, site sampling and the sites' local training.
+    artefact_key : str or None
+        Encrypts checkpoints and the final model (AES-256-GCM): a key file path (mode 0600),
+        ``"env"`` (``FEDCARE_ARTEFACT_KEY``) or ``"env:NAME"``; None writes them in plaintext.
+    audit_key : pathlib.Path or None
+        The coordinator's Ed25519 audit signing key; when set the server appends a signed,
+        hash-chained audit log.
+    audit_log : pathlib.Path or None
+        Where the audit log goes (default ``<checkpoint_dir>/audit.jsonl``).
+    secure_aggregation : bool
+        Run every round through SecAgg+ (``server.secagg``): the server learns only the sum.
+    secagg_num_shares, secagg_reconstruction_threshold : int or float
+        SecAgg+ shares per site and shares needed to unmask (flwr's ``SecAggPlusWorkflow``).
+    secagg_clipping_range : float
+        Model parameters are quantised in ``[-range, range]``; a site whose parameters leave it
+        refuses the round rather than send a silently clipped model.
+    client_dp_clipping_norm : float
+        L2 bound of each site's update (client-level DP); 0 turns client-level DP off.
+    client_dp_noise_multiplier : float
+        σ of client-level DP: the server adds N(0, (σ C / m)²) to the mean of m clipped updates.
+    client_dp_delta : float
+        δ at which the server reports the client-level ε (Opacus RDP accountant).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -175,6 +233,16 @@ class RunConfig(BaseModel):
     checkpoint_dir: Path | None = None
     resume: bool = False
     seed: int = 0
+    artefact_key: str | None = Field(default=None, min_length=1)
+    audit_key: Path | None = None
+    audit_log: Path | None = None
+    secure_aggregation: bool = False
+    secagg_num_shares: int | float = Field(default=1.0, gt=0)
+    secagg_reconstruction_threshold: int | float = Field(default=0.67, gt=0)
+    secagg_clipping_range: float = Field(default=8.0, gt=0)
+    client_dp_clipping_norm: float = Field(default=0.0, ge=0)
+    client_dp_noise_multiplier: float = Field(default=1.0, ge=0)
+    client_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
 
     @field_validator("input_shape")
     @classmethod
@@ -215,12 +283,51 @@ class RunConfig(BaseModel):
                 f"task 'multiclass' needs num-classes >= 3, got {self.num_classes}; "
                 "use task = 'binary' for two classes"
             )
+        if self.audit_key is not None and self.audit_log is None and self.checkpoint_dir is None:
+            raise ValueError("audit-key needs audit-log or checkpoint-dir (where the audit log goes)")
         if self.strategy == "krum" and self.min_sites < 2 * self.num_malicious_nodes + 3:
             raise ValueError(
                 f"krum with num-malicious-nodes = {self.num_malicious_nodes} needs min-sites >= "
                 f"{2 * self.num_malicious_nodes + 3} (n > 2f + 2)"
             )
+        self._check_secure_aggregation()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuse secure settings that cannot work; warn about a weaker combination."""
+        if not self.secure_aggregation:
+            given = sorted(_FIELD_TO_KEY[f] for f in _SECURE_FIELDS & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to secure aggregation only (client-level DP runs on "
+                    "the SecAgg+ path): set secure-aggregation = true or remove them"
+                )
+            return
+        if self.strategy not in SECURE_AGGREGATION_STRATEGIES:
+            raise ValueError(
+                f"secure-aggregation = true needs a mean-based strategy "
+                f"({', '.join(SECURE_AGGREGATION_STRATEGIES)}), not {self.strategy!r}: SecAgg+ "
+                "reveals only the sum of the sites' updates, while median, trimmed-mean and Krum "
+                "need each update and FedAdam's server state is not wired to the secure path"
+            )
+        for name in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value > 1:
+                raise ValueError(f"{_FIELD_TO_KEY[name]} as a fraction must be in (0, 1], got {value}")
+        if isinstance(self.secagg_num_shares, int) and not isinstance(self.secagg_num_shares, bool) \
+                and self.secagg_num_shares == 2:
+            raise ValueError("secagg-num-shares as a count must be greater than 2 (or a fraction in (0, 1])")
+        if self.client_dp_clipping_norm == 0:
+            logger.warning(
+                "PRIVACY WARNING: secure-aggregation = true without client-level DP "
+                "(client-dp-clipping-norm = 0): the released model carries no client-level "
+                "guarantee; set client-dp-clipping-norm and client-dp-noise-multiplier"
+            )
+
+    @property
+    def client_dp(self) -> bool:
+        """Return whether client-level DP (client clipping + server noise) is on."""
+        return self.secure_aggregation and self.client_dp_clipping_norm > 0
 
     @property
     def output_classes(self) -> int:
@@ -251,8 +358,12 @@ class RunConfig(BaseModel):
                 model[target.removeprefix("model.")] = value
             elif target == "input_shape":
                 fields[target] = _parse_shape(value)
-            elif target == "checkpoint_dir":
-                fields[target] = Path(str(value)).expanduser() if str(value) else None
+            elif target in _OPTIONAL_TEXT:
+                text = str(value)
+                if target != "artefact_key" and text:
+                    fields[target] = Path(text).expanduser()
+                else:
+                    fields[target] = text or None
             else:
                 fields[target] = value
         if model:
@@ -265,13 +376,15 @@ class RunConfig(BaseModel):
         for key, target in RUN_CONFIG_KEYS.items():
             if target in STRATEGY_PARAMS and STRATEGY_PARAMS[target] != self.strategy:
                 continue
+            if target in _SECURE_FIELDS and not self.secure_aggregation:
+                continue
             if target.startswith("model."):
                 value: Any = getattr(self.model, target.removeprefix("model."))
             else:
                 value = getattr(self, target)
             if target == "input_shape":
                 value = ",".join(str(d) for d in value)
-            elif target == "checkpoint_dir":
+            elif target in _OPTIONAL_TEXT:
                 value = "" if value is None else str(value)
             out[key] = value
         return out

@@ -11,6 +11,9 @@ A study TOML names the study and holds the run configuration the ServerApp reads
     [run]                             # becomes [tool.flwr.app.config]; nested tables allowed
     num-server-rounds = 2
     ...
+    secure-aggregation = true         # optional: SecAgg+ (server.secagg), with client-level DP:
+    client-dp-clipping-norm = 1.0     #   every key of server.config.RunConfig is allowed here
+    client-dp-noise-multiplier = 1.0
 
     [app]                             # optional: other installed components (tests, plug-ins)
     serverapp = "fedcare.server.app:app"

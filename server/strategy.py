@@ -209,6 +209,20 @@ def _site_of(msg: Message) -> str | None:
     return None
 
 
+def _info_of(msg: Message) -> dict[str, Any]:
+    """Return what a train reply says about its site: manifest digest, accountant, clipping norm."""
+    out: dict[str, Any] = {}
+    for record in msg.content.config_records.values():
+        for key, name in ((wire.MANIFEST_SHA256, "manifest_sha256"), (wire.ACCOUNTANT, "accountant")):
+            value = record.get(key)
+            if isinstance(value, str):
+                out[name] = value
+        norm = record.get(wire.MAX_GRAD_NORM)
+        if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+            out["max_grad_norm"] = float(norm)
+    return out
+
+
 def _metrics_of(msg: Message) -> dict[str, float]:
     """Return a reply's scalar metrics (without lists)."""
     out: dict[str, float] = {}
@@ -318,6 +332,8 @@ class FedcareStrategy(Strategy):
                 site = f"{site}@node-{node}"
             self.history.node_sites[node] = site
             per_site[site] = _metrics_of(msg)
+            if stage == "train":
+                record.site_info[site] = _info_of(msg)
         for msg in errors:
             node = msg.metadata.src_node_id
             reason = msg.error.reason or "(no reason given)"

@@ -64,7 +64,11 @@ def simulate(
 ) -> None:
     """Run a federated simulation scenario and write summary.json, metrics.csv, the model and plots."""
     from ..client.errors import DataValidationError  # noqa: PLC0415 - keep --help fast
+    from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
+    from ..privacy.audit import AuditError  # noqa: PLC0415
     from ..server.app import CheckpointExistsError, ResumeMismatchError  # noqa: PLC0415
+    from ..server.checkpoint import CheckpointError  # noqa: PLC0415
+    from .release import LedgerMismatchError  # noqa: PLC0415
     from .runner import run_scenario  # noqa: PLC0415
     from .scenario import DEFAULT_SCENARIO, InvalidScenarioError, load_scenario  # noqa: PLC0415
 
@@ -73,6 +77,9 @@ def simulate(
         spec = load_scenario(scenario or DEFAULT_SCENARIO)
         summary = run_scenario(spec, out, resume=resume, console=_errors)
     except (InvalidScenarioError, DataValidationError, CheckpointExistsError, ResumeMismatchError) as exc:
+        _errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except (CheckpointError, KeyFileError, AuditError, LedgerMismatchError) as exc:
         _errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     table = Table(title=f"{summary.scenario}: {summary.status}, {summary.rounds_completed}/{summary.rounds_planned} rounds")
@@ -96,7 +103,7 @@ def simulate(
     _console.print(f"wall time {summary.wall_time_s:.1f} s (federated part {summary.federated_time_s:.1f} s); "
                    f"results in {summary.out_dir}")
     if summary.status != "completed":
-        _errors.print(f"[red]stopped:[/red] {summary.reason}")
+        _errors.print(f"[red]{summary.status}:[/red] {summary.reason}", soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -106,16 +113,21 @@ def evaluate(
     site: Annotated[Path, typer.Option("--site", "-s", help="Site manifest TOML of the validation site.")],
     split: Annotated[str, typer.Option("--split", help="Which split to evaluate: test, val, train or all.")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Metrics JSON (default beside the model).")] = None,
+    key: Annotated[
+        Optional[str],
+        typer.Option("--key", help="Artefact key of an encrypted model (.npz.enc): a key file, 'env' or 'env:NAME'."),
+    ] = None,
 ) -> None:
     """Validate a saved global model externally on any site's data; print and write the metrics."""
     from ..client.errors import DataValidationError  # noqa: PLC0415
+    from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
     from .runner import evaluate_model_file  # noqa: PLC0415
 
     _setup_logging(False)
     try:
-        result = evaluate_model_file(model, site, split=split, out=out)
-    except (DataValidationError, CheckpointError, ValueError) as exc:
+        result = evaluate_model_file(model, site, split=split, out=out, key=key)
+    except (DataValidationError, CheckpointError, KeyFileError, ValueError) as exc:
         _errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     table = Table(title=f"{result['site']} ({result['split']}, {result['num_examples']} examples)")

@@ -10,7 +10,10 @@ and writes to ``out_dir``:
 - ``summary.json``: final global metrics, per-site metrics per round, each site's ε and δ,
   baselines (pooled, local-only) and the federated-versus-pooled gap, wall times;
 - ``metrics.csv``: one row per (round, stage, site, metric), ``site = "global"`` for aggregates;
-- ``final_model.npz``, ``history.json`` and ``checkpoint.npz`` (in ``checkpoints/``);
+- ``final_model.npz``, ``history.json`` and ``checkpoint.npz`` (in ``checkpoints/``; ``.npz.enc``
+  with the scenario's ``[artefacts]`` key, plus ``audit.jsonl`` with its ``[audit]`` key);
+- ``final_model.npz`` (the exported, unencrypted model: only when the ``[release]`` gate passes
+  or none is set) and ``privacy_report.json`` / ``.md`` (``simulations.release``);
 - ``ledgers/``: every virtual hospital's privacy ledger;
 - PNG plots.
 """
@@ -48,9 +51,11 @@ from ..client.dataset import SiteData, Split
 from ..client.loaders import load_site_file
 from ..client.metrics import evaluate
 from ..models import ModelSpec, build_for_data, set_weights
+from ..privacy.policy import SitePolicy, node_default_policy
 from ..server.app import CheckpointExistsError, make_server_app
 from ..server.checkpoint import (
     CHECKPOINT_FILE,
+    ENCRYPTED_SUFFIX,
     FINAL_MODEL_FILE,
     HISTORY_FILE,
     RoundRecord,
@@ -58,11 +63,15 @@ from ..server.checkpoint import (
     write_json_atomic,
 )
 from ..server.config import RunConfig
+from ..server.safekeeping import load_artefact_key
+from ..server.secagg import SecureAggregationError
 from ..server.strategy import TooFewSitesError
 from .baselines import run_baselines
 from .builtin import load_builtin
 from .partition import partition
+from .secure import secure_summary
 from .plots import plot_summary
+from .release import release_model, security_fields
 from .scenario import ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
 
 __all__ = [
@@ -108,6 +117,8 @@ class Summary(BaseModel):
     federated_time_s: float
     out_dir: str
     files: dict[str, str]
+    secure_aggregation: dict[str, Any] | None = None  # simulations.secure.secure_summary
+    release: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,7 @@ def run_config_for(
         checkpoint_dir=out_dir / CHECKPOINT_DIR,
         resume=resume,
         seed=scenario.seed,
+        **security_fields(scenario.artefacts, scenario.audit),
     )
 
 
@@ -236,6 +248,22 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.4f}"
 
 
+def _site_policy(scenario: Scenario) -> SitePolicy:
+    """Return every virtual hospital's policy: the node default, with the scenario's [policy] keys."""
+    base = node_default_policy()
+    if scenario.policy is None:
+        return base
+    given = {k: getattr(scenario.policy, k) for k in scenario.policy.model_fields_set}
+    return SitePolicy.model_validate({**base.model_dump(), **given})
+
+
+def _policy_label(scenario: Scenario) -> str:
+    """Return how the report names the virtual hospitals' policy."""
+    if scenario.policy is None:
+        return "node default policy (strict minus SecAgg+), every virtual hospital"
+    return "node default policy with the scenario's [policy] keys, every virtual hospital"
+
+
 def _write_hospitals(scenario: Scenario, hospitals: list[SiteData], folder: Path, ledgers: Path) -> None:
     """Write each hospital (data + the scenario's privacy policy) for the Ray workers to load."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +274,7 @@ def _write_hospitals(scenario: Scenario, hospitals: list[SiteData], folder: Path
             ledger_dir=ledgers,
             name=data.name,
             seed=scenario.seed * 1000 + i,
+            policy=_site_policy(scenario),
         )
         with open(folder / f"site-{i}.pkl", "wb") as fh:
             pickle.dump(site, fh, protocol=pickle.HIGHEST_PROTOCOL)
@@ -335,6 +364,8 @@ def run_scenario(
     hospitals = build_hospitals(scenario)
     config = run_config_for(scenario, hospitals, out, resume=resume)
     existing = config.checkpoint_dir / CHECKPOINT_FILE  # type: ignore[operator]
+    if not existing.exists():
+        existing = existing.with_name(CHECKPOINT_FILE + ENCRYPTED_SUFFIX)
     if existing.exists() and not resume:  # refuse before Ray starts, as the ServerApp would
         raise CheckpointExistsError(
             f"{out} holds a checkpoint of an earlier run ({existing}); pass --resume to continue "
@@ -377,6 +408,9 @@ def run_scenario(
         finally:
             if progress.live is not None:
                 progress.live.stop()
+    except SecureAggregationError as exc:  # history.json says failed; no model is released
+        status, reason = "failed", str(exc)
+        logger.error("secure aggregation FAILED: %s", exc)
     except TooFewSitesError as exc:
         status, reason = "stopped", str(exc)
         logger.error("%s", exc)
@@ -395,11 +429,14 @@ def run_scenario(
     last = rounds[-1] if rounds else {}
     baselines = _run_baselines(scenario, hospitals)
     final_global = last.get("evaluate", {})
-    model_src = config.checkpoint_dir / FINAL_MODEL_FILE  # type: ignore[operator]
     files = {"summary": str(out / SUMMARY_FILE), "metrics": str(out / METRICS_FILE)}
-    if model_src.is_file():
-        shutil.copyfile(model_src, out / FINAL_MODEL_FILE)
-        files["model"] = str(out / FINAL_MODEL_FILE)
+    release = None
+    if status == "completed":
+        release = release_model(scenario, hospitals, config, history, out, ledger_dir=out / LEDGER_DIR,
+                                policy_label=_policy_label(scenario))
+        files.update({k: v for k, v in (("model", release.model), ("report", release.report)) if v})
+        if not release.released:
+            status, reason = "blocked", release.reason
     pd.DataFrame(_metrics_rows(rounds), columns=["round", "stage", "site", "metric", "value"]).to_csv(
         out / METRICS_FILE, index=False
     )
@@ -425,11 +462,15 @@ def run_scenario(
         "federated_time_s": federated_time,
         "out_dir": str(out),
         "files": files,
+        "secure_aggregation": secure_summary(scenario.secure_aggregation, scenario.client_dp, rounds),
+        "release": None if release is None else release.model_dump(mode="json"),
     }
     files.update(_plots(data, out))
     data["wall_time_s"] = time.perf_counter() - started
     summary = Summary.model_validate(data)
     write_json_atomic(out / SUMMARY_FILE, summary.model_dump(mode="json"))
+    if status == "failed":  # a failed secure round fails the run loudly (summary.json says why)
+        raise SecureAggregationError(f"{reason} (summary: {out / SUMMARY_FILE})")
     return summary
 
 
@@ -443,7 +484,12 @@ def _concat(splits: list[Split]) -> Split:
 
 
 def evaluate_model_file(
-    model_path: Path | str, site_path: Path | str, *, split: str = "test", out: Path | str | None = None
+    model_path: Path | str,
+    site_path: Path | str,
+    *,
+    split: str = "test",
+    out: Path | str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved global model on a site manifest's data (external validation).
 
@@ -451,16 +497,18 @@ def evaluate_model_file(
     ``out`` (default ``<model folder>/external_<site>_<split>.json``) and returns it with the
     file's path under ``"file"``.
 
+    ``key`` (a key file, ``"env"`` or ``"env:NAME"``) decrypts a ``final_model.npz.enc``.
+
     Raises
     ------
     CheckpointError
-        When the model file is unreadable.
+        When the model file is unreadable, tampered, or encrypted and no (or the wrong) key given.
     DataValidationError
         When the site's data fails validation.
     ValueError
         When the site's data does not fit the model, or ``split`` is unknown.
     """
-    arrays, meta = load_model_file(model_path)
+    arrays, meta = load_model_file(model_path, key=load_artefact_key(key))
     data = load_site_file(site_path)
     expected = (meta["task"], int(meta["num_classes"]), tuple(meta["input_shape"]), bool(meta["has_mask"]))
     found = (data.task, data.num_classes, tuple(data.input_shape), data.has_mask)

@@ -39,6 +39,16 @@ A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields
     delta = 1e-5
     max_grad_norm = 1.0
 
+    [policy]                             # optional privacy.policy.SitePolicy of every virtual site:
+    max_epsilon_per_study = 3.0          # keys not given keep the node default (strict minus SecAgg)
+
+    [artefacts]                          # optional (simulations.release): encrypt checkpoints and
+    key = "keys/artefact.key"            #   the final model; a key file, "env" or "env:NAME"
+    [audit]                              # optional: the server signs an audit log
+    signing_key = "keys/audit.key"       #   (fedcare audit keygen)
+    [release]                            # optional: membership-inference release gate
+    max_membership_auc = 0.6             #   see simulations/release.py for every key
+
     [simulation]
     num_cpus = 2                         # Ray's CPUs; each virtual hospital uses client_num_cpus
     client_num_cpus = 1
@@ -57,9 +67,12 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..models import ModelSpec
+from ..privacy.policy import SitePolicy
 from ..privacy.settings import PrivacySettings
 from ..server.config import RunConfig
 from .partition import PartitionScheme
+from .secure import ClientDpSpec, SecureAggregationSpec, secure_run_fields
+from .release import ArtefactSettings, AuditSettings, ReleaseSettings
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -194,7 +207,13 @@ class Scenario(_Frozen):
     strategy: StrategySpec = StrategySpec()
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySettings = PrivacySettings()
+    policy: SitePolicy | None = None  # every virtual site's policy; keys not given: node default
     simulation: SimulationSettings = SimulationSettings()
+    secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()  # simulations.secure
+    client_dp: ClientDpSpec | None = None
+    artefacts: ArtefactSettings = ArtefactSettings()
+    audit: AuditSettings = AuditSettings()
+    release: ReleaseSettings = ReleaseSettings()
 
     @model_validator(mode="after")
     def _partition_fits_source(self) -> Scenario:
@@ -213,6 +232,7 @@ class Scenario(_Frozen):
         """
         fields = {"strategy": self.strategy.name}
         fields.update({k.replace("-", "_"): v for k, v in self.strategy.params.items()})
+        fields.update(secure_run_fields(self.secure_aggregation, self.client_dp))
         try:
             RunConfig(input_shape=(1,), **fields)  # type: ignore[arg-type]
         except ValidationError as exc:

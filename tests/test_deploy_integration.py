@@ -50,6 +50,13 @@ checkpoint-dir = '{checkpoint_dir}'
 seed = 0
 """
 
+#: the same federation, a second study: SecAgg+ with client-level DP (server.secagg)
+SECURE_STUDY = STUDY.replace('name = "heart-deploy-test"', 'name = "heart-secagg-test"').replace(
+    "seed = 0\n",
+    "seed = 0\nsecure-aggregation = true\nclient-dp-clipping-norm = 1.0\n"
+    "client-dp-noise-multiplier = 1.0\nclient-dp-delta = 1e-5\n",
+)
+
 
 @pytest.mark.integration
 @pytest.mark.slow
@@ -90,6 +97,29 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
         for node in fed.nodes:
             assert node.handle.running(), node.handle.log_tail()
 
+        # Execute (2): a SecAgg+ study with client-level DP on the same federation
+        secure_dir = tmp_path / "secure-model"
+        secure_study = tmp_path / "secure-study.toml"
+        secure_study.write_text(SECURE_STUDY.format(checkpoint_dir=secure_dir), encoding="utf-8")
+        secure_started = time.monotonic()
+        secure = CliRunner().invoke(
+            cli,
+            [str(secure_study), "--superlink", fed.address, "--certs", str(fed.certs.root),
+             "--timeout", "480"],
+        )  # fmt: skip
+        secure_s = time.monotonic() - secure_started
+
+        # Assert (2)
+        assert secure.exit_code == 0, secure.output
+        secure_match = re.search(r"run (\d+) finished:completed", secure.output)
+        assert secure_match is not None, secure.output
+        secure_history = json.loads((secure_dir / HISTORY_FILE).read_text())
+        assert secure_history["status"] == "completed"
+        last = secure_history["rounds"][-1]
+        assert last["train"]["secure-aggregation"] == 1.0 and last["train"]["client-epsilon"] > 0
+        assert len(last["site_train"]) == len(last["site_evaluate"]) == len(SITES)
+        assert (secure_dir / FINAL_MODEL_FILE).is_file()
+
     assert (model_dir / FINAL_MODEL_FILE).is_file()
     history = json.loads((model_dir / HISTORY_FILE).read_text())
     assert history["run_config"]["num-server-rounds"] == 2
@@ -99,5 +129,5 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
         assert not node.handle.running()
     print(
         f"\nnode start->ready: {', '.join(f'{k} {v:.1f} s' for k, v in ready.items())}; "
-        f"2-round run {run_s:.1f} s; test {time.monotonic() - started:.1f} s"
+        f"2-round run {run_s:.1f} s; 2-round SecAgg+ run {secure_s:.1f} s; test {time.monotonic() - started:.1f} s"
     )

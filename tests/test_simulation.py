@@ -48,6 +48,10 @@ lr = 0.5
 enabled = true
 noise_multiplier = 1.0
 epsilon_budget = 20.0
+
+[policy]                      # every site allows this study's ε (fixed σ = 1: ≈ 4.9 after 3 rounds)
+max_epsilon_per_study = 20.0
+max_epsilon_total = 20.0
 """
 
 

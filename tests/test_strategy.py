@@ -428,7 +428,10 @@ def test_the_deployed_client_app_reads_the_site_from_node_config(tmp_path: Path)
     manifest = _table_site(tmp_path)
     settings = tmp_path / "privacy.toml"
     settings.write_text("[privacy]\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n")
-    node = {"site-manifest": str(manifest), "ledger-dir": str(tmp_path / "ledger"), "privacy-settings": str(settings)}
+    policy = tmp_path / "policy.toml"  # the hospital allows this study's ε (σ = 1 gives ≈ 4.3)
+    policy.write_text("max_epsilon_per_study = 10.0\nmax_epsilon_total = 10.0\nrequire_secure_aggregation = false\n")
+    node = {"site-manifest": str(manifest), "ledger-dir": str(tmp_path / "ledger"), "privacy-settings": str(settings),
+            "policy": str(policy)}
     config = _real_config(tmp_path, num_rounds=1, min_sites=2)
 
     # Execute

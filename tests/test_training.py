@@ -250,16 +250,23 @@ def test_fast_path_round_charges_the_ledger_exactly_like_hooks(
         build = lambda: build_model("lstm", input_size=3, num_classes=2, hidden_size=6,  # noqa: E731
                                     bidirectional=True, use_mask=True)
         train = TrainSettings(batch_size=2, lr=0.3, seed=1)
-    runs = {}
+    models, ledgers, results_by_mode = {}, {}, {}
     for mode in ("auto", "hooks"):
         torch.manual_seed(0)
-        model = build()
-        ledger = _ledger(tmp_path, f"{family}-{mode}")
-        privacy = PrivacySettings.with_target(epsilon=3.0, delta=1e-3, grad_sample_mode=mode)
-        # Execute: two rounds of a two-round study (noise calibrated for both)
-        results = [train_local(model, data, train=train, privacy=privacy, ledger=ledger, planned_rounds=2,
-                               round_index=r) for r in (1, 2)]
-        runs[mode] = (results, ledger, _weights(model))
+        models[mode] = build()
+        ledgers[mode] = _ledger(tmp_path, f"{family}-{mode}")
+        results_by_mode[mode] = []
+    # Execute: two rounds of a two-round study (noise calibrated for both); as in a federation,
+    # both runs start round 2 from the same weights (the noise stream depends on them)
+    for r in (1, 2):
+        if r > 1:
+            models["auto"].load_state_dict(models["hooks"].state_dict())
+        for mode in ("auto", "hooks"):
+            privacy = PrivacySettings.with_target(epsilon=3.0, delta=1e-3, grad_sample_mode=mode)
+            results_by_mode[mode].append(train_local(
+                models[mode], data, train=train, privacy=privacy, ledger=ledgers[mode],
+                planned_rounds=2, round_index=r))
+    runs = {m: (results_by_mode[m], ledgers[m], _weights(models[m])) for m in models}
     # Assert: ε reported = ledger's = a fresh Opacus accountant's over the same history, exactly
     for results, ledger, _ in runs.values():
         fresh = RDPAccountant()

@@ -1,0 +1,267 @@
+"""The site policy enforced at the node: the real ClientApp train handler refuses before training."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcare.client.app import LocalSite, make_client_app
+from fedcare.models import ModelSpec, build_for_data, get_weights, wire
+from fedcare.privacy.errors import PrivacyWarning
+from fedcare.privacy.ledger import PrivacyLedger
+from fedcare.privacy.policy import (
+    NO_SECURE_AGGREGATION_WARNING,
+    Rule,
+    SitePolicy,
+    node_default_policy,
+)
+from fedcare.privacy.settings import PrivacySettings
+from fedcare.server.app import train_config
+from fedcare.server.config import RunConfig
+from fedcare.simulations.builtin import load_builtin
+from fedcare.simulations.partition import PartitionScheme, partition
+
+APP = "cd" * 32
+#: ε = 3 over 3 rounds at δ = 1e-5: the node default policy accepts it (σ ≈ 0.9 on ~200 patients).
+DEFAULT_DP = PrivacySettings.with_target(epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Provider:
+    site: LocalSite
+
+    def __call__(self, context: Context) -> LocalSite:
+        return self.site
+
+
+def _site(tmp_path: Path, *, privacy: PrivacySettings = DEFAULT_DP, policy: SitePolicy | None = None,
+          num_sites: int = 2) -> LocalSite:
+    data = partition(load_builtin("breast_cancer"), scheme=PartitionScheme(kind="iid"), num_sites=num_sites, seed=0)[0]
+    return LocalSite(data=data, privacy=privacy, ledger_dir=tmp_path / "ledgers", name="hospital-a", seed=1,
+                     policy=policy if policy is not None else node_default_policy())
+
+
+def _train_message(*, study: str = "heart", family: str = "logistic", rounds: int = 3) -> tuple[Message, dict[str, np.ndarray]]:
+    config = RunConfig(input_shape=(30,), num_rounds=rounds, min_sites=1, checkpoint_dir=Path("/nonexistent"),
+                       batch_size=32, lr=0.5, study=study)
+    record = train_config(config)
+    record[wire.MODEL_SPEC] = ModelSpec(family=family).model_dump_json()
+    record[wire.SERVER_ROUND] = 1
+    model = build_for_data(ModelSpec(family=family), task="binary", num_classes=2, input_shape=(30,), has_mask=False)
+    weights = get_weights(model)
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in weights.items())),
+        wire.CONFIG: record,
+    })
+    if TaskIdentity._run_id is None:  # what flwr sets in a running app (as InProcessGrid does)
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    msg = Message(content, dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "msg-1"
+    return msg, weights
+
+
+def _context(node_config: dict[str, Any] | None = None) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config or {"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def _ledger_files(site: LocalSite) -> list[Path]:
+    return sorted(Path(site.ledger_dir).glob("*.json")) if Path(site.ledger_dir).exists() else []
+
+
+@pytest.mark.parametrize(
+    ("changes", "msg_changes", "env_hash", "rule", "in_reason"),
+    [
+        ({"policy": {"allowed_model_families": ["lstm"]}}, {}, None, Rule.MODEL_FAMILY, "'logistic' is not allowed"),
+        ({"policy": {"allowed_app_hashes": [APP]}}, {}, "ef" * 32, Rule.APP_HASH, "not one the site pinned"),
+        ({"policy": {"allowed_app_hashes": [APP]}}, {}, None, Rule.APP_HASH, "app hash None"),
+        ({"policy": {"require_secure_aggregation": True}}, {}, None, Rule.SECURE_AGGREGATION, "must enable SecAgg+"),
+        ({"policy": {"min_cohort_size": 1000}}, {}, None, Rule.COHORT_SIZE, "below the minimum 1000"),
+        ({"privacy": PrivacySettings.disabled()}, {}, None, Rule.DP_REQUIRED, "must enable privacy"),
+        ({"privacy": PrivacySettings.with_target(epsilon=3.0, delta=1e-4)}, {}, None, Rule.DELTA, "exceeds the site's ceiling 1e-05"),
+        ({"policy": {"min_noise_multiplier": 5.0}}, {}, None, Rule.NOISE_MULTIPLIER, "below the site's minimum 5"),
+        ({"privacy": PrivacySettings.with_target(epsilon=3.0, max_grad_norm=3.0)}, {}, None, Rule.MAX_GRAD_NORM, "exceeds the site's maximum 2"),
+        ({"privacy": PrivacySettings.with_target(epsilon=5.0)}, {}, None, Rule.EPSILON_STUDY, "per-study maximum 3"),
+        ({"policy": {"max_epsilon_per_study": 0.5, "max_epsilon_total": 0.5}}, {}, None, Rule.EPSILON_STUDY, "per-study maximum 0.5"),
+    ],
+)
+def test_each_violation_is_refused_at_the_node_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any], msg_changes: dict[str, Any],
+    env_hash: str | None, rule: Rule, in_reason: str,
+) -> None:
+    # Prepare
+    policy = (SitePolicy.model_validate({**node_default_policy().model_dump(), **changes["policy"]})
+              if "policy" in changes else None)
+    site = _site(tmp_path, privacy=changes.get("privacy", DEFAULT_DP), policy=policy)
+    if env_hash is None:
+        monkeypatch.delenv("FEDCARE_APP_HASH", raising=False)
+    else:
+        monkeypatch.setenv("FEDCARE_APP_HASH", env_hash)
+    msg, _ = _train_message(**msg_changes)
+
+    # Execute
+    reply = make_client_app(_Provider(site))(msg, _context())
+
+    # Assert
+    assert reply.has_error() and not reply.has_content()  # no model goes back
+    assert reply.error.code == wire.ERROR_POLICY
+    assert reply.error.reason.startswith("site 'hospital-a' refused to train: site policy refuses the round")
+    assert f"[{rule.value}]" in reply.error.reason and in_reason in reply.error.reason
+    assert _ledger_files(site) == []  # nothing charged, nothing written
+
+
+def test_total_epsilon_counts_the_sites_other_studies(tmp_path: Path) -> None:
+    # Prepare: another study of this site already spent ε = 4.5 (a second site's ledger is ignored)
+    site = _site(tmp_path)
+    for name, steps in (("hospital-a", 20), ("hospital-b", 2000)):
+        other = PrivacyLedger.open(site.ledger_dir, site=name, study="earlier-study", accountant="rdp",
+                                   delta=1e-5, epsilon_budget=1e6)
+        other.commit_round(round_index=1, noise_multiplier=1.0, sample_rate=0.1, steps=steps)
+    spent = PrivacyLedger.open(site.ledger_dir, site="hospital-a", study="earlier-study").spent_epsilon()
+    assert 3.0 < spent < 6.0  # the round below (ε ≤ 3 projected, > 1.8) takes the total past 6
+    before = {p: p.read_bytes() for p in _ledger_files(site)}
+    msg, _ = _train_message()
+
+    # Execute
+    reply = make_client_app(_Provider(site))(msg, _context())
+
+    # Assert
+    assert reply.has_error() and reply.error.code == wire.ERROR_POLICY
+    assert "[epsilon_total]" in reply.error.reason and f"(spent {spent:.6g})" in reply.error.reason
+    assert {p: p.read_bytes() for p in _ledger_files(site)} == before
+
+
+def test_a_conforming_round_trains_and_warns_that_there_is_no_secure_aggregation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    site = _site(tmp_path)
+    msg, weights = _train_message()
+
+    # Execute
+    with pytest.warns(PrivacyWarning, match=NO_SECURE_AGGREGATION_WARNING):
+        reply = make_client_app(_Provider(site))(msg, _context())
+
+    # Assert
+    assert not reply.has_error()
+    trained = {k: v.numpy() for k, v in reply.content[wire.ARRAYS].items()}
+    assert any(not np.array_equal(trained[k], weights[k]) for k in weights)
+    assert 0 < float(reply.content[wire.METRICS][wire.EPSILON]) <= 3.0
+    assert len(_ledger_files(site)) == 1
+    assert NO_SECURE_AGGREGATION_WARNING in caplog.text
+
+
+def _manifest(folder: Path) -> Path:
+    from sklearn.datasets import load_breast_cancer
+
+    load_breast_cancer(as_frame=True).frame.to_csv(folder / "wdbc.csv", index=False)
+    manifest = folder / "site.toml"
+    manifest.write_text(
+        'site = "wdbc"\ntask = "binary"\nclasses = [0, 1]\n[split]\nval = 0.1\ntest = 0.3\nseed = 0\n'
+        '[data]\nkind = "table"\npath = "wdbc.csv"\ntarget = "target"\n'
+    )
+    return manifest
+
+
+def test_a_node_without_a_policy_file_applies_the_node_default(tmp_path: Path) -> None:
+    # Prepare: ε = 5 is within the site's own budget but above the default policy's 3 per study
+    from fedcare.client.app import app
+
+    (tmp_path / "privacy.toml").write_text("[privacy]\ntarget_epsilon = 5.0\n")
+    node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger"),
+            "privacy-settings": str(tmp_path / "privacy.toml")}
+    msg, _ = _train_message()
+
+    # Execute
+    reply = app(msg, _context(node))
+
+    # Assert
+    assert node_default_policy() == SitePolicy.strict_default().model_copy(update={"require_secure_aggregation": False})
+    assert reply.has_error() and reply.error.code == wire.ERROR_POLICY
+    assert "site 'wdbc' refused to train" in reply.error.reason and "[epsilon_study]" in reply.error.reason
+    assert not (tmp_path / "ledger").exists() or not list((tmp_path / "ledger").glob("*.json"))
+
+
+def test_a_node_policy_file_is_read_and_an_invalid_one_refuses_every_round(tmp_path: Path) -> None:
+    # Prepare
+    from fedcare.client.app import app
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('require_secure_aggregation = false\nallowed_model_families = ["cnn"]\n')
+    node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger"), "policy": str(policy)}
+    msg, _ = _train_message()
+
+    # Execute
+    with pytest.warns(UserWarning, match="require_secure_aggregation = false"):
+        refused = app(msg, _context(node))
+    policy.write_text("max_epsilon = 3\n")
+    broken = app(_train_message()[0], _context(node))
+
+    # Assert
+    assert refused.error.code == wire.ERROR_POLICY and "[model_family]" in refused.error.reason
+    assert broken.error.code == wire.ERROR_POLICY and "max_epsilon: Extra inputs are not permitted" in broken.error.reason
+
+
+def test_virtual_hospitals_get_the_node_default_or_the_scenarios_policy_table() -> None:
+    # Prepare
+    from fedcare.simulations.runner import _site_policy
+    from fedcare.simulations.scenario import Scenario
+
+    base = {"name": "x", "data": {"kind": "sklearn", "name": "breast_cancer"}}
+
+    # Execute
+    default = _site_policy(Scenario.model_validate(base))
+    looser = _site_policy(Scenario.model_validate({**base, "policy": {"max_epsilon_per_study": 20.0,
+                                                                        "max_epsilon_total": 40.0}}))
+
+    # Assert
+    assert default == node_default_policy()
+    assert (looser.max_epsilon_per_study, looser.max_epsilon_total) == (20.0, 40.0)
+    assert not looser.require_secure_aggregation and looser.max_delta == 1e-5  # other keys: node default
+
+
+def test_the_default_scenario_passes_the_node_default_policy(tmp_path: Path) -> None:
+    # Prepare: the built-in scenario's DP settings, one of its virtual hospitals, its 5 rounds
+    from fedcare.simulations.runner import build_hospitals
+    from fedcare.simulations.scenario import DEFAULT_SCENARIO, load_scenario
+
+    scenario = load_scenario(DEFAULT_SCENARIO)
+    data = build_hospitals(scenario)[0]
+    site = LocalSite(data=data, privacy=scenario.privacy, ledger_dir=tmp_path / "ledgers", name=data.name, seed=0,
+                     policy=node_default_policy())
+    msg, _ = _train_message(rounds=scenario.rounds)
+
+    # Execute
+    reply = make_client_app(_Provider(site))(msg, _context())
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert 0 < float(reply.content[wire.METRICS][wire.EPSILON]) <= 3.0
+
+
+def test_a_site_that_accepts_non_dp_rounds_keeps_training_and_refuses_dp_after_them(tmp_path: Path) -> None:
+    # Prepare
+    permissive = SitePolicy.model_validate({**node_default_policy().model_dump(), "require_dp": False})
+    site = _site(tmp_path, privacy=PrivacySettings.disabled(), policy=permissive)
+    app = make_client_app(_Provider(site))
+
+    # Execute: two non-DP rounds, then the same site switched to DP in another study
+    replies = []
+    for server_round in (1, 2):
+        msg, _ = _train_message()
+        msg.content[wire.CONFIG][wire.SERVER_ROUND] = server_round
+        replies.append(app(msg, _context()))
+    dp_app = make_client_app(_Provider(dataclasses.replace(site, privacy=DEFAULT_DP)))
+    dp_reply = dp_app(_train_message(study="later-study")[0], _context())
+
+    # Assert
+    assert [r.has_error() for r in replies] == [False, False]
+    assert dp_reply.has_error() and dp_reply.error.code == wire.ERROR_POLICY
+    assert "[epsilon_total]" in dp_reply.error.reason and "another study of this site" in dp_reply.error.reason
+    assert "WITHOUT differential privacy" in dp_reply.error.reason

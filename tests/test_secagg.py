@@ -1,0 +1,252 @@
+"""SecAgg+ with client-level DP: the secure sum, the accountant, loud failure, and the site policy."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedcare.client.app import LocalSite, make_client_app
+from fedcare.client.secure import SECURE_ROUND_STATE
+from fedcare.privacy.policy import node_default_policy
+from fedcare.privacy.settings import PrivacySettings
+from fedcare.server.app import _to_record, initial_arrays, run_server, train_config
+from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE, load_model_file
+from fedcare.server.config import InvalidRunConfigError, RunConfig
+from fedcare.server.secagg import CLIENT_EPSILON, SecureAggregationError, client_level_epsilon
+from fedcare.server.strategy import TooFewSitesError
+from fedcare.simulations.builtin import load_builtin
+from fedcare.simulations.partition import PartitionScheme, partition
+from fedcare.simulations.runner import InProcessGrid, run_scenario
+from fedcare.simulations.scenario import DEFAULT_SCENARIO, load_scenario
+
+SCENARIO = DEFAULT_SCENARIO.parent / "secagg_breast_cancer.toml"
+
+
+class _WireGrid(InProcessGrid):
+    """InProcessGrid that copies every message, as serialising it over the wire does.
+
+    SecAgg+ sends one RecordDict to every node and ``secaggplus_mod`` pops keys from it: sharing
+    the object between in-process nodes would corrupt the protocol, never a real federation.
+    """
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        copies = [Message(content=copy.deepcopy(m.content), metadata=copy.copy(m.metadata)) for m in messages]
+        return super().send_and_receive(copies, timeout=timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sites:
+    sites: tuple[LocalSite, ...]
+    fail_in_masked_stage: int | None = None  # partition id whose training raises
+
+    def __call__(self, context: Context) -> LocalSite:
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        if pid == self.fail_in_masked_stage and SECURE_ROUND_STATE in context.state.config_records:
+            raise RuntimeError("simulated crash of the site during the masked-vector stage")
+        return self.sites[pid]
+
+
+def _sites(tmp_path: Path, n: int, *, privacy: PrivacySettings, require_secagg: bool = False,
+           scheme: PartitionScheme | None = None) -> tuple[LocalSite, ...]:
+    data = partition(load_builtin("breast_cancer"), scheme=scheme or PartitionScheme(kind="iid"), num_sites=n, seed=0)
+    policy = node_default_policy().model_copy(
+        update={"require_dp": privacy.enabled, "require_secure_aggregation": require_secagg,
+                "max_epsilon_per_study": 50.0, "max_epsilon_total": 50.0}
+    )
+    return tuple(
+        LocalSite(data=d, privacy=privacy, ledger_dir=tmp_path / "ledgers", name=d.name, seed=i, policy=policy)
+        for i, d in enumerate(data)
+    )
+
+
+def _config(tmp_path: Path, n: int, **changes: Any) -> RunConfig:
+    values: dict[str, Any] = dict(
+        input_shape=(30,), num_rounds=1, min_sites=n, lr=0.5, batch_size=32, seed=3,
+        checkpoint_dir=tmp_path / "ckpt", secure_aggregation=True, client_dp_clipping_norm=0.5,
+        client_dp_noise_multiplier=0.0, round_timeout_s=60.0,
+    )
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def _local_update(site: LocalSite, config: RunConfig, start: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """Train one site exactly as its node does (the same handler, a plain round) and return its update."""
+    app = make_client_app(_Sites((site,)))
+    grid = InProcessGrid(app, 1)
+    record = train_config(config)
+    record["server-round"] = 1
+    msg = Message(RecordDict({"arrays": _to_record(start), "config": record}), dst_node_id=1, message_type="train")
+    reply = list(grid.send_and_receive([msg]))[0]
+    assert not reply.has_error(), reply.error
+    trained = OrderedDict((k, v.numpy()) for k, v in reply.content["arrays"].items())
+    return OrderedDict((k, trained[k] - start[k]) for k in start)
+
+
+# --------------------------------------------------------------------------- the secure sum
+
+
+def test_secure_aggregate_is_the_unweighted_mean_of_the_clipped_updates(tmp_path: Path) -> None:
+    # Prepare: no sample-level DP, σ = 0 client DP: the aggregate is deterministic
+    sites = _sites(tmp_path, 3, privacy=PrivacySettings.disabled(),
+                   scheme=PartitionScheme(kind="quantity", alpha=1.0, min_per_site=40))
+    config = _config(tmp_path, 3)
+    start = initial_arrays(config)
+    clip = config.client_dp_clipping_norm
+    clipped = []
+    for site in sites:
+        update = _local_update(dataclasses.replace(site, ledger_dir=tmp_path / "plain-ledgers"), config, start)
+        norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values())))
+        clipped.append({k: u * min(1.0, clip / norm) for k, u in update.items()})
+    expected = OrderedDict((k, start[k] + np.mean([c[k] for c in clipped], axis=0)) for k in start)
+    sizes = {len(s.data.train) for s in sites}
+
+    # Execute
+    history = run_server(_WireGrid(make_client_app(_Sites(sites)), 3), config)
+
+    # Assert
+    arrays, _ = load_model_file(tmp_path / "ckpt" / FINAL_MODEL_FILE)
+    assert list(arrays) == list(start)
+    for k in start:
+        np.testing.assert_allclose(arrays[k], expected[k], atol=1e-4)  # quantisation: 16 / 2**22 per site
+    assert any(not np.allclose(arrays[k], start[k]) for k in start)
+    assert len(sizes) > 1  # the sites differ in size, yet each counts once (see expected)
+    record = history.rounds[0]
+    assert set(record.site_train) == {s.name for s in sites}
+    assert all(m["secure-aggregation"] == 1.0 for m in record.site_train.values())
+    assert {m["num-examples"] for m in record.site_train.values()} == {float(len(s.data.train)) for s in sites}
+    assert set(record.site_evaluate) == {s.name for s in sites}
+    assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "completed"
+
+
+def test_client_level_epsilon_is_opacus_rdp() -> None:
+    accountant = RDPAccountant()
+    accountant.history = [(0.8, 0.5, 2), (1.1, 1.0, 1)]
+
+    assert client_level_epsilon([(0.8, 0.5), (0.8, 0.5), (1.1, 1.0)], 1e-5) == pytest.approx(
+        accountant.get_epsilon(1e-5)
+    )
+    assert client_level_epsilon([(0.0, 1.0)], 1e-5) == float("inf")
+
+
+# --------------------------------------------------------------------------- loud failure
+
+
+def test_a_site_failing_in_the_masked_stage_fails_the_run_loudly(tmp_path: Path) -> None:
+    # Prepare
+    sites = _sites(tmp_path, 3, privacy=PrivacySettings.disabled())
+    config = _config(tmp_path, 3, num_rounds=2)
+    grid = _WireGrid(make_client_app(_Sites(sites, fail_in_masked_stage=1)), 3)
+
+    # Execute
+    with pytest.raises(SecureAggregationError, match="collect-masked-vectors stage.*simulated crash"):
+        run_server(grid, config)
+
+    # Assert
+    history = json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())
+    assert history["status"] == "failed" and "simulated crash" in history["reason"]
+    assert not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()
+    assert not any(r.get("complete") for r in history["rounds"])
+
+
+def test_a_threshold_above_the_sites_fails_the_run(tmp_path: Path) -> None:
+    sites = _sites(tmp_path, 3, privacy=PrivacySettings.disabled())
+    config = _config(tmp_path, 3, secagg_num_shares=5, secagg_reconstruction_threshold=4)
+
+    with pytest.raises(SecureAggregationError, match="setup stage"):
+        run_server(_WireGrid(make_client_app(_Sites(sites)), 3), config)
+
+    assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "failed"
+    assert not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_a_site_requiring_secagg_refuses_a_plain_round_and_accepts_a_secure_one(tmp_path: Path) -> None:
+    # Prepare
+    dp = PrivacySettings.with_target(epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
+    sites = _sites(tmp_path, 2, privacy=dp, require_secagg=True)
+    app = make_client_app(_Sites(sites))
+    plain = RunConfig(input_shape=(30,), num_rounds=1, min_sites=2, lr=0.5, checkpoint_dir=tmp_path / "plain")
+    secure = _config(tmp_path / "secure", 2, client_dp_noise_multiplier=1.0)
+
+    # Execute / Assert: plain round refused on the secure_aggregation rule
+    with pytest.raises(TooFewSitesError, match=r"secure_aggregation"):
+        run_server(_WireGrid(app, 2), plain)
+    history = run_server(_WireGrid(app, 2), secure)
+
+    record = history.rounds[0]
+    assert record.complete and set(record.site_train) == {s.name for s in sites}
+    assert all(0 < m["epsilon"] <= 3.0 for m in record.site_train.values())
+    assert record.train[CLIENT_EPSILON] == pytest.approx(client_level_epsilon([(1.0, 1.0)], 1e-5))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"secure-aggregation": True, "strategy": "fedmedian"}, "needs a mean-based strategy"),
+        ({"secure-aggregation": True, "strategy": "fedtrimmedavg"}, "median, trimmed-mean and Krum"),
+        ({"client-dp-clipping-norm": 1.0}, "set secure-aggregation = true"),
+    ],
+)
+def test_secure_settings_are_validated(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRunConfigError, match=message):
+        RunConfig.from_run_config({"input-shape": "30", **values})
+
+
+# --------------------------------------------------------------------------- simulation (Ray)
+
+
+@pytest.mark.slow
+def test_secagg_scenario_with_client_dp_completes_in_simulation(tmp_path: Path) -> None:
+    # Prepare
+    scenario = load_scenario(SCENARIO)
+    initial = initial_arrays(RunConfig(input_shape=(30,), seed=scenario.seed))
+
+    # Execute
+    summary = run_scenario(scenario, tmp_path / "out")
+
+    # Assert
+    assert summary.status == "completed" and summary.rounds_completed == scenario.rounds
+    secure = summary.secure_aggregation
+    assert secure is not None and secure["enabled"] and secure["client_dp"]
+    accountant = RDPAccountant()
+    accountant.history = [(scenario.client_dp.noise_multiplier, 1.0, scenario.rounds)]  # type: ignore[union-attr]
+    assert secure["client_epsilon"] == pytest.approx(accountant.get_epsilon(scenario.client_dp.delta))  # type: ignore[union-attr]
+    assert secure["client_delta"] == scenario.client_dp.delta  # type: ignore[union-attr]
+    arrays, _ = load_model_file(tmp_path / "out" / "checkpoints" / FINAL_MODEL_FILE)
+    assert any(not np.allclose(arrays[k], initial[k]) for k in initial)
+    assert len(summary.privacy) == scenario.num_hospitals
+    assert all(0 < p["epsilon"] <= 20.0 for p in summary.privacy.values())  # type: ignore[operator]
+
+
+def test_a_study_file_turns_on_secure_aggregation_with_client_dp(tmp_path: Path) -> None:
+    from fedcare.server.flower_app import flower_pyproject, load_study  # noqa: PLC0415
+
+    path = tmp_path / "study.toml"
+    path.write_text(
+        '[study]\nname = "secure-study"\n[run]\ninput-shape = "15"\nsecure-aggregation = true\n'
+        "client-dp-clipping-norm = 1.0\nclient-dp-noise-multiplier = 0.8\n",
+        encoding="utf-8",
+    )
+
+    study = load_study(path)
+
+    config = study.run_config()
+    assert config is not None and config.secure_aggregation and config.client_dp
+    assert config.client_dp_noise_multiplier == 0.8
+    app_config = flower_pyproject(study)["tool"]["flwr"]["app"]["config"]
+    assert app_config["secure-aggregation"] is True and app_config["client-dp-clipping-norm"] == 1.0
