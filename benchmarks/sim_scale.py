@@ -92,7 +92,7 @@ class TreeMemorySampler(threading.Thread):
         self.root, self.interval = root, interval
         self.peak_rss_kb = self.peak_pss_kb = self.peak_procs = 0
         self.samples: list[tuple[float, int, int, int]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._t0 = time.perf_counter()
 
     def sample(self) -> None:
@@ -106,13 +106,13 @@ class TreeMemorySampler(threading.Thread):
 
     def run(self) -> None:
         """Sample until stopped."""
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
         """Stop sampling (after one last sample)."""
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
         self.sample()
 

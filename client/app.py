@@ -20,7 +20,8 @@ Everything about the hospital comes from the node, never from the server's run c
 
 Before any training the node states what the round asks (:class:`RoundRequest`: study, model
 family, the site's DP values with the noise planned for this round and the accountant's projected
-ε after it, δ, C, secure aggregation (always off today), the app hash from the environment
+ε after it, δ, C, secure aggregation (true only inside a SecAgg+ round, set by
+``client.secure``), the app hash from the environment
 variable ``FEDCARE_APP_HASH`` (set by the node's app gate when apps are pinned), the training
 cohort size and the ε already spent in this study and over all the site's ledgers in
 ``ledger-dir``) and calls ``check_round``; a refusal touches neither the model nor the ledger.

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 from typing import Any, Final, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -338,7 +338,7 @@ class _StoppableGrid:
         return getattr(self._grid, name)
 
 
-def _legacy_fit_config(config: RunConfig, names: list[str], round_offset: int) -> Callable[[int], dict[str, Scalar]]:
+def _legacy_fit_config(config: RunConfig, names: list[str]) -> Callable[[int], dict[str, Scalar]]:
     """Return ``on_fit_config_fn``: the plain path's train config as legacy scalars, plus the names."""
     from .app import train_config  # noqa: PLC0415 - app.py dispatches here
 
@@ -350,6 +350,7 @@ def _legacy_fit_config(config: RunConfig, names: list[str], round_offset: int) -
         base[wire.PROXIMAL_MU] = config.proximal_mu
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
+        """Return the round's legacy fit config (``server_round`` already counts resumed rounds)."""
         return {**base, wire.SERVER_ROUND: server_round}
 
     return fit_config
@@ -433,7 +434,7 @@ def run_secure(
         min_fit_clients=config.min_sites,
         min_evaluate_clients=0,
         min_available_clients=config.min_sites,
-        on_fit_config_fn=_legacy_fit_config(config, names, done),
+        on_fit_config_fn=_legacy_fit_config(config, names),
         fit_metrics_aggregation_fn=lambda _: {},
         **legacy_kwargs,
     )

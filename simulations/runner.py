@@ -99,7 +99,7 @@ class Summary(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     scenario: str
-    status: str  # "completed" or "stopped"
+    status: str  # "completed", "stopped", or "blocked" (the [release] gate refused the model)
     reason: str | None = None
     hospitals: list[dict[str, Any]]
     strategy: str

@@ -169,6 +169,16 @@ def test_a_threshold_above_the_sites_fails_the_run(tmp_path: Path) -> None:
     assert not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()
 
 
+def test_a_parameter_beyond_the_quantisation_range_is_refused_not_clipped(tmp_path: Path) -> None:
+    sites = _sites(tmp_path, 3, privacy=PrivacySettings.disabled())
+    config = _config(tmp_path, 3, secagg_clipping_range=1e-3)
+
+    with pytest.raises(SecureAggregationError, match="beyond the SecAgg\\+ quantisation range"):
+        run_server(_WireGrid(make_client_app(_Sites(sites)), 3), config)
+
+    assert not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()
+
+
 # --------------------------------------------------------------------------- policy
 
 
