@@ -50,7 +50,8 @@ def scenario(*, secure: bool, rounds: int, sites: int) -> Scenario:
         "strategy": {"name": "fedavg"},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05},
         "privacy": {"enabled": False},
-        "policy": {"require_dp": False},
+        # the plain arm needs a policy that accepts plain rounds (the node default requires SecAgg+)
+        "policy": {"require_dp": False, "require_secure_aggregation": secure},
         "simulation": {"num_cpus": 2, "client_num_cpus": 1, "round_timeout_s": 300},
     }
     if secure:

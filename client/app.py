@@ -15,8 +15,8 @@ Everything about the hospital comes from the node, never from the server's run c
   without noise, outside ε; a DP site sends NaN by default);
 - ``device``: optional torch device (default ``cpu``).
 - ``policy``: optional TOML of the hospital's own :class:`~fedcare.privacy.policy.SitePolicy`
-  (``privacy.policy``); without it the node applies ``node_default_policy()`` (the strict
-  default minus the SecAgg+ requirement, since fedcare has no SecAgg+ yet: warned every round).
+  (``privacy.policy``); without it the node applies ``node_default_policy()``, the strict
+  default: it trains only in SecAgg+ rounds and refuses plain ones (rule ``secure_aggregation``).
 
 Before any training the node states what the round asks (:class:`RoundRequest`: study, model
 family, the site's DP values with the noise planned for this round and the accountant's projected
@@ -113,7 +113,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LEDGER_SUFFIX: Final = ".ledger.json"  # PrivacyLedger.path_for's file suffix
 
 NODE_SITE_MANIFEST: Final = "site-manifest"
 NODE_SITE_NAME: Final = "site-name"
@@ -251,7 +250,10 @@ def site_from_node_config(context: Context) -> LocalSite:
     site_policy = node_default_policy()
     policy_file = node.get(NODE_POLICY)
     if policy_file is None:
-        logger.info("no site policy file (node config %r): applying the node default policy", NODE_POLICY)
+        logger.info(
+            "no site policy file (node config %r): applying the strict default policy (SecAgg+ rounds "
+            "only; plain rounds are refused)", NODE_POLICY,
+        )
     else:
         if not isinstance(policy_file, str) or not policy_file:
             raise SitePolicyError(f"node config {NODE_POLICY!r} must be the path of the site policy TOML")
@@ -408,7 +410,7 @@ def _site_ledger_epsilons(site: LocalSite, current: PrivacyLedger) -> dict[str, 
     folder = Path(site.ledger_dir)
     if not folder.is_dir():
         return spent
-    for path in sorted(folder.glob("*" + _LEDGER_SUFFIX)):
+    for path in PrivacyLedger.candidate_paths(folder, site=site.name):
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             owner, study = state["site"], state["study"]
@@ -490,7 +492,8 @@ def enforce_policy(site: LocalSite, request: RoundRequest) -> SitePolicy | None:
     """Check ``request`` against the site's policy; return the policy applied.
 
     Raises ``PolicyViolation`` naming the rule broken. Warns (log + ``PrivacyWarning``) every
-    round that runs without secure aggregation.
+    plain round (without secure aggregation) that the site's policy allowed: the server sees
+    this site's individual update.
     """
     policy = site.policy
     if policy is None:

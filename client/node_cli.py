@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from ..privacy.certs import CertsError
+from ..privacy.policy import PolicyFileError, load_policy
 from ..supervise import SuperviseError, process_age_s
 from .deploy import NodeDeployError, NodeSettings, read_trusted_apps, start_node, stop_node
 from .errors import DataValidationError
@@ -37,6 +38,7 @@ _HANDLED = (
     SuperviseError,
     DataValidationError,
     FileNotFoundError,
+    PolicyFileError,
     ValidationError,
 )
 
@@ -88,12 +90,28 @@ def node_start(
         Path | None,
         typer.Option("--trusted-apps", help="File of app hashes this node may run, one per line."),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="The hospital's site policy TOML (docs/privacy.md). Without it the node applies the "
+            "strict default: DP required, ε ≤ 3 per study, and SecAgg+ studies only.",
+        ),
+    ] = None,
 ) -> None:
     """Start this hospital's SuperNode in the background; return once the SuperLink accepted it."""
     try:
         pins = list(trust_app or [])
         if trusted_apps is not None:
             pins += read_trusted_apps(trusted_apps)
+        extra: dict[str, str | int | float | bool] = {}
+        if policy is not None:
+            policy_path = policy.expanduser().resolve()
+            if not policy_path.is_file():
+                raise FileNotFoundError(f"site policy file {policy_path} not found; fix --policy, or leave "
+                                        "it out for the strict default policy")
+            load_policy(policy_path)  # refuse an invalid file now (the node reloads it every round)
+            extra["policy"] = str(policy_path)
         settings = NodeSettings(
             site_manifest=site,
             superlink=superlink,
@@ -105,12 +123,17 @@ def node_start(
             site_name=site_name,
             insecure=insecure,
             trusted_app_hashes=tuple(pins) if pins else None,
+            extra_node_config=extra,
         )
         started = start_node(settings, ready_timeout=ready_timeout)
     except _HANDLED as err:
         _fail(err)
     if insecure:
         console.print("[bold red]WARNING: this node connects WITHOUT TLS and without authentication.[/]")
+    if policy is None:
+        out.print("site policy: none given, the strict default applies (DP required, ε ≤ 3 per study, "
+                  "SecAgg+ studies only; plain studies are refused). --policy FILE to change it.",
+                  highlight=False)
     since_command = process_age_s()
     logger.info(
         "SuperNode %s ready %.1f s after `fedcare node start` (flower-supernode: %.1f s)",

@@ -18,7 +18,8 @@ into the Message-API train message fedcare's handler reads (``wire.ARRAYS`` by n
 - parameter names come from ``wire.PARAM_NAMES`` in the config; a count or name mismatch refuses;
 - ``num_examples = 1``: SecAgg+ weights the masked sum by it, and client-level DP needs every site
   to weigh the same (each clipped update moves the mean by at most C / m); the true example count
-  travels in the plaintext metrics (``num-examples``), with the site name and its sample-level ε;
+  travels in the plaintext metrics (``num-examples``), with the site name, its sample-level ε and,
+  as on the plain path, its manifest digest, DP accountant and clipping norm;
 - while the handler runs, ``context.state`` carries :data:`SECURE_ROUND_STATE`, which
   :func:`secure_round_active` reads, so the site policy sees ``secure_aggregation = True`` only in
   a round that really goes through ``secaggplus_mod``, never because the server says so.
@@ -114,9 +115,14 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     metrics: dict[str, bool | bytes | float | int | str] = {
         k: v for k, v in reply.content[wire.METRICS].items() if isinstance(v, (int, float))  # type: ignore[union-attr]
     }
-    site = reply.content[wire.CONFIG].get(wire.SITE)  # type: ignore[union-attr]
-    if isinstance(site, str):
-        metrics[wire.SITE] = site
+    info = reply.content[wire.CONFIG]
+    for key in (wire.SITE, wire.MANIFEST_SHA256, wire.ACCOUNTANT):  # what the plain reply's config says
+        value = info.get(key)  # type: ignore[union-attr]
+        if isinstance(value, str):
+            metrics[key] = value
+    norm = info.get(wire.MAX_GRAD_NORM)  # type: ignore[union-attr]
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        metrics[wire.MAX_GRAD_NORM] = float(norm)
     metrics[wire.SECURE_AGGREGATION] = 1
     fitres = FitRes(
         status=Status(code=Code.OK, message="ok"),

@@ -130,6 +130,16 @@ class RefusalFields(_Fields):
     reason: Reason
 
 
+class RoundFailedFields(_Fields):
+    """Fields of a ``round_failed`` entry (a round failed and the run stops; the model was not updated)."""
+
+    round: int = Field(ge=1)
+    stage: Name
+    failures: int = Field(ge=0)
+    secure_aggregation: bool
+    reason: Reason
+
+
 class CheckpointFields(_Fields):
     """Fields of a ``checkpoint`` entry."""
 
@@ -153,6 +163,7 @@ KINDS: dict[str, type[_Fields]] = {
     "run_start": RunStartFields,
     "round": RoundFields,
     "refusal": RefusalFields,
+    "round_failed": RoundFailedFields,
     "checkpoint": CheckpointFields,
     "release": ReleaseFields,
 }

@@ -279,6 +279,15 @@ class PrivacyLedger:
         digest = hashlib.sha256(f"{site}\0{study}".encode()).hexdigest()[:12]
         return Path(directory) / f"{_slug(site)}__{_slug(study)}__{digest}{_SUFFIX}"
 
+    @staticmethod
+    def candidate_paths(directory: Path | str, *, site: str) -> list[Path]:
+        """Return the ledger files in ``directory`` whose name may belong to ``site``, sorted.
+
+        Chosen by file name alone (``path_for``'s site prefix), so a folder shared by many sites
+        is not read whole; the caller still checks the owner recorded inside each file.
+        """
+        return sorted(Path(directory).glob(f"{_slug(site)}__*{_SUFFIX}"))
+
     @classmethod
     def open(
         cls,

@@ -161,10 +161,9 @@ class SitePolicy(BaseModel):
 
         Notes
         -----
-        A node without a policy file does **not** apply this one as it is: fedcare has no
-        SecAgg+ yet, so every round would be refused on ``secure_aggregation``. It applies
-        :func:`node_default_policy` instead (this policy with ``require_secure_aggregation =
-        False``), and warns every round.
+        This is also what a node applies without a policy file (:func:`node_default_policy`):
+        such a node refuses plain rounds (rule ``secure_aggregation``) and trains only in SecAgg+
+        rounds (``secure-aggregation = true`` in the study).
         """
         return cls()
 
@@ -251,25 +250,30 @@ class RoundRequest(BaseModel):
             ) from None
 
 
-#: Why the node default does not require secure aggregation (logged by the node every round).
+#: Logged and warned by a node every plain round (one without secure aggregation) that its policy
+#: allowed (``require_secure_aggregation = false``): the coordinator sees that site's update.
 NO_SECURE_AGGREGATION_WARNING: str = (
-    "secure aggregation not available: the server sees this site's individual update"
+    "plain round without secure aggregation, allowed by the site's policy "
+    "(require_secure_aggregation = false): the server sees this site's individual update"
 )
 
 
 def node_default_policy() -> SitePolicy:
-    """Return the policy a node applies without a policy file: strict, except SecAgg+.
+    """Return the policy a node applies without a policy file: the strict default, SecAgg+ included.
 
-    WARNING — THIS IS WEAKER THAN THE STRICT DEFAULT. fedcare cannot run secure aggregation yet
-    (SecAgg+ is still to be built), so a node that required it would refuse every round. Until it
-    exists the node default is :meth:`SitePolicy.strict_default` with ``require_secure_aggregation
-    = False``: **the coordinator sees each site's individual (DP-noised) model update**. Every
-    other rule stays at its strict value (ε ≤ 3 per study, ≤ 6 in total, δ ≤ 1e-5, σ ≥ 0.5,
-    C ≤ 2, cohort ≥ 20, DP required). Restore ``require_secure_aggregation = True`` here once
-    SecAgg+ is available. A site that wants SecAgg+ enforced (and hence refuses every round
-    today) says so in its policy file, where the key defaults to ``true``.
+    No policy file means the strictest policy, not an open one: ε ≤ 3 per study and ≤ 6 in total,
+    δ ≤ 1e-5, σ ≥ 0.5, C ≤ 2, cohort ≥ 20, DP-SGD required and **secure aggregation required**.
+    Such a node refuses every plain round (rule ``secure_aggregation``) and trains only in SecAgg+
+    rounds (the study sets ``secure-aggregation = true``; a scenario ``[secure_aggregation]
+    enabled = true``). A hospital that accepts plain rounds says so in its policy file with
+    ``require_secure_aggregation = false`` (loaded with a warning; every plain round warns).
+
+    Returns
+    -------
+    SitePolicy
+        :meth:`SitePolicy.strict_default`.
     """
-    return SitePolicy.strict_default().model_copy(update={"require_secure_aggregation": False})
+    return SitePolicy.strict_default()
 
 
 def load_policy(path: Path | str | None) -> SitePolicy:
@@ -332,7 +336,9 @@ def check_round(policy: SitePolicy, request: RoundRequest) -> None:
         raise PolicyViolation(
             Rule.SECURE_AGGREGATION,
             "the round runs without secure aggregation but the site requires it; the coordinator "
-            "must enable SecAgg+",
+            "must enable SecAgg+ (secure-aggregation = true in the study's [run] table; a scenario: "
+            "[secure_aggregation] enabled = true), or the hospital must accept plain rounds in its "
+            "policy file (require_secure_aggregation = false)",
             asked=False,
             limit=True,
         )

@@ -85,7 +85,23 @@ class SitePrivacy(_Frozen):
 
 
 class ClientLevelPrivacy(_Frozen):
-    """Client-level (site-level) DP applied by the server on aggregation, where used."""
+    """Client-level (site-level) DP applied by the server on aggregation, where used.
+
+    Attributes
+    ----------
+    mechanism : str
+        What was done (who clips, who adds the noise).
+    epsilon, delta : float
+        The client-level guarantee over all complete rounds.
+    noise_multiplier, clipping_norm : float
+        σ and the L2 bound C of each site's update (noise std σ C / m on the mean of m updates).
+    accountant : str or None
+        The accountant that computed ε (``rdp``: Opacus ``RDPAccountant``, one step per round).
+    sample_rate : float or None
+        Sites sampled / sites available per round (the largest, when it varied).
+    rounds : int or None
+        Rounds accounted.
+    """
 
     mechanism: Label
     epsilon: float = Field(ge=0)
@@ -93,6 +109,8 @@ class ClientLevelPrivacy(_Frozen):
     noise_multiplier: float = Field(ge=0)
     clipping_norm: float = Field(gt=0)
     accountant: Label | None = None
+    sample_rate: float | None = Field(default=None, gt=0, le=1)
+    rounds: int | None = Field(default=None, ge=0)
 
 
 class PolicyCheck(_Frozen):
@@ -171,6 +189,28 @@ NOT_GUARANTEED = (
 )
 
 
+CLIENT_LEVEL_CAVEAT = (
+    "**Client-level DP.** The client-level DP noise is added by the coordinator, who sees the "
+    "pre-noise sum: it protects against whoever sees the released model, not against the "
+    "coordinator. Its ε also assumes each site's node clipped its update to the stated norm."
+)
+SECURE_METRICS_CAVEAT = (
+    "**What SecAgg+ leaves visible.** Under secure aggregation the coordinator still sees each "
+    "site's plaintext metrics (example count, training loss, sample-level ε and δ) and per-site "
+    "evaluation results."
+)
+
+
+def _run_caveats(report: PrivacyReport) -> tuple[str, ...]:
+    """Return the caveats that apply to this run only (client-level DP, secure aggregation)."""
+    caveats: list[str] = []
+    if report.client_level is not None:
+        caveats.append(CLIENT_LEVEL_CAVEAT)
+    if report.secure_aggregation:
+        caveats.append(SECURE_METRICS_CAVEAT)
+    return tuple(caveats)
+
+
 def render_markdown(report: PrivacyReport) -> str:
     """Return the report as readable Markdown."""
     lines: list[str] = [f"# Privacy report — study `{report.study}`", ""]
@@ -205,7 +245,9 @@ def render_markdown(report: PrivacyReport) -> str:
         lines.append(
             f"{c.mechanism}: ε = {_num(c.epsilon)}, δ = {_num(c.delta, '.1e')} (noise multiplier "
             f"{_num(c.noise_multiplier, '.3f')}, clipping norm {_num(c.clipping_norm, '.3f')}"
-            f"{', accountant ' + c.accountant if c.accountant else ''}); this bounds what the model "
+            f"{', accountant ' + c.accountant if c.accountant else ''}"
+            f"{'' if c.sample_rate is None else f', sampled fraction of sites {c.sample_rate:.3g}'}"
+            f"{'' if c.rounds is None else f', {c.rounds} rounds'}); this bounds what the model "
             "reveals about any one site's whole contribution."
         )
     lines += ["", "## Secure aggregation", ""]
@@ -250,7 +292,7 @@ def render_markdown(report: PrivacyReport) -> str:
             f"`fedcare audit verify LOG --key PUB --anchor {report.audit_log_head}`."
         )
     lines += ["", "## Not a formal guarantee", "", "Only the ε and δ values above are formal bounds. These are not:", ""]
-    lines += [f"- {item}" for item in NOT_GUARANTEED]
+    lines += [f"- {item}" for item in (*NOT_GUARANTEED, *_run_caveats(report))]
     return "\n".join(lines) + "\n"
 
 

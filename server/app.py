@@ -335,11 +335,13 @@ def _write_outputs(
     secure_aggregation: bool = False,
     run_id: str | None = None,
     client_level: ClientLevelPrivacy | None = None,
+    reason: str | None = None,
 ) -> None:
     """Write the final model, the metrics history and (completed runs) the privacy report.
 
     ``secure_aggregation`` and ``client_level`` (client-level DP: mechanism, ε, δ, σ, C) are what
-    the aggregation path used; the report states them.
+    the aggregation path used; the report states them. ``reason`` (why a run stopped) goes into
+    ``history.json`` when given.
     """
     if config.checkpoint_dir is None:
         return
@@ -349,10 +351,10 @@ def _write_outputs(
                     metadata=artefact_metadata(config, "model", round_) if key is not None else None)
     if audit is not None:
         audit.checkpoint(round_, model_path, key)
-    write_json_atomic(
-        config.checkpoint_dir / HISTORY_FILE,
-        {"status": status, "run_config": config.to_run_config(), **history.state_dict()},
-    )
+    payload: dict[str, Any] = {"status": status, "run_config": config.to_run_config(), **history.state_dict()}
+    if reason is not None:
+        payload["reason"] = reason
+    write_json_atomic(config.checkpoint_dir / HISTORY_FILE, payload)
     if status == "completed":
         report = build_privacy_report(config, history, model_sha256=sha256_file(model_path),
                                       secure_aggregation=secure_aggregation, client_level=client_level,

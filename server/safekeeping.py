@@ -7,7 +7,7 @@
   :func:`config_sha256` as AES-GCM associated data); encrypted files end in ``.enc``;
 - append to the signed, hash-chained audit log (:class:`RunAudit`, a no-op without
   ``RunConfig.audit_key``): run start, each round (sites, their manifest digests, ε per site,
-  SecAgg on/off, L2 norm of the aggregate update), refusals, checkpoints, releases. Only
+  SecAgg on/off, L2 norm of the aggregate update), refusals, failed rounds, checkpoints, releases. Only
   identifiers, digests and numbers are logged: a refusal's reason is logged only for budget,
   ledger and policy refusals (site-written sentences about ε, σ, cohort size); a data-validation
   refusal or a crash is logged with a fixed sentence, since its text could quote a data value;
@@ -245,6 +245,35 @@ class RunAudit:
                 "refusal", site=safe_name(str(refusal.get("site", "unknown"))), round=record.round,
                 rule=f"{refusal.get('stage', 'train')}.{rule}", reason=reason,
             )
+
+    def round_failed(
+        self, round_: int, *, stage: str, failures: Sequence[tuple[str, int, str]], secure_aggregation: bool
+    ) -> None:
+        """Record a round that failed and stops the run: each failing site as a refusal, then the failure.
+
+        Parameters
+        ----------
+        round_ : int
+            The round that failed (the model was not updated).
+        stage : str
+            Where it failed (a SecAgg+ stage such as ``collect-masked-vectors``, or ``aggregate``).
+        failures : sequence of (site, code, reason)
+            Each site's error reply; the reason is logged only where :func:`refusal_rule` allows.
+        secure_aggregation : bool
+            Whether the round ran under SecAgg+.
+        """
+        if self.log is None:
+            return
+        stage_name = safe_name(stage)
+        for site, code, reason in failures:
+            rule, text = refusal_rule(int(code), str(reason))
+            self.log.append("refusal", site=safe_name(site), round=round_, rule=f"{stage_name}.{rule}", reason=text)
+        self.log.append(
+            "round_failed", round=round_, stage=stage_name, failures=len(failures),
+            secure_aggregation=bool(secure_aggregation),
+            reason=f"the round failed in its {stage_name} stage ({len(failures)} site failure(s)); the model was "
+            "NOT updated and the run stopped",
+        )
 
     def checkpoint(self, round_: int, path: Path, key: ArtefactKey | None) -> None:
         """Record a checkpoint (or final model) file written: round, path, SHA-256, key id."""

@@ -16,6 +16,12 @@ flwr 1.41 offers SecAgg+ only in its legacy workflow API, so this path runs a
 - an evaluation step that reuses :class:`~fedcare.server.strategy.FedcareStrategy` (Message API,
   the same per-site evaluation, worst site and history as the plain path) and then checkpoints.
 
+Safekeeping is the plain path's (``server.safekeeping``): encrypted checkpoints and final model
+with ``artefact-key`` (resume refuses a tampered one), the signed audit log with ``audit-key``
+(rounds with ``secure_aggregation = true``; a failed round's site errors and ``round_failed``
+before the run fails), and a completed run's privacy report stating SecAgg+ and the client-level
+DP of :func:`client_level_privacy`.
+
 Weighting: every site reports ``num_examples = 1`` to SecAgg+ (its true example count travels in
 the plaintext metrics), so the aggregate is the *unweighted* mean of the sites' updates. Client-level
 DP needs this (each clipped update moves the mean by at most C / m, the sensitivity the noise is
@@ -67,19 +73,27 @@ from flwr.supercore.run import RunNotRunningException
 from opacus.accountants import RDPAccountant
 
 from ..models import wire
+from ..privacy.report import ClientLevelPrivacy
 from .checkpoint import (
     CHECKPOINT_FILE,
-    FINAL_MODEL_FILE,
     HISTORY_FILE,
     Checkpoint,
     MetricsHistory,
     RoundRecord,
     load_checkpoint,
     save_checkpoint,
-    save_model_file,
     write_json_atomic,
 )
-from .config import InvalidRunConfigError, RunConfig
+from .config import RunConfig
+from .safekeeping import (
+    RunAudit,
+    artefact_metadata,
+    artefact_path,
+    load_artefact_key,
+    run_identity,
+    safe_name,
+    update_norm,
+)
 from .strategy import TooFewSitesError, aggregate_train_metrics, build_strategy
 
 __all__ = [
@@ -88,6 +102,7 @@ __all__ = [
     "SecureAggregationError",
     "StrictSecAggPlusWorkflow",
     "client_level_epsilon",
+    "client_level_privacy",
     "run_secure",
 ]
 
@@ -98,10 +113,33 @@ CLIENT_DELTA: Final = "client-delta"
 CLIENT_SAMPLE_RATE: Final = "client-sample-rate"  # sampled sites / available sites this round
 CLIENT_NOISE: Final = "client-noise-multiplier"
 _SECURE_STATE_KIND: Final = "fedcare-secagg/1"
+CLIENT_DP_MECHANISM: Final = (
+    "Gaussian noise on the unweighted mean of site-clipped updates, added by the coordinator "
+    "(flwr DifferentialPrivacyClientSideFixedClipping)"
+)
+
+SiteError = tuple[int | None, int, str]
+"""A site's error reply in a secure stage: (node id or None where unknown, error code, reason)."""
 
 
 class SecureAggregationError(RuntimeError):
-    """A secure round failed (a stage halted, a site dropped or refused): the run stops, failed."""
+    """A secure round failed (a stage halted, a site dropped or refused): the run stops, failed.
+
+    Parameters
+    ----------
+    message : str
+        What failed and what to do next.
+    stage : str
+        Where it failed: a SecAgg+ stage (``setup``, ``share-keys``, ``collect-masked-vectors``,
+        ``unmask``) or ``aggregate``.
+    site_errors : sequence of (node id or None, code, reason)
+        The sites' error replies in that stage.
+    """
+
+    def __init__(self, message: str, *, stage: str = "aggregate", site_errors: tuple[SiteError, ...] = ()) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.site_errors = tuple(site_errors)
 
 
 def client_level_epsilon(steps: list[tuple[float, float]], delta: float) -> float:
@@ -121,6 +159,36 @@ def client_level_epsilon(steps: list[tuple[float, float]], delta: float) -> floa
         else:
             accountant.history.append((sigma, rate, 1))
     return float(accountant.get_epsilon(delta))
+
+
+def client_level_privacy(config: RunConfig, history: MetricsHistory) -> ClientLevelPrivacy | None:
+    """Return the client-level DP of the run's complete rounds for the privacy report (None without it).
+
+    ε is recomputed with :func:`client_level_epsilon` (Opacus ``RDPAccountant``, one step per round)
+    from each complete round's σ and sampled fraction as ``history`` records them, so a resumed run
+    accounts every round. σ = 0 (clipping only) gives no guarantee: None, with a warning.
+    """
+    if not config.client_dp:
+        return None
+    steps = [
+        (r.train[CLIENT_NOISE], r.train[CLIENT_SAMPLE_RATE])
+        for r in history.completed
+        if CLIENT_NOISE in r.train and CLIENT_SAMPLE_RATE in r.train
+    ]
+    if not steps:
+        return None
+    epsilon = client_level_epsilon(steps, config.client_dp_delta)
+    if not math.isfinite(epsilon):
+        logger.warning(
+            "study %s: client-dp-noise-multiplier = 0 gives client-level ε = inf; the privacy report "
+            "states no client-level DP. Set client-dp-noise-multiplier > 0 for a guarantee", config.study,
+        )
+        return None
+    return ClientLevelPrivacy(
+        mechanism=CLIENT_DP_MECHANISM, epsilon=epsilon, delta=config.client_dp_delta,
+        noise_multiplier=config.client_dp_noise_multiplier, clipping_norm=config.client_dp_clipping_norm,
+        accountant="rdp", sample_rate=max(rate for _, rate in steps), rounds=len(steps),
+    )  # fmt: skip
 
 
 def _failure_reasons(failures: list[Any]) -> list[str]:
@@ -152,6 +220,9 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def _strict(self, name: str, stage: Callable[..., bool], grid: Grid, context: Any, state: Any) -> bool:
         """Run one stage; raise when it halts or any site failed in it."""
+        seen: list[SiteError] | None = getattr(grid, "errors", None)
+        if seen is not None:
+            seen.clear()
         started = time.perf_counter()
         ok = stage(grid, context, state)
         self.stages_s[name] = time.perf_counter() - started
@@ -161,7 +232,9 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
                 f"secure aggregation failed in its {name} stage ({len(state.failures)} failure(s)): "
                 + "; ".join(reasons)
                 + ". The model was NOT updated; the last checkpoint holds the previous round. Fix or "
-                "bring back the sites (every sampled site must complete a secure round), then resume."
+                "bring back the sites (every sampled site must complete a secure round), then resume.",
+                stage=name,
+                site_errors=tuple(seen) if seen else _site_errors(state.failures),
             )
         return True
 
@@ -259,9 +332,10 @@ class _LegacyRecorder(Strategy):
             self.history.node_sites[proxy.node_id] = site
             scalars = {
                 k: float(v) for k, v in res.metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != wire.MAX_GRAD_NORM
             }
             record.site_train[site] = scalars
+            record.site_info[site] = _site_info(res.metrics)
             if wire.NUM_EXAMPLES in scalars:
                 records.append(RecordDict({wire.METRICS: MetricRecord(scalars)}))
         params, _ = self.strategy.aggregate_fit(rnd, results, failures)
@@ -308,12 +382,48 @@ class _LegacyRecorder(Strategy):
         return None
 
 
+def _site_info(metrics: dict[str, Scalar]) -> dict[str, Any]:
+    """Return what a site's secure reply says about it: manifest digest, accountant, clipping norm."""
+    out: dict[str, Any] = {}
+    for key, name in ((wire.MANIFEST_SHA256, "manifest_sha256"), (wire.ACCOUNTANT, "accountant")):
+        value = metrics.get(key)
+        if isinstance(value, str):
+            out[name] = value
+    norm = metrics.get(wire.MAX_GRAD_NORM)
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        out["max_grad_norm"] = float(norm)
+    return out
+
+
+def _site_errors(failures: list[Any]) -> tuple[SiteError, ...]:
+    """Return SecAgg+ failures (``Exception(Error)``) as site errors without node ids."""
+    out: list[SiteError] = []
+    for failure in failures:
+        error = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
+        code = getattr(error, "code", None)
+        out.append((None, int(code) if isinstance(code, int) else -1, str(getattr(error, "reason", "") or error)))
+    return tuple(out)
+
+
 class _StoppableGrid:
-    """Delegate to a Grid; after ``stop()`` flwr's node-polling thread ends (it gets RunNotRunning)."""
+    """Delegate to a Grid; after ``stop()`` flwr's node-polling thread ends (it gets RunNotRunning).
+
+    It also keeps the error replies it passes back (``errors``: node id, code, reason), so that a
+    failed secure stage can name the sites that failed in the audit log.
+    """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self._stopped = False
+        self.errors: list[SiteError] = []
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Send through the wrapped grid; remember each error reply's node, code and reason."""
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.append((int(reply.metadata.src_node_id), int(reply.error.code), str(reply.error.reason)))
+        return replies
 
     def stop(self) -> None:
         """Make the polling thread end at its next poll."""
@@ -378,8 +488,14 @@ def run_secure(
     """Run ``config`` with SecAgg+ (and client-level DP when configured); return the metrics history.
 
     Writes, like the plain path, ``checkpoint.npz`` after each complete round and
-    ``final_model.npz`` + ``history.json`` (status "completed") at the end; a failed secure round
-    writes ``history.json`` with status "failed" and the reason, and no final model.
+    ``final_model.npz`` + ``history.json`` (status "completed") at the end (with ``artefact-key``:
+    the AES-GCM artefacts ``checkpoint.npz.enc`` / ``final_model.npz.enc`` bound to the study, kind,
+    round and configuration hash), and a completed run's ``privacy_report.json`` / ``.md`` (SecAgg+
+    on, the client-level ε of :func:`client_level_privacy`). With ``audit-key`` the run start, each
+    round (``secure_aggregation = true``, L2 norm of the aggregate update), each checkpoint and a
+    failed round (its sites' error replies, then ``round_failed``) are appended to the signed audit
+    log. A failed secure round writes ``history.json`` with status "failed" and the reason, and no
+    final model.
 
     Raises
     ------
@@ -387,23 +503,27 @@ def run_secure(
         When a secure round fails (a stage halts, a site drops out, refuses or errs).
     TooFewSitesError
         When fewer than ``min-sites`` sites connect or train.
-    InvalidRunConfigError
-        When the run asks for what the secure path does not support yet.
+    CheckpointExistsError
+        When a checkpoint exists and ``resume`` is false.
+    ResumeMismatchError
+        When resuming from a checkpoint of another study, model or strategy, or of a plain run.
+    CheckpointTamperedError
+        When the encrypted checkpoint to resume from fails authentication or is another run's file.
+    CheckpointKeyError
+        When the checkpoint is encrypted and no key is configured, or the reverse.
     """
     from . import app as plain  # noqa: PLC0415 - app.py dispatches here; reuse its helpers
 
-    if getattr(config, "artefact_key", None) or getattr(config, "audit_key", None):
-        raise InvalidRunConfigError(
-            "artefact-key / audit-key are not wired into the secure-aggregation path yet; remove "
-            "them or run without secure-aggregation"
-        )
     plain._quiet_flower()
     random.seed(config.seed)  # the legacy client manager samples sites with the random module
     history = MetricsHistory()
     arrays = plain.initial_arrays(config)
     reference = OrderedDict((k, v.copy()) for k, v in arrays.items())
     folder = config.checkpoint_dir
-    ckpt_path = folder / CHECKPOINT_FILE if folder is not None else None
+    key = load_artefact_key(config.artefact_key)
+    ckpt_path = artefact_path(folder, CHECKPOINT_FILE, key) if folder is not None else None
+    if folder is not None:
+        plain._refuse_other_format(folder, key)
     done = 0
     if ckpt_path is not None and ckpt_path.exists():
         if not config.resume:
@@ -411,11 +531,15 @@ def run_secure(
                 f"a checkpoint exists at {ckpt_path}; set resume = true to continue that run, "
                 "or use another checkpoint-dir"
             )
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, key=key,
+                               expected={"study": safe_name(config.study), "kind": "checkpoint"})
         plain._check_resumable(ckpt, config, ckpt_path)
         if ckpt.run_config.get("secure-aggregation") is not True:
-            raise plain.ResumeMismatchError(f"{ckpt_path} was written by a run without secure aggregation")
-        if list(ckpt.arrays) != list(arrays):
+            raise plain.ResumeMismatchError(
+                f"{ckpt_path} was written by a run without secure aggregation; resume it without "
+                "secure-aggregation, or start the secure run in another checkpoint-dir"
+            )
+        if list(ckpt.arrays) != list(arrays) or any(ckpt.arrays[k].shape != arrays[k].shape for k in arrays):
             raise plain.ResumeMismatchError(f"the model in {ckpt_path} does not fit the configured model")
         arrays = ckpt.arrays
         history.load_state_dict(ckpt.history)
@@ -423,7 +547,10 @@ def run_secure(
         if ckpt.rng_state is not None:
             random.setstate(plain._rng_from_json(ckpt.rng_state))
         done = ckpt.round
-        logger.info("resuming secure study %s after round %d of %d", config.study, done, config.num_rounds)
+        logger.info("resuming secure study %s from %s after round %d of %d", config.study, ckpt_path, done,
+                    config.num_rounds)
+    elif config.resume:
+        logger.warning("resume requested but no checkpoint in %s: starting from round 1", folder)
 
     names = list(arrays)
     legacy_cls = FedProx if config.strategy == "fedprox" else FedAvg
@@ -469,7 +596,7 @@ def run_secure(
         if not record.train:
             raise SecureAggregationError(f"round {rnd} ended without a secure aggregate; the model was NOT updated")
         params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        final["arrays"] = _named(params, reference)
+        previous, final["arrays"] = final["arrays"], _named(params, reference)
         if config.fraction_evaluate > 0:
             record_arrays = plain._to_record(final["arrays"])
             eval_config = ConfigRecord({wire.STUDY: config.study, **plain._model_fields(config)})
@@ -489,7 +616,14 @@ def run_secure(
                     run_config=config.to_run_config(),
                     rng_state=plain._rng_to_json(random.getstate()),
                 ),
+                key=key,
+                metadata=artefact_metadata(config, "checkpoint", rnd) if key is not None else None,
             )
+        # the server sees the new global model, so the aggregate update's norm is known to it
+        audit.round(record, aggregate_update_norm=update_norm(previous, final["arrays"]), secure_aggregation=True)
+        audit.refusals(record)
+        if ckpt_path is not None:
+            audit.checkpoint(rnd, ckpt_path, key)
         if on_round is not None:
             on_round(record)
 
@@ -502,24 +636,62 @@ def run_secure(
         strategy=recorder,
         client_manager=SimpleClientManager(),
     )
+    audit = RunAudit.open(config)
     try:
-        if remaining > 0:
-            DefaultWorkflow(fit_workflow=workflow, evaluate_workflow=evaluate_and_checkpoint)(
-                stoppable, context  # type: ignore[arg-type]
-            )
-    except SecureAggregationError as exc:
-        logger.error("study %s FAILED: %s", config.study, exc)
-        _write_history(config, history, "failed", str(exc))
-        raise
-    except TooFewSitesError as exc:
-        logger.error("study %s stopped: %s", config.study, exc)
-        _write_final(config, final["arrays"], history, "stopped", str(exc))
-        raise
+        run_id, app_hash = run_identity(grid, config)
+        audit.run_start(config, run_id=run_id, app_hash=app_hash)
+        try:
+            if remaining > 0:
+                DefaultWorkflow(fit_workflow=workflow, evaluate_workflow=evaluate_and_checkpoint)(
+                    stoppable, context  # type: ignore[arg-type]
+                )
+            else:
+                logger.info("checkpoint already holds all %d rounds; writing the final outputs", done)
+        except SecureAggregationError as exc:
+            logger.error("study %s FAILED: %s", config.study, exc)
+            rnd = _current_round(context, done)
+            audit.round_failed(
+                rnd, stage=exc.stage, secure_aggregation=True,
+                failures=[(_site_name(history, node), code, reason) for node, code, reason in exc.site_errors],
+            )  # fmt: skip
+            _write_history(config, history, "failed", str(exc))
+            raise
+        except TooFewSitesError as exc:
+            logger.error("study %s stopped: %s", config.study, exc)
+            for rec in history.rounds:
+                if not rec.complete:
+                    audit.refusals(rec)
+            plain._write_outputs(
+                config, final["arrays"], history, "stopped", key=key, audit=audit, secure_aggregation=True,
+                run_id=run_id, client_level=client_level_privacy(config, history), reason=str(exc),
+            )  # fmt: skip
+            raise
+        finally:
+            stoppable.stop()
+        logger.info("secure study %s completed after %.1f s", config.study, time.perf_counter() - started)
+        plain._write_outputs(
+            config, final["arrays"], history, "completed", key=key, audit=audit, secure_aggregation=True,
+            run_id=run_id, client_level=client_level_privacy(config, history),
+        )  # fmt: skip
     finally:
-        stoppable.stop()
-    logger.info("secure study %s completed after %.1f s", config.study, time.perf_counter() - started)
-    _write_final(config, final["arrays"], history, "completed", None)
+        audit.close()
     return history
+
+
+def _current_round(context: LegacyContext, done: int) -> int:
+    """Return the round the workflow was in (counting resumed rounds); ``done + 1`` before the first."""
+    try:
+        current = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+    except KeyError:
+        return done + 1
+    return done + max(int(cast(int, current)), 1)
+
+
+def _site_name(history: MetricsHistory, node_id: int | None) -> str:
+    """Return the site name a node reported (``node-<id>`` before it reported one; ``unknown``)."""
+    if node_id is None:
+        return "unknown"
+    return history.node_sites.get(node_id) or f"node-{node_id}"
 
 
 def _write_history(config: RunConfig, history: MetricsHistory, status: str, reason: str | None) -> None:
@@ -531,15 +703,3 @@ def _write_history(config: RunConfig, history: MetricsHistory, status: str, reas
         config.checkpoint_dir / HISTORY_FILE,
         {"status": status, "reason": reason, "run_config": config.to_run_config(), **history.state_dict()},
     )
-
-
-def _write_final(
-    config: RunConfig, arrays: OrderedDict[str, np.ndarray], history: MetricsHistory, status: str, reason: str | None
-) -> None:
-    """Write the final model (of the last complete round) and the history."""
-    from .app import model_meta  # noqa: PLC0415
-
-    if config.checkpoint_dir is None:
-        return
-    save_model_file(config.checkpoint_dir / FINAL_MODEL_FILE, arrays, model_meta(config))
-    _write_history(config, history, status, reason)

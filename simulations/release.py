@@ -57,6 +57,7 @@ from ..server.safekeeping import (
     safe_name,
     site_privacy,
 )
+from ..server.secagg import client_level_privacy
 
 __all__ = [
     "ArtefactSettings",
@@ -292,7 +293,8 @@ def release_model(
         report = build_privacy_report(
             config, history, model_sha256=sha256_file(model_path), sites=sites,
             secure_aggregation=bool(getattr(config, "secure_aggregation", False)), policy_label=policy_label,
-            membership=membership, gate=gate_summary, audit=audit,
+            client_level=client_level_privacy(config, history), membership=membership, gate=gate_summary,
+            audit=audit,
         )  # fmt: skip
         report_path: Path | None = None
         if report is not None:

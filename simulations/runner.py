@@ -72,7 +72,7 @@ from .partition import partition
 from .secure import secure_summary
 from .plots import plot_summary
 from .release import release_model, security_fields
-from .scenario import ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
+from .scenario import InvalidScenarioError, ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
 
 __all__ = [
     "InProcessGrid",
@@ -139,6 +139,10 @@ class PartitionProvider:
 @lru_cache(maxsize=128)
 def _load_local_site(path: str) -> LocalSite:
     """Load one hospital written by the runner (once per worker process)."""
+    # flwr's SecAgg+ mod logs every protocol stage at DEBUG in the Ray workers, which Ray echoes
+    # to the simulation's console: keep the workers' Flower logging at INFO and above
+    flower = logging.getLogger("flwr")
+    flower.setLevel(max(flower.getEffectiveLevel(), logging.INFO))
     with open(path, "rb") as fh:
         site = pickle.load(fh)  # noqa: S301 - the runner wrote this file moments ago
     if not isinstance(site, LocalSite):
@@ -257,10 +261,30 @@ def _site_policy(scenario: Scenario) -> SitePolicy:
     return SitePolicy.model_validate({**base.model_dump(), **given})
 
 
+def _refuse_plain_rounds_the_sites_refuse(scenario: Scenario) -> None:
+    """Raise ``InvalidScenarioError`` (before Ray starts) when every virtual hospital would refuse every round.
+
+    The node default policy requires SecAgg+, so a scenario without ``[secure_aggregation]`` must
+    say in its ``[policy]`` table that its hospitals accept plain rounds. Logs a PRIVACY WARNING
+    for every setting of that table weaker than the strict default.
+    """
+    policy = _site_policy(scenario)
+    for note in policy.weakening_settings():  # the scenario's [policy] table, every virtual hospital
+        logger.warning("PRIVACY WARNING: scenario %r, every virtual hospital's policy: %s", scenario.name, note)
+    if scenario.secure_aggregation.enabled or not policy.require_secure_aggregation:
+        return
+    raise InvalidScenarioError(
+        f"scenario {scenario.name!r} runs plain rounds (no [secure_aggregation]) but its virtual hospitals "
+        "require secure aggregation (the node default policy, or [policy] require_secure_aggregation = true), "
+        "so every hospital would refuse every round: add [secure_aggregation] enabled = true, or, if the "
+        "hospitals may show the server their individual updates, [policy] require_secure_aggregation = false"
+    )
+
+
 def _policy_label(scenario: Scenario) -> str:
     """Return how the report names the virtual hospitals' policy."""
     if scenario.policy is None:
-        return "node default policy (strict minus SecAgg+), every virtual hospital"
+        return "node default policy (the strict default, SecAgg+ required), every virtual hospital"
     return "node default policy with the scenario's [policy] keys, every virtual hospital"
 
 
@@ -359,6 +383,7 @@ def run_scenario(
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy; only when simulating
 
     started = time.perf_counter()
+    _refuse_plain_rounds_the_sites_refuse(scenario)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     hospitals = build_hospitals(scenario)

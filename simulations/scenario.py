@@ -40,7 +40,7 @@ A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields
     max_grad_norm = 1.0
 
     [policy]                             # optional privacy.policy.SitePolicy of every virtual site:
-    max_epsilon_per_study = 3.0          # keys not given keep the node default (strict minus SecAgg)
+    max_epsilon_per_study = 3.0          # keys not given keep the node default (strict, SecAgg+ required)
 
     [artefacts]                          # optional (simulations.release): encrypt checkpoints and
     key = "keys/artefact.key"            #   the final model; a key file, "env" or "env:NAME"

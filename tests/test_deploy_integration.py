@@ -2,7 +2,9 @@
 
 Three UCI heart-disease hospitals (Cleveland, Hungarian, VA; Switzerland, 46 patients, is left
 out) federate a logistic regression for two rounds with the real fedcare ServerApp and
-ClientApp, submitted with ``fedcare run``. Every process is stopped by PID in teardown.
+ClientApp, submitted with ``fedcare run``, then run a second study under SecAgg+ with
+client-level DP. Each node has a policy file (node config ``policy``) that accepts plain rounds,
+which the first study is. Every process is stopped by PID in teardown.
 Takes about 1.5 min on 2 CPU cores: each message starts a fresh ``flwr-clientapp`` process
 and both sides poll every 3 s.
 """
@@ -71,11 +73,16 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
     cli = typer.Typer()
     cli.command()(run_command)
 
+    # Each hospital's own policy file: the strict default, except that it accepts plain rounds
+    # (without one a node requires SecAgg+ and would refuse the first, plain study)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
+
     with federation(tmp_path / "fed", nodes=SITES) as fed:
         ready = {}
         for site in SITES:
             manifest = heart_manifest(shared_data, site, tmp_path / "manifests")
-            node = fed.start_node(site, manifest)
+            node = fed.start_node(site, manifest, extra_node_config={"policy": str(policy)})
             ready[site] = node.ready_s
 
         # Execute

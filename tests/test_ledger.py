@@ -288,3 +288,15 @@ def test_merge_steps_matches_opacus_step() -> None:
 
 def test_ledger_errors_share_a_base() -> None:
     assert issubclass(LedgerCorruptError, LedgerError) and issubclass(LedgerMismatchError, LedgerError)
+
+
+def test_candidate_paths_pick_a_sites_ledgers_by_name_only(tmp_path: Path) -> None:
+    # Prepare: one shared folder, ledgers of sites whose names share a prefix
+    for site, study in [("site-1", "a"), ("site-1", "b"), ("site-10", "a"), ("site-100", "c")]:
+        PrivacyLedger.path_for(tmp_path, site=site, study=study).write_text("{}")
+
+    # Execute
+    found = PrivacyLedger.candidate_paths(tmp_path, site="site-1")
+
+    # Assert: both of site-1's studies, none of site-10's or site-100's
+    assert found == sorted([PrivacyLedger.path_for(tmp_path, site="site-1", study=s) for s in ("a", "b")])

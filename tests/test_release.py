@@ -60,6 +60,7 @@ epsilon_budget = 20.0
 [policy]
 max_epsilon_per_study = 20.0
 max_epsilon_total = 40.0
+require_secure_aggregation = false  # plain rounds: the audit log's round entries say so (tampered below)
 
 [artefacts]
 key = "keys/artefact.key"
@@ -100,6 +101,7 @@ enabled = false
 
 [policy]
 require_dp = false
+require_secure_aggregation = false  # a plain, non-DP arm made to overfit
 
 [release]
 max_membership_auc = 0.6

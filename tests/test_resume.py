@@ -182,6 +182,7 @@ epsilon_budget = 100.0
 [policy]                      # every site allows this study's ε (≈ 3.9 after 5 rounds)
 max_epsilon_per_study = 100.0
 max_epsilon_total = 100.0
+require_secure_aggregation = false  # and plain rounds: FedAdam has no SecAgg+ path
 
 [simulation]
 num_cpus = 2

@@ -37,7 +37,8 @@ from fedcare.simulations.runner import InProcessGrid
 
 PRIVACY = PrivacySettings.with_noise(noise_multiplier=1.2, epsilon_budget=8.0)
 POLICY = SitePolicy.model_validate(
-    {**node_default_policy().model_dump(), "max_epsilon_per_study": 8.0, "max_epsilon_total": 64.0}
+    {**node_default_policy().model_dump(), "max_epsilon_per_study": 8.0, "max_epsilon_total": 64.0,
+     "require_secure_aggregation": False}  # plain rounds: the audit log records secure_aggregation = false
 )  # the node default, with room for the fixed-σ study (ε ≈ 4.2 after round 1)
 STUDY = "safekeeping"
 

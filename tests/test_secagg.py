@@ -17,10 +17,20 @@ from opacus.accountants import RDPAccountant
 
 from fedcare.client.app import LocalSite, make_client_app
 from fedcare.client.secure import SECURE_ROUND_STATE
+from fedcare.privacy.artefacts import ArtefactKey, generate_key
+from fedcare.privacy.audit import generate_signing_key, load_verify_key, verify_log
+from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.policy import node_default_policy
 from fedcare.privacy.settings import PrivacySettings
 from fedcare.server.app import _to_record, initial_arrays, run_server, train_config
-from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE, load_model_file
+from fedcare.server.checkpoint import (
+    FINAL_MODEL_FILE,
+    HISTORY_FILE,
+    CheckpointTamperedError,
+    RoundRecord,
+    load_checkpoint,
+    load_model_file,
+)
 from fedcare.server.config import InvalidRunConfigError, RunConfig
 from fedcare.server.secagg import CLIENT_EPSILON, SecureAggregationError, client_level_epsilon
 from fedcare.server.strategy import TooFewSitesError
@@ -237,6 +247,9 @@ def test_secagg_scenario_with_client_dp_completes_in_simulation(tmp_path: Path) 
     accountant.history = [(scenario.client_dp.noise_multiplier, 1.0, scenario.rounds)]  # type: ignore[union-attr]
     assert secure["client_epsilon"] == pytest.approx(accountant.get_epsilon(scenario.client_dp.delta))  # type: ignore[union-attr]
     assert secure["client_delta"] == scenario.client_dp.delta  # type: ignore[union-attr]
+    report = json.loads((tmp_path / "out" / "privacy_report.json").read_text())
+    assert report["secure_aggregation"] is True
+    assert report["client_level"]["epsilon"] == pytest.approx(secure["client_epsilon"], rel=1e-12)
     arrays, _ = load_model_file(tmp_path / "out" / "checkpoints" / FINAL_MODEL_FILE)
     assert any(not np.allclose(arrays[k], initial[k]) for k in initial)
     assert len(summary.privacy) == scenario.num_hospitals
@@ -260,3 +273,143 @@ def test_a_study_file_turns_on_secure_aggregation_with_client_dp(tmp_path: Path)
     assert config.client_dp_noise_multiplier == 0.8
     app_config = flower_pyproject(study)["tool"]["flwr"]["app"]["config"]
     assert app_config["secure-aggregation"] is True and app_config["client-dp-clipping-norm"] == 1.0
+
+
+# --------------------------------------------------------------------------- safekeeping (encryption, audit, report)
+
+SECURE_STUDY = "secure-safekeeping"
+SAMPLE_DP = PrivacySettings.with_noise(noise_multiplier=1.2, epsilon_budget=20.0)
+
+
+@pytest.fixture()
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """An artefact key and an audit signing key, as the coordinator's commands create them."""
+    generate_key(tmp_path / "artefact.key")
+    private, public = generate_signing_key(tmp_path / "audit.key")
+    return {"artefact": tmp_path / "artefact.key", "audit": private, "audit_pub": public}
+
+
+class _Stop(Exception):
+    """Raised by the round callback to stop a run right after a checkpoint."""
+
+
+def _stop_after_round_1(record: RoundRecord) -> None:
+    if record.round == 1:
+        raise _Stop("stopped after round 1")
+
+
+def _safe_config(tmp_path: Path, keys: dict[str, Path], **changes: Any) -> RunConfig:
+    values: dict[str, Any] = dict(study=SECURE_STUDY, num_rounds=2, client_dp_noise_multiplier=1.0,
+                                  artefact_key=str(keys["artefact"]), audit_key=keys["audit"])
+    values.update(changes)
+    return _config(tmp_path, 3, **values)
+
+
+def _spent(tmp_path: Path, sites: tuple[LocalSite, ...]) -> dict[str, float]:
+    return {
+        s.name: PrivacyLedger.open(tmp_path / "ledgers", site=s.name, study=SECURE_STUDY).spent_epsilon()
+        for s in sites
+    }
+
+
+def _entries(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_an_encrypted_audited_secure_run_resumes_and_reports_client_and_site_epsilon(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    # Prepare: round 1 of 2 checkpointed encrypted, then the run stops
+    sites = _sites(tmp_path, 3, privacy=SAMPLE_DP)
+    app = make_client_app(_Sites(sites))
+    with pytest.raises(_Stop):
+        run_server(_WireGrid(app, 3), _safe_config(tmp_path, keys), on_round=_stop_after_round_1)
+
+    # Execute: resume the encrypted secure run to round 2
+    config = _safe_config(tmp_path, keys, resume=True)
+    history = run_server(_WireGrid(app, 3), config)
+
+    # Assert: no plaintext model or checkpoint; both artefacts decrypt with the key
+    folder = tmp_path / "ckpt"
+    assert [r.round for r in history.completed] == [1, 2]
+    assert not list(folder.glob("*.npz"))
+    key = ArtefactKey.from_file(keys["artefact"])
+    assert load_checkpoint(folder / "checkpoint.npz.enc", key=key).round == 2
+    arrays, meta = load_model_file(folder / "final_model.npz.enc", key=key)
+    assert meta["study"] == SECURE_STUDY and list(arrays) == list(initial_arrays(config))
+    # Assert: one verified chain over both starts; every round entry says SecAgg+ was on
+    assert verify_log(folder / "audit.jsonl", load_verify_key(keys["audit_pub"])).ok
+    entries = _entries(folder / "audit.jsonl")
+    assert [e["kind"] for e in entries] == [
+        "run_start", "round", "checkpoint", "run_start", "round", "checkpoint", "checkpoint"
+    ]
+    rounds = [e["fields"] for e in entries if e["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["secure_aggregation"] is True and r["aggregate_update_norm"] > 0 for r in rounds)
+    assert all(s["manifest_sha256"] != "0" * 64 for r in rounds for s in r["sites"])
+    # Assert: the report states SecAgg+, the client-level ε of a fresh RDP accountant, each ledger's ε
+    report = json.loads((folder / "privacy_report.json").read_text())
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, 1.0, 2)]  # σ = 1, every site sampled, two rounds
+    client = report["client_level"]
+    assert report["secure_aggregation"] is True
+    assert client["epsilon"] == pytest.approx(accountant.get_epsilon(config.client_dp_delta), rel=1e-12)
+    assert (client["delta"], client["noise_multiplier"], client["clipping_norm"], client["accountant"]) == (
+        config.client_dp_delta, 1.0, config.client_dp_clipping_norm, "rdp"
+    )
+    assert (client["sample_rate"], client["rounds"]) == (1.0, 2)
+    spent = _spent(tmp_path, sites)
+    assert {s["site"]: s["epsilon"] for s in report["sites"]} == pytest.approx(spent, rel=1e-12)
+    assert {(s["accountant"], s["max_grad_norm"], s["rounds"]) for s in report["sites"]} == {("rdp", 1.0, 2)}
+    assert {r["site"]: r["epsilon_spent"] for r in rounds[-1]["sites"]} == pytest.approx(spent, rel=1e-12)
+    markdown = (folder / "privacy_report.md").read_text()
+    assert "On (SecAgg+)" in markdown and "not against the coordinator" in markdown
+
+
+def test_a_flipped_byte_in_a_secure_checkpoint_stops_the_resume(tmp_path: Path, keys: dict[str, Path]) -> None:
+    # Prepare: an encrypted secure checkpoint of round 1, one byte flipped
+    sites = _sites(tmp_path, 3, privacy=SAMPLE_DP)
+    app = make_client_app(_Sites(sites))
+    with pytest.raises(_Stop):
+        run_server(_WireGrid(app, 3), _safe_config(tmp_path, keys), on_round=_stop_after_round_1)
+    ckpt = tmp_path / "ckpt" / "checkpoint.npz.enc"
+    spent_before = _spent(tmp_path, sites)
+    blob = bytearray(ckpt.read_bytes())
+    blob[-40] ^= 0x01
+    ckpt.write_bytes(bytes(blob))
+
+    # Execute
+    with pytest.raises(CheckpointTamperedError) as caught:
+        run_server(_WireGrid(app, 3), _safe_config(tmp_path, keys, resume=True))
+
+    # Assert: the plain path's error, no round ran, no model written
+    message = str(caught.value)
+    assert str(ckpt) in message and "authentication" in message and "restore it from a trusted backup" in message
+    assert _spent(tmp_path, sites) == spent_before
+    assert not (tmp_path / "ckpt" / "final_model.npz.enc").exists()
+
+
+def test_a_failed_secure_round_is_in_the_audit_log_before_the_run_fails(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    # Prepare
+    sites = _sites(tmp_path, 3, privacy=PrivacySettings.disabled())
+    grid = _WireGrid(make_client_app(_Sites(sites, fail_in_masked_stage=1)), 3)
+    config = _safe_config(tmp_path, keys)
+
+    # Execute
+    with pytest.raises(SecureAggregationError, match="collect-masked-vectors stage"):
+        run_server(grid, config)
+
+    # Assert: the failing site's error, then the failed round, in a verified log; its text not logged
+    log = tmp_path / "ckpt" / "audit.jsonl"
+    assert verify_log(log, load_verify_key(keys["audit_pub"])).ok
+    entries = _entries(log)
+    assert [e["kind"] for e in entries] == ["run_start", "refusal", "round_failed"]
+    refusal, failed = entries[1]["fields"], entries[2]["fields"]
+    assert refusal["round"] == 1 and refusal["rule"].startswith("collect-masked-vectors.")
+    assert "simulated crash" not in refusal["reason"]
+    assert failed == {**failed, "round": 1, "stage": "collect-masked-vectors", "failures": 1,
+                      "secure_aggregation": True}
+    assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "failed"
+    assert not list((tmp_path / "ckpt").glob("final_model.npz*"))

@@ -52,6 +52,7 @@ epsilon_budget = 20.0
 [policy]                      # every site allows this study's ε (fixed σ = 1: ≈ 4.9 after 3 rounds)
 max_epsilon_per_study = 20.0
 max_epsilon_total = 20.0
+require_secure_aggregation = false  # and plain rounds: this tests the runner's outputs on the plain path
 """
 
 
@@ -74,6 +75,8 @@ def test_the_default_scenario_needs_no_files_and_has_four_dp_hospitals() -> None
     assert len(hospitals) == scenario.num_hospitals == 4
     assert sum(h.num_train for h in hospitals) == len(load_builtin("breast_cancer").train)
     assert scenario.baselines == ["pooled"]
+    assert scenario.secure_aggregation.enabled and scenario.client_dp is None  # what the node default requires
+    assert scenario.policy is None  # every virtual hospital applies the node default policy
 
 
 def test_scenario_maps_to_the_run_config_the_server_runs(tmp_path: Path) -> None:
@@ -224,3 +227,19 @@ def test_every_bundled_scenario_loads_and_partitions(path: Path) -> None:
 
     assert len(hospitals) == scenario.num_hospitals
     assert run_config_for(scenario, hospitals, Path("/nonexistent")).num_rounds == scenario.rounds
+    # SecAgg+ on, or plain rounds allowed explicitly by the scenario's [policy] table
+    policy = scenario.policy
+    explicit_plain = (policy is not None and "require_secure_aggregation" in policy.model_fields_set
+                      and not policy.require_secure_aggregation)
+    assert scenario.secure_aggregation.enabled or explicit_plain, path.name
+
+
+def test_a_plain_scenario_whose_hospitals_require_secagg_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    # Prepare: the small scenario without its policy's require_secure_aggregation = false
+    text = SMALL.replace("require_secure_aggregation = false", "")
+    scenario = load_scenario(_scenario(tmp_path, text))
+
+    # Execute / Assert
+    with pytest.raises(InvalidScenarioError, match=r"\[secure_aggregation\] enabled = true.*require_secure_aggregation = false"):
+        run_scenario(scenario, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
