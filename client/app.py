@@ -30,7 +30,7 @@ The server sends the model (named arrays), its spec and expected data shape, the
 rounds planned, the study and the local training settings. A train reply carries the trained
 arrays, ``num-examples``, the site's training metrics and its ε / δ spent so far in the study
 (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``epsilon``, ``delta``,
-``noise-multiplier``) and, in the ConfigRecord ``config``, its name (``site``), the SHA-256 of
+``noise-multiplier``, ``train-s``: seconds of local training) and, in the ConfigRecord ``config``, its name (``site``), the SHA-256 of
 its manifest file (``manifest-sha256``; a digest of the data description for sites built in
 memory, never of data) and, under DP, its ``accountant`` and clipping norm ``max-grad-norm``:
 the server logs them in the audit log and the privacy report. An evaluate reply
@@ -592,6 +592,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                 wire.EPSILON: float(result.epsilon),
                 wire.DELTA: float(result.delta),
                 "noise-multiplier": float(result.noise_multiplier),
+                "train-s": float(result.duration_s),  # local compute time (benchmarks/framework_overhead.py)
             }
         )
         content = RecordDict(

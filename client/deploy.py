@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..privacy.certs import CertificateLayout
 from ..supervise import (
@@ -37,6 +39,11 @@ from ..supervise import (
 )
 from .app_gate import TRUSTED_APPS_ENV, parse_app_hash, write_gate_bin
 from .manifest import load_manifest
+from .supernode_main import IDLE_POLL_S, POLL_OPTION
+from .warm_exec import WARM_MANIFEST_ENV
+
+#: flwr 1.41's SuperExec task polling interval (seconds, environment)
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 __all__ = [
     "NODE_LOG",
@@ -63,6 +70,9 @@ NODE_PID = "supernode.pid"
 NODE_LOG = "supernode.log"
 NODE_FLWR_HOME = "flwr-home"
 NODE_GATE_BIN = "app-gate"
+NODE_WARM_BIN = "warm-superexec"
+#: SuperExec task polling (flwr's default is 1 s) when the node runs warm
+WARM_TASK_POLL_INTERVAL_S = "0.1"
 _READY = r"SuperNode ID: (\d+)"
 
 # node-config keys the ClientApp reads (client/app.py)
@@ -185,6 +195,14 @@ class NodeSettings(BaseModel):
     trusted_app_hashes : tuple of str or None
         SHA-256 digests of the Flower Apps (FABs) this node may run; any other app is refused
         before its code is loaded. None: every app the SuperLink sends runs (warned).
+    warm : bool
+        Run each ClientApp task in a process forked from a warm SuperExec that has torch,
+        flwr and fedcare imported and the site's data read (:mod:`fedcare.client.warm_exec`),
+        polling for tasks every 0.1 s; False: flwr's own SuperExec starts a fresh
+        ``flwr-clientapp`` per message. Either way each task has its own process.
+    poll_interval_s : float
+        Seconds the idle SuperNode waits between asking the SuperLink for a message (flwr 1.41
+        waits a fixed 3 s; below 3 the node runs through :mod:`fedcare.client.supernode_main`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -201,6 +219,8 @@ class NodeSettings(BaseModel):
     max_wait_time: float | None = None
     extra_node_config: dict[str, str | int | float | bool] = {}
     trusted_app_hashes: tuple[str, ...] | None = None
+    warm: bool = True
+    poll_interval_s: float = Field(default=0.5, ge=0.05, le=3.0)
 
     @field_validator("trusted_app_hashes")
     @classmethod
@@ -263,6 +283,20 @@ class NodeSettings(BaseModel):
         return self.state_dir / NODE_LOG
 
 
+def write_warm_bin(folder: Path, python: str | None = None) -> Path:
+    """Write the warm ``flower-superexec`` (:mod:`fedcare.client.warm_exec`) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flower-superexec"
+    path.write_text(
+        "#!/bin/sh\n"
+        "# written by fedcare node start: ClientApp tasks fork from a warm process\n"
+        f"exec {shlex.quote(python or sys.executable)} -m fedcare.client.warm_exec \"$@\"\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o755)
+    return folder
+
+
 def supernode_command(settings: NodeSettings, *, site_name: str) -> list[str]:
     """Return the ``flower-supernode`` command line (absolute paths, node config quoted)."""
     ledger = (settings.ledger_dir or settings.state_dir / "ledger").resolve()
@@ -272,7 +306,11 @@ def supernode_command(settings: NodeSettings, *, site_name: str) -> list[str]:
         LEDGER_DIR_KEY: str(ledger),
         **settings.extra_node_config,
     }
-    argv = [find_executable("flower-supernode")]
+    if settings.poll_interval_s < IDLE_POLL_S:  # flwr's loop with a shorter idle wait
+        argv = [sys.executable, "-m", "fedcare.client.supernode_main",
+                POLL_OPTION, repr(settings.poll_interval_s), "--"]  # fmt: skip
+    else:
+        argv = [find_executable("flower-supernode")]
     if settings.insecure:
         argv.append("--insecure")
     else:
@@ -371,6 +409,11 @@ def start_node(
             site_name,
             ", ".join(h[:12] for h in settings.trusted_app_hashes),
         )
+    if settings.warm:
+        warm_bin = write_warm_bin(state.resolve() / NODE_WARM_BIN)
+        env["PATH"] = os.pathsep.join([str(warm_bin), env["PATH"]])
+        env[WARM_MANIFEST_ENV] = str(settings.site_manifest.resolve())
+        env.setdefault(TASK_POLL_ENV, WARM_TASK_POLL_INTERVAL_S)
     handle = spawn(
         supernode_command(settings, site_name=site_name),
         log_path=settings.log_file,

@@ -90,6 +90,24 @@ def node_start(
         Path | None,
         typer.Option("--trusted-apps", help="File of app hashes this node may run, one per line."),
     ] = None,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm/--cold",
+            help="--warm (default): each ClientApp task forks from a process with torch, fedcare and "
+            "the site's data already loaded; --cold: flwr starts a fresh process per message.",
+        ),
+    ] = True,
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            "--poll-interval",
+            min=0.05,
+            max=3.0,
+            help="Seconds the idle node waits between asking the SuperLink for work (flwr's own "
+            "wait is 3 s).",
+        ),
+    ] = 0.5,
     policy: Annotated[
         Path | None,
         typer.Option(
@@ -124,6 +142,8 @@ def node_start(
             insecure=insecure,
             trusted_app_hashes=tuple(pins) if pins else None,
             extra_node_config=extra,
+            warm=warm,
+            poll_interval_s=poll_interval,
         )
         started = start_node(settings, ready_timeout=ready_timeout)
     except _HANDLED as err:

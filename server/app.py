@@ -47,6 +47,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import RunConfig
+from .grid_poll import responsive_grid
 from .safekeeping import (
     RunAudit,
     artefact_metadata,
@@ -281,7 +282,7 @@ def run_server(
     try:
         if remaining > 0:
             strategy.start(
-                grid=grid,
+                grid=responsive_grid(grid),  # replies pulled every 0.2 s, not 3 s (grid_poll)
                 initial_arrays=_to_record(arrays),
                 num_rounds=remaining,
                 timeout=config.round_timeout_s,

@@ -135,14 +135,22 @@ class PartitionProvider:
         pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
         return _load_local_site(str(self.folder / f"site-{pid}.pkl"))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle (in a Ray worker, before its first message): restore the fields, quiet flwr.
+
+        flwr's ``secaggplus_mod`` logs every SecAgg+ stage of every node at DEBUG, and Ray echoes
+        the workers' output to the simulation's console: the workers' ``flwr`` logger is kept at
+        INFO and above (warnings and errors still show).
+        """
+        flower = logging.getLogger("flwr")
+        flower.setLevel(max(flower.getEffectiveLevel(), logging.INFO))
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
 
 @lru_cache(maxsize=128)
 def _load_local_site(path: str) -> LocalSite:
     """Load one hospital written by the runner (once per worker process)."""
-    # flwr's SecAgg+ mod logs every protocol stage at DEBUG in the Ray workers, which Ray echoes
-    # to the simulation's console: keep the workers' Flower logging at INFO and above
-    flower = logging.getLogger("flwr")
-    flower.setLevel(max(flower.getEffectiveLevel(), logging.INFO))
     with open(path, "rb") as fh:
         site = pickle.load(fh)  # noqa: S301 - the runner wrote this file moments ago
     if not isinstance(site, LocalSite):

@@ -1,0 +1,188 @@
+"""A warm SuperExec for a hospital's SuperNode: each ClientApp task forks from a pre-loaded process.
+
+flwr 1.41 runs every message a node receives in a fresh ``flwr-clientapp`` process, started by
+the SuperNode's SuperExec (``flower-superexec``, itself started by name from ``PATH``). On a
+busy hospital machine that process spends seconds importing torch, flwr and fedcare and reading
+the site's data before it trains, twice per round (train and evaluate).
+
+``fedcare node start`` (``NodeSettings.warm``, on by default) puts a ``flower-superexec`` of its
+own first on the SuperNode's ``PATH``; it runs :func:`main`:
+
+- import torch, flwr's ClientApp runtime and :mod:`fedcare.client.app` once, and read the
+  site's data into the ClientApp's cache (``FEDCARE_WARM_MANIFEST``; no torch computation
+  happens before a fork);
+- then run flwr's own SuperExec loop (same arguments, same Runtime API, same task polling)
+  with one change: a ClientApp task is started with ``os.fork()`` instead of ``Popen``. The
+  child runs flwr's ``flwr-clientapp`` code unchanged, behind the hospital's app gate when apps
+  are pinned (:mod:`fedcare.client.app_gate`), and exits when the task is done. So every task
+  still gets its own process (a crash or a leak ends with it) and nothing a task does reaches
+  the next one; only the imports and the read-only data are shared.
+
+Any other task type goes through flwr's subprocess executor as before (and the app gate
+refuses it on a pinned node). The SuperExec polls for tasks every
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (flwr's default 1 s; ``node start`` sets 0.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["WARM_MANIFEST_ENV", "ForkingExecutor", "main", "preload"]
+
+logger = logging.getLogger(__name__)
+
+#: absolute path of the site manifest whose data the warm process reads before forking
+WARM_MANIFEST_ENV = "FEDCARE_WARM_MANIFEST"
+
+
+def preload(manifest: str | None) -> float:
+    """Import what every ClientApp task needs and cache the site's data; return seconds spent."""
+    started = time.perf_counter()
+    import torch  # noqa: F401, PLC0415 - the point is to import it once
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401, PLC0415
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401, PLC0415
+
+    from . import app as client_app  # noqa: PLC0415
+    from . import app_gate  # noqa: F401, PLC0415
+
+    try:
+        import opacus  # noqa: F401, PLC0415 - DP rounds
+    except ImportError:  # pragma: no cover - opacus is a dependency
+        pass
+    if manifest:
+        try:
+            path = client_app.Path(manifest)
+            client_app._load_data(client_app._stat_key(path))  # noqa: SLF001 - warm the cache
+        except Exception as err:  # noqa: BLE001 - the task itself reports a bad manifest
+            logger.warning("warm SuperExec: site data not preloaded (%s): tasks read it", err)
+    return time.perf_counter() - started
+
+
+def _clientapp_argv(spec: Any) -> list[str]:
+    """Return ``flwr-clientapp``'s arguments for ``spec`` (as flwr's SubprocessExecutor does)."""
+    args = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        args += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        args.append("--allow-runtime-dependency-installation")
+    return args
+
+
+def _run_child(argv: list[str]) -> int:
+    """In the forked child: run ``flwr-clientapp`` (gated when apps are pinned); return the code."""
+    from . import app_gate  # noqa: PLC0415 - already imported by preload
+
+    if app_gate.TRUSTED_APPS_ENV in os.environ:  # pinned node: exactly what the gate runs
+        return app_gate.main(["flwr-clientapp", *argv])
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: PLC0415
+
+    sys.argv = ["flwr-clientapp", *argv]
+    flwr_clientapp()
+    return 0
+
+
+class ForkingExecutor:
+    """flwr's executor interface: ClientApp tasks forked from this warm process, others delegated."""
+
+    def __init__(self, fallback: Any) -> None:
+        self._fallback = fallback
+        self._children: set[int] = set()
+
+    def get_eligible_capacity(self, *args: Any, **kwargs: Any) -> Any:
+        """Delegate (no capacity gate)."""
+        return self._fallback.get_eligible_capacity(*args, **kwargs)
+
+    def wait_for_capacity(self, *args: Any, **kwargs: Any) -> Any:
+        """Delegate (no capacity gate)."""
+        return self._fallback.wait_for_capacity(*args, **kwargs)
+
+    def launch(self, spec: Any) -> Any:
+        """Fork a ClientApp task; hand every other task type to flwr's subprocess executor."""
+        from flwr.supercore.constant import TaskType  # noqa: PLC0415
+        from flwr.supercore.superexec.executor.types import LaunchResult  # noqa: PLC0415
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
+        argv = _clientapp_argv(spec)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child: never return into the SuperExec loop
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                if spec.suppress_output:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 1)
+                    os.dup2(devnull, 2)
+                code = _run_child(argv)
+            except SystemExit as exc:  # flwr_exit ends every task with sys.exit
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - report, then leave without the parent's handlers
+                import traceback  # noqa: PLC0415
+
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        self._children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished task processes."""
+        for pid in list(self._children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._children.discard(pid)
+        self._fallback.reconcile()
+
+    def close(self) -> None:
+        """Ask running task processes to stop, then close the fallback executor."""
+        for pid in list(self._children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._fallback.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the warm ``flower-superexec``: same arguments as flwr's."""
+    import flwr.supercore.superexec.run_superexec as runner  # noqa: PLC0415
+    from flwr.supercore.cli.flower_superexec import flower_superexec  # noqa: PLC0415
+    from flwr.supercore.constant import ExecutorType  # noqa: PLC0415
+
+    seconds = preload(os.environ.get(WARM_MANIFEST_ENV))
+    sys.stderr.write(f"fedcare warm SuperExec ready (PID {os.getpid()}, preload {seconds:.1f} s)\n")
+    original = runner.get_executor
+
+    def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
+        executor = original(executor_type, *args, **kwargs)
+        if executor_type == ExecutorType.SUBPROCESS:
+            return ForkingExecutor(executor)
+        return executor
+
+    runner.get_executor = get_executor
+    sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
