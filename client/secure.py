@@ -30,6 +30,7 @@ reason, so the server's secure round fails loudly and names the site.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -134,13 +135,22 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 
 def _within_range(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Refuse to send parameters SecAgg+ would silently clip at its quantisation range."""
+    """Refuse to send parameters SecAgg+ would silently clip at its quantisation range.
+
+    Also seeds NumPy's global generator from the parameters about to be quantised: flwr's
+    SecAgg+ quantisation rounds stochastically with ``np.random`` (unseeded), which would make two
+    runs with the same seed differ (and, through the digest that seeds the next round's DP noise,
+    diverge). The rounding only has to be unbiased, not secret (the masks come from the SecAgg+
+    key agreement), so a seed derived from the update keeps it unbiased and makes it repeatable.
+    """
     out = call_next(msg, context)
     if out.has_error():
         return out
+    params = parameters_to_ndarrays(compat.recorddict_to_fitres(out.content, keep_input=True).parameters)
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in params)).digest()
+    np.random.seed(int.from_bytes(digest[:4], "little"))  # noqa: NPY002 - flwr's quantize reads the global generator
     limit = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord()).get("clipping_range")
     if isinstance(limit, (int, float)) and limit > 0:
-        params = parameters_to_ndarrays(compat.recorddict_to_fitres(out.content, keep_input=True).parameters)
         largest = max((float(np.max(np.abs(a))) for a in params if a.size), default=0.0)
         if largest > limit:
             raise SecureRoundError(

@@ -138,6 +138,26 @@ def test_secure_aggregate_is_the_unweighted_mean_of_the_clipped_updates(tmp_path
     assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "completed"
 
 
+def test_a_secure_run_repeats_exactly_for_the_same_seed(tmp_path: Path) -> None:
+    # Prepare: sample-level DP on (its noise is seeded from the round's starting weights, so any
+    # run-to-run difference in SecAgg+'s stochastic rounding would change everything after it)
+    privacy = PrivacySettings.with_noise(noise_multiplier=1.0, epsilon_budget=50.0)
+    finals = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        sites = _sites(folder, 3, privacy=privacy)
+        config = _config(folder, 3, num_rounds=2)
+
+        # Execute
+        run_server(_WireGrid(make_client_app(_Sites(sites)), 3), config)
+        finals.append(load_model_file(folder / "ckpt" / FINAL_MODEL_FILE)[0])
+
+    # Assert: bit-identical final models
+    assert list(finals[0]) == list(finals[1])
+    for k in finals[0]:
+        np.testing.assert_array_equal(finals[0][k], finals[1][k])
+
+
 def test_client_level_epsilon_is_opacus_rdp() -> None:
     accountant = RDPAccountant()
     accountant.history = [(0.8, 0.5, 2), (1.1, 1.0, 1)]
