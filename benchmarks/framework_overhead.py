@@ -85,7 +85,8 @@ QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
          "PYTHONUNBUFFERED": "1"}  # fmt: skip
 
 
-#: the benchmark's sites train without DP and in plain (non-SecAgg+) rounds: say so explicitly
+#: the benchmark's sites train without DP (like the plain app) and in plain (non-SecAgg+) rounds:
+#: policy and privacy settings say so explicitly
 POLICY = "require_dp = false\nrequire_secure_aggregation = false\n"
 
 STUDY = """\
@@ -345,6 +346,8 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
     server_state = root / "superlink"
     policy = root / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
+    privacy = root / "privacy.toml"
+    privacy.write_text("enabled = false\n", encoding="utf-8")
     node_states = {site: root / "nodes" / site for site in SITES}
     ready: dict[str, dict[str, float | None]] = {}
     try:
@@ -359,7 +362,7 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
                 [fedcare, "node", "start", "--site", str(sites[site]["manifest"]), "--superlink", address,
                  "--port", str(free_port()), "--certs", str(certs), "--key", str(certs / "nodes" / f"{site}.key"),
                  "--state", str(state), "--ledger-dir", str(root / "ledgers" / site), "--policy", str(policy),
-                 "--warm" if warm else "--cold", "--poll-interval", poll],
+                 "--privacy-settings", str(privacy), "--warm" if warm else "--cold", "--poll-interval", poll],
                 timeout=180, environ=base_env,
             )  # fmt: skip
             entry: dict[str, float | None] = {"node_start_s": seconds}

@@ -10,6 +10,10 @@ node (Flower logs ``SuperNode ID: ...``) and reports how long that took.
 With ``trusted_app_hashes`` the node runs only the Flower Apps (FABs) whose SHA-256 the
 hospital pinned; every other app is refused before its code is loaded (see
 :mod:`fedcare.client.app_gate`: flwr's own ``--trusted-entities`` cannot verify self-built apps).
+
+By default (``warm``) every ClientApp task is forked from a warm SuperExec that has torch,
+fedcare and the site's data loaded (:mod:`fedcare.client.warm_exec`), and the idle node polls
+the SuperLink every ``poll_interval_s`` (0.5 s; flwr waits 3 s: :mod:`fedcare.client.supernode_main`).
 """
 
 from __future__ import annotations

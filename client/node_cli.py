@@ -108,6 +108,14 @@ def node_start(
             "wait is 3 s).",
         ),
     ] = 0.5,
+    privacy_settings: Annotated[
+        Path | None,
+        typer.Option(
+            "--privacy-settings",
+            help="The site's DP-SGD settings TOML (PrivacySettings fields, node config "
+            "privacy-settings); default: DP on with the built-in settings.",
+        ),
+    ] = None,
     policy: Annotated[
         Path | None,
         typer.Option(
@@ -130,6 +138,11 @@ def node_start(
                                         "it out for the strict default policy")
             load_policy(policy_path)  # refuse an invalid file now (the node reloads it every round)
             extra["policy"] = str(policy_path)
+        if privacy_settings is not None:
+            privacy_path = privacy_settings.expanduser().resolve()
+            if not privacy_path.is_file():
+                raise FileNotFoundError(f"privacy settings file {privacy_path} not found; fix --privacy-settings")
+            extra["privacy-settings"] = str(privacy_path)
         settings = NodeSettings(
             site_manifest=site,
             superlink=superlink,
