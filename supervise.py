@@ -37,6 +37,7 @@ __all__ = [
     "read_pid_file",
     "spawn",
     "stop_pid",
+    "stop_pid_file",
     "stop_popen",
     "stop_process",
     "wait_for_log",
@@ -469,6 +470,21 @@ def stop_pid(
         except subprocess.TimeoutExpired:
             pass
     return True
+
+
+def stop_pid_file(pid_file: Path, what: str, *, timeout: float = 15.0) -> bool:
+    """Stop the process ``pid_file`` names (and its children), remove the file; False if it was gone.
+
+    Raises
+    ------
+    NotRunningError
+        When ``pid_file`` does not exist or holds no PID.
+    """
+    pid, ticks = read_pid_file(pid_file)
+    stopped = stop_pid(pid, ticks, timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    logger.info("%s PID %d %s", what, pid, "stopped" if stopped else "was not running")
+    return stopped
 
 
 def stop_popen(popen: subprocess.Popen[Any], *, timeout: float = 15.0) -> bool:

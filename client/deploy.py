@@ -35,9 +35,8 @@ from ..supervise import (
     ProcessHandle,
     find_executable,
     flower_env,
-    read_pid_file,
     spawn,
-    stop_pid,
+    stop_pid_file,
     stop_process,
     wait_for_log,
 )
@@ -451,9 +450,4 @@ def stop_node(state_dir: Path, *, timeout: float = 15.0) -> bool:
     fedcare.supervise.NotRunningError
         When ``state_dir`` holds no PID file.
     """
-    pid_file = Path(state_dir) / NODE_PID
-    pid, ticks = read_pid_file(pid_file)
-    stopped = stop_pid(pid, ticks, timeout=timeout)
-    pid_file.unlink(missing_ok=True)
-    logger.info("SuperNode PID %d %s", pid, "stopped" if stopped else "was not running")
-    return stopped
+    return stop_pid_file(Path(state_dir) / NODE_PID, "SuperNode", timeout=timeout)

@@ -252,28 +252,11 @@ def run_server(
             return None
         rnd = strategy.run_round(server_round)
         previous, final["arrays"] = final["arrays"], _from_record(record)
-        rec = history.round(rnd)
-        rec.complete = True
-        if ckpt_path is not None:
-            save_checkpoint(
-                ckpt_path,
-                Checkpoint(
-                    round=rnd,
-                    arrays=final["arrays"],
-                    strategy_state=strategy.state_dict(),
-                    history=history.state_dict(),
-                    run_config=config.to_run_config(),
-                    rng_state=_rng_to_json(random.getstate()),
-                ),
-                key=key,
-                metadata=artefact_metadata(config, "checkpoint", rnd) if key is not None else None,
-            )
-        audit.round(rec, aggregate_update_norm=update_norm(previous, final["arrays"]), secure_aggregation=secure)
-        audit.refusals(rec)
-        if ckpt_path is not None:
-            audit.checkpoint(rnd, ckpt_path, key)
-        if on_round is not None:
-            on_round(rec)
+        record_round_end(
+            config, history, rnd, arrays=final["arrays"], previous=previous,
+            strategy_state=strategy.state_dict(), ckpt_path=ckpt_path, key=key, audit=audit,
+            secure_aggregation=secure, on_round=on_round,
+        )
         return None
 
     remaining = config.num_rounds - done
@@ -323,6 +306,49 @@ def _refuse_other_format(folder: Path, key: ArtefactKey | None) -> None:
             f"{encrypted} is an encrypted checkpoint but no artefact-key is configured: set artefact-key "
             "to the key file it was written with (or \"env\" with FEDCARE_ARTEFACT_KEY set)"
         )
+
+
+def record_round_end(
+    config: RunConfig,
+    history: MetricsHistory,
+    rnd: int,
+    *,
+    arrays: OrderedDict[str, np.ndarray],
+    previous: OrderedDict[str, np.ndarray],
+    strategy_state: dict[str, Any],
+    ckpt_path: Path | None,
+    key: Any,
+    audit: RunAudit,
+    secure_aggregation: bool,
+    on_round: RoundCallback | None,
+) -> None:
+    """Close round ``rnd``: mark it complete, checkpoint it, audit it, then report it.
+
+    Shared by the plain and the secure (SecAgg+) paths. The server sees the new global model in
+    both, so the aggregate update's norm (new minus ``previous``) is known to it.
+    """
+    rec = history.round(rnd)
+    rec.complete = True
+    if ckpt_path is not None:
+        save_checkpoint(
+            ckpt_path,
+            Checkpoint(
+                round=rnd,
+                arrays=arrays,
+                strategy_state=strategy_state,
+                history=history.state_dict(),
+                run_config=config.to_run_config(),
+                rng_state=_rng_to_json(random.getstate()),
+            ),
+            key=key,
+            metadata=artefact_metadata(config, "checkpoint", rnd) if key is not None else None,
+        )
+    audit.round(rec, aggregate_update_norm=update_norm(previous, arrays), secure_aggregation=secure_aggregation)
+    audit.refusals(rec)
+    if ckpt_path is not None:
+        audit.checkpoint(rnd, ckpt_path, key)
+    if on_round is not None:
+        on_round(rec)
 
 
 def _write_outputs(

@@ -39,9 +39,8 @@ from ..supervise import (
     ProcessHandle,
     find_executable,
     flower_env,
-    read_pid_file,
     spawn,
-    stop_pid,
+    stop_pid_file,
     stop_popen,
     stop_process,
     wait_for_log,
@@ -478,12 +477,7 @@ def stop_superlink(state_dir: Path, *, timeout: float = 15.0) -> bool:
     fedcare.supervise.NotRunningError
         When ``state_dir`` holds no PID file.
     """
-    pid_file = Path(state_dir) / SUPERLINK_PID
-    pid, ticks = read_pid_file(pid_file)
-    stopped = stop_pid(pid, ticks, timeout=timeout)
-    pid_file.unlink(missing_ok=True)
-    logger.info("SuperLink PID %d %s", pid, "stopped" if stopped else "was not running")
-    return stopped
+    return stop_pid_file(Path(state_dir) / SUPERLINK_PID, "SuperLink", timeout=timeout)
 
 
 def _flwr(

@@ -77,22 +77,18 @@ from ..privacy.report import ClientLevelPrivacy
 from .checkpoint import (
     CHECKPOINT_FILE,
     HISTORY_FILE,
-    Checkpoint,
     MetricsHistory,
     RoundRecord,
     load_checkpoint,
-    save_checkpoint,
     write_json_atomic,
 )
 from .config import RunConfig
 from .safekeeping import (
     RunAudit,
-    artefact_metadata,
     artefact_path,
     load_artefact_key,
     run_identity,
     safe_name,
-    update_norm,
 )
 from .strategy import TooFewSitesError, aggregate_train_metrics, build_strategy
 
@@ -604,28 +600,11 @@ def run_secure(
             replies = list(grid_.send_and_receive(messages, timeout=config.round_timeout_s)) if messages else []
             evaluator.aggregate_evaluate(server_round, replies)
         record.train.update({f"secagg-{k}-s": v for k, v in workflow.stages_s.items()})
-        record.complete = True
-        if ckpt_path is not None:
-            save_checkpoint(
-                ckpt_path,
-                Checkpoint(
-                    round=rnd,
-                    arrays=final["arrays"],
-                    strategy_state={"kind": _SECURE_STATE_KIND},
-                    history=history.state_dict(),
-                    run_config=config.to_run_config(),
-                    rng_state=plain._rng_to_json(random.getstate()),
-                ),
-                key=key,
-                metadata=artefact_metadata(config, "checkpoint", rnd) if key is not None else None,
-            )
-        # the server sees the new global model, so the aggregate update's norm is known to it
-        audit.round(record, aggregate_update_norm=update_norm(previous, final["arrays"]), secure_aggregation=True)
-        audit.refusals(record)
-        if ckpt_path is not None:
-            audit.checkpoint(rnd, ckpt_path, key)
-        if on_round is not None:
-            on_round(record)
+        plain.record_round_end(
+            config, history, rnd, arrays=final["arrays"], previous=previous,
+            strategy_state={"kind": _SECURE_STATE_KIND}, ckpt_path=ckpt_path, key=key, audit=audit,
+            secure_aggregation=True, on_round=on_round,
+        )
 
     remaining = config.num_rounds - done
     started = time.perf_counter()
