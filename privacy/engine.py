@@ -433,21 +433,6 @@ def make_private(
         )
     engine = PrivacyEngine(accountant=accountant.mechanism(), secure_mode=False)
     engine.accountant = accountant  # the ledger's: Opacus's step hook charges the persistent ledger
-    if mode == "fast":  # Opacus's loader, optimizer (noise) and this accountant's step hook
-        private_module, dp_optimizer, dp_loader = make_private_fast(
-            engine,
-            module=module,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            loss_reduction="mean",
-            poisson_sampling=True,
-            noise_generator=noise_generator,
-        )
-        return _private_training(private_module, dp_optimizer, dp_loader, criterion,
-                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                 mode=mode, requested=grad_sample_mode, accountant=accountant)
     common: dict[str, Any] = dict(
         module=module,
         optimizer=optimizer,
@@ -457,15 +442,16 @@ def make_private(
         loss_reduction="mean",
         poisson_sampling=True,
         noise_generator=noise_generator,
-        grad_sample_mode=mode,
     )
-    if mode == "ghost":
+    dp_criterion: Callable[..., Any] = criterion
+    if mode == "fast":  # Opacus's loader, optimizer (noise) and this accountant's step hook
+        private_module, dp_optimizer, dp_loader = make_private_fast(engine, **common)
+    elif mode == "ghost":
         private_module, dp_optimizer, dp_criterion, dp_loader = engine.make_private(
-            criterion=criterion, **common
+            criterion=criterion, grad_sample_mode=mode, **common
         )
     else:
-        private_module, dp_optimizer, dp_loader = engine.make_private(**common)
-        dp_criterion = criterion
+        private_module, dp_optimizer, dp_loader = engine.make_private(grad_sample_mode=mode, **common)
     return _private_training(private_module, dp_optimizer, dp_loader, dp_criterion,
                              noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              mode=mode, requested=grad_sample_mode, accountant=accountant)
