@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcare.client.metrics import evaluate
-from fedcare.models import ModelSpec, build_for_data, set_weights
-from fedcare.server.checkpoint import load_model_file
-from fedcare.simulations.baselines import pool_sites
 from fedcare.simulations.runner import build_hospitals, run_scenario
 from fedcare.simulations.scenario import Scenario
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utility import _ms, evaluate_final  # noqa: E402 - the sibling benchmark's evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "simulations" / "scenarios" / "heart_disease.toml"
@@ -60,23 +59,6 @@ def scenario_for(seed: int, arm: str, dp_epsilon: float) -> Scenario:
         # with the published FLamby figures, which SecAgg+'s unweighted mean would change.
         raw["policy"] = {"require_secure_aggregation": False}
     return Scenario.model_validate(raw, context={"base_dir": SCENARIO.parent})
-
-
-def evaluate_final(model_path: Path, scenario: Scenario) -> dict[str, Any]:
-    """Evaluate the federated final model on the pooled test split and on each site's test split."""
-    arrays, meta = load_model_file(model_path)
-    sites = build_hospitals(scenario)
-    model = build_for_data(
-        ModelSpec.model_validate(meta["model_spec"]), task=meta["task"], num_classes=int(meta["num_classes"]),
-        input_shape=tuple(meta["input_shape"]), has_mask=bool(meta["has_mask"]),
-    )
-    set_weights(model, arrays)
-    model.eval()
-    pooled = pool_sites(sites)
-    return {
-        "pooled_test": {k: float(v) for k, v in evaluate(model, pooled.test, pooled.task).items()},
-        "sites": {s.name: {k: float(v) for k, v in evaluate(model, s.test, s.task).items()} for s in sites},
-    }
 
 
 def one_run(seed: int, arm: str, dp_epsilon: float, work: Path) -> dict[str, Any]:
@@ -156,16 +138,6 @@ def standardisation_check(seeds: list[int]) -> dict[str, Any]:
             res = pooled_baseline(sites, spec=base.model, train=train, privacy=base.privacy, rounds=base.rounds, seed=seed)
             out[key].append(res.pooled_test)
     return out
-
-
-def _ms(values: list[float]) -> str:
-    """Format mean ± std (sample std; 0 for one value)."""
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return "-"
-    sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return f"{float(arr.mean()):.3f} ± {sd:.3f}"
 
 
 def table(runs: list[dict[str, Any]]) -> str:

@@ -249,6 +249,22 @@ def test_mitbih_split_by_record_keeps_patients_together(shared_data: Path) -> No
     assert sum(len(s) for s in sets) == 12
 
 
+@pytest.mark.filterwarnings("ignore:.*min_cohort_size = 2 is below the default")
+def test_mitbih_four_groups_hold_out_one_patient_each(shared_data: Path) -> None:
+    # Prepare / Execute: the 4 hospitals of benchmarks/utility.py's MIT-BIH federation
+    groups = [example(f"mitbih_group{g}", shared_data) for g in range(1, 5)]
+    # Assert: the 12 patients, each in one hospital; one held-out (test) patient per hospital,
+    # with the PVC counts of ../shared/data/README.md (119: 444, 200: 826, 105: 41, 104: 2)
+    patients = [set(all_groups(d).tolist()) for d in groups]
+    assert sum(len(p) for p in patients) == 12 and len(set().union(*patients)) == 12
+    held_out = [set(d.test.groups.tolist()) for d in groups]  # type: ignore[union-attr]
+    assert [{str(r) for r in h} for h in held_out] == [{"119"}, {"200"}, {"105"}, {"104"}]
+    assert [int(d.test.targets.sum()) for d in groups] == [444, 826, 41, 2]
+    assert all(len(d.val) == 0 for d in groups)
+    assert all(not set(d.train.groups.tolist()) & h for d, h in zip(groups, held_out, strict=True))  # type: ignore[union-attr]
+    assert groups[0].input_shape == (63, 1)  # 0.7 s at 360 Hz, decimated by 4
+
+
 # --- MedMNIST ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
