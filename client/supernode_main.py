@@ -11,7 +11,8 @@ arguments>``: flwr's own ``flower-supernode`` entry point, unchanged except that
 module sees a ``time`` whose ``sleep`` waits at most ``S`` seconds when idle (the 3 s wait) and
 at most 0.1 s while waiting for a local reply. Each idle pull is one small authenticated HTTPS
 request to the SuperLink. Only flwr 1.41 is patched (the version fedcare pins); with another
-version the SuperNode runs unpatched and says so.
+version the SuperNode runs unpatched and says so. The node also retries objects of a message
+that are not on the SuperLink yet after 0.05 s rather than flwr's 1 s (:mod:`fedcare.pull_backoff`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from ..pull_backoff import shorten_pull_backoff
 
 __all__ = ["IDLE_POLL_S", "POLL_OPTION", "main", "patch_poll_interval"]
 
@@ -73,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = args[1:]
     if idle_s < IDLE_POLL_S:
         patch_poll_interval(idle_s)
+    shorten_pull_backoff()  # the server's message: its objects are pulled as soon as they arrive
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
 
     sys.argv = ["flower-supernode", *args]

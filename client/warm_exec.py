@@ -18,6 +18,10 @@ own first on the SuperNode's ``PATH``; it runs :func:`main`:
   still gets its own process (a crash or a leak ends with it) and nothing a task does reaches
   the next one; only the imports and the read-only data are shared.
 
+A task forks within ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` of the message's arrival, usually
+before the SuperNode has pulled the message's objects from the SuperLink; its pulls from the
+SuperNode retry after 0.05 s, not flwr's 1 s, 2 s, ... (:mod:`fedcare.pull_backoff`).
+
 Any other task type goes through flwr's subprocess executor as before (and the app gate
 refuses it on a pinned node). The SuperExec polls for tasks every
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (flwr's default 1 s; ``node start`` sets 0.1).
@@ -32,6 +36,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from ..pull_backoff import shorten_pull_backoff
 
 __all__ = ["WARM_MANIFEST_ENV", "ForkingExecutor", "main", "preload"]
 
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return executor
 
     runner.get_executor = get_executor
+    shorten_pull_backoff()  # tasks fork before their SuperNode holds the message's objects
     sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
     flower_superexec()
 

@@ -6,8 +6,10 @@ between pulls, a fixed interval flwr does not expose. A reply that arrives just 
 waits up to 3 s, twice per round (train and evaluate). :class:`PollingGrid` wraps the Grid the
 ServerApp receives and does the same push/pull through the Grid's public API, pulling every
 ``interval`` seconds (0.2 s by default: a small HTTP request to the SuperLink on loopback).
-Everything else is delegated unchanged. ``FEDCARE_SERVERAPP_PULL_INTERVAL`` in the SuperLink's
-environment sets the interval in seconds, or ``off`` for flwr's own behaviour.
+Everything else is delegated unchanged. A reply's objects that the SuperNode is still pushing
+are retried after 0.05 s, not flwr's 1 s (:mod:`fedcare.pull_backoff`).
+``FEDCARE_SERVERAPP_PULL_INTERVAL`` in the SuperLink's environment sets the interval in
+seconds, or ``off`` for flwr's own behaviour (both).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+
+from ..pull_backoff import shorten_pull_backoff
 
 __all__ = ["DEFAULT_PULL_INTERVAL_S", "PULL_INTERVAL_ENV", "PollingGrid", "responsive_grid"]
 
@@ -119,5 +123,6 @@ def responsive_grid(grid: Grid, interval: float | None = None) -> Grid:
     except ImportError:  # pragma: no cover - other flwr layouts: leave the grid as it is
         return grid
     if isinstance(grid, HttpGrid):
+        shorten_pull_backoff()  # a reply's objects, pulled while the SuperNode still pushes them
         return PollingGrid(grid, interval)
     return grid

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fedcare import pull_backoff
 from fedcare.client import supernode_main, warm_exec
 from fedcare.client.deploy import NodeSettings, supernode_command, write_warm_bin
 from fedcare.server.grid_poll import PULL_INTERVAL_ENV, PollingGrid, responsive_grid
@@ -94,6 +95,34 @@ def test_supernode_poll_patch_shortens_only_flwr_waits() -> None:
         assert loop.time.monotonic() > 0  # everything else is the time module
     finally:
         loop.time = original
+
+
+def test_pull_backoff_starts_short_and_keeps_flwrs_patience() -> None:
+    # Prepare
+    from flwr.supercore.inflatable import inflatable_utils
+
+    functions = (inflatable_utils.pull_objects,
+                 inflatable_utils.pull_and_inflate_object_from_tree)  # fmt: skip
+    saved = [dict(fn.__kwdefaults__) for fn in functions]
+    try:
+        # Execute
+        patched = pull_backoff.shorten_pull_backoff(0.05, 0.5)
+        again = pull_backoff.shorten_pull_backoff(0.05, 0.5)
+
+        # Assert: retries after 0.05 s (flwr: 1 s), capped at 0.5 s (flwr: 10 s), same total wait
+        assert patched and again
+        for fn, before in zip(functions, saved, strict=True):
+            now = fn.__kwdefaults__
+            assert (now["initial_backoff"], now["backoff_cap"]) == (0.05, 0.5)
+            patience = before["max_tries_per_object"] * before["backoff_cap"]
+            assert now["max_tries_per_object"] * now["backoff_cap"] >= patience
+            assert now["max_time"] == before["max_time"]
+        with pytest.raises(ValueError):
+            pull_backoff.shorten_pull_backoff(0.5, 0.05)
+    finally:
+        for fn, before in zip(functions, saved, strict=True):
+            fn.__kwdefaults__.clear()
+            fn.__kwdefaults__.update(before)
 
 
 def test_node_command_runs_the_tuned_loop_only_below_flwrs_poll(tmp_path: Path) -> None:
