@@ -163,10 +163,6 @@ def one_run(dataset: Dataset, seed: int, arm: str, work: Path, *, mu: float) -> 
     return run
 
 
-def _values(runs: list[dict[str, Any]], get: Any, metric: str) -> list[float]:
-    return [float(get(r)[metric]) for r in runs]
-
-
 def _ms(values: list[float]) -> str:
     """Format mean ± sample std (± 0 for one value); '-' when nothing is finite."""
     arr = np.asarray(values, dtype=float)
@@ -177,36 +173,53 @@ def _ms(values: list[float]) -> str:
     return f"{float(arr.mean()):.3f} ± {sd:.3f}"
 
 
-def rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, float]]]]:
-    """Return (model name, per-seed metrics on the pooled test split) for every model trained."""
-    by_arm = {a: sorted((r for r in runs if r["arm"] == a), key=lambda r: r["seed"]) for a in ARMS}
-    out: list[tuple[str, list[dict[str, float]]]] = []
+ROW_NAMES = {"fedprox": "FedProx", "dp1": "FedAvg + DP ε = 1", "dp3": "FedAvg + DP ε = 3", "dp8": "FedAvg + DP ε = 8"}
+
+
+def rows(runs: list[dict[str, Any]]) -> list[tuple[str, dict[int, dict[str, float]]]]:
+    """Return (model name, {seed: metrics on the pooled test split}) for every model trained."""
+    by_arm = {a: [r for r in runs if r["arm"] == a] for a in ARMS}
+    out: list[tuple[str, dict[int, dict[str, float]]]] = []
     ref = by_arm["reference"]
     if ref:
-        out.append(("pooled", [r["pooled"]["pooled_test"] for r in ref]))
+        out.append(("pooled", {r["seed"]: r["pooled"]["pooled_test"] for r in ref}))
         for site in ref[0]["local"]["site_pooled_test"]:
-            out.append((f"{site} alone", [r["local"]["site_pooled_test"][site] for r in ref]))
-        out.append(("local-only, mean of the site models", [r["local"]["mean_pooled_test"] for r in ref]))
-        out.append(("FedAvg", [r["federated"]["pooled_test"] for r in ref]))
-    names = {"fedprox": "FedProx", "dp1": "FedAvg + DP ε = 1", "dp3": "FedAvg + DP ε = 3", "dp8": "FedAvg + DP ε = 8"}
-    for arm, name in names.items():
+            out.append((f"{site} alone", {r["seed"]: r["local"]["site_pooled_test"][site] for r in ref}))
+        out.append(("local-only, mean of the site models", {r["seed"]: r["local"]["mean_pooled_test"] for r in ref}))
+        out.append(("FedAvg", {r["seed"]: r["federated"]["pooled_test"] for r in ref}))
+    for arm, name in ROW_NAMES.items():
         if by_arm[arm]:
-            out.append((name, [r["federated"]["pooled_test"] for r in by_arm[arm]]))
+            out.append((name, {r["seed"]: r["federated"]["pooled_test"] for r in by_arm[arm]}))
     return out
 
 
+def paired_gap(model: dict[int, dict[str, float]], pooled: dict[int, dict[str, float]], metric: str) -> list[float]:
+    """Return the model's metric minus the pooled model's, seed by seed (seeds both have)."""
+    return [float(model[s][metric]) - float(pooled[s][metric]) for s in sorted(model) if s in pooled]
+
+
+def max_epsilon(runs: list[dict[str, Any]], arm: str) -> float | None:
+    """Return the largest ε any site of any run of ``arm`` spent (its ledger's figure)."""
+    eps = [float(v["epsilon"]) for r in runs if r["arm"] == arm for v in r["privacy"].values()
+           if v.get("epsilon") is not None]
+    return max(eps) if eps else None
+
+
 def table(runs: list[dict[str, Any]], dataset: Dataset) -> str:
-    """Return the markdown table: model × metric on the pooled test split, gap to pooled."""
+    """Return the markdown table: model × metric on the pooled test split, paired gap to pooled."""
     m1, m2 = dataset.metrics
     found = rows(runs)
-    pooled = dict(found).get("pooled")
-    pooled_mean = float(np.mean(_values(pooled, lambda x: x, m1))) if pooled else float("nan")
-    lines = [f"| model | {m1} | {m2} | {m1} − pooled | seeds |", "|---|---|---|---|---|"]
-    for name, vals in found:
-        mean = float(np.nanmean(_values(vals, lambda x: x, m1)))
-        gap = "" if name == "pooled" or not np.isfinite(pooled_mean) else f"{mean - pooled_mean:+.3f}"
-        lines.append(f"| {name} | {_ms(_values(vals, lambda x: x, m1))} | {_ms(_values(vals, lambda x: x, m2))} "
-                     f"| {gap} | {len(vals)} |")
+    pooled = dict(found).get("pooled", {})
+    lines = [f"| model | {m1} | {m2} | {m1} − pooled, paired by seed | seeds |", "|---|---|---|---|---|"]
+    for name, by_seed in found:
+        vals = list(by_seed.values())
+        gap = "" if name == "pooled" else _ms(paired_gap(by_seed, pooled, m1))
+        gap = "" if gap == "-" else gap
+        lines.append(f"| {name} | {_ms([v[m1] for v in vals])} | {_ms([v[m2] for v in vals])} | {gap} | {len(vals)} |")
+    spent = {name: max_epsilon(runs, arm) for arm, name in ROW_NAMES.items() if arm in DP_EPSILON}
+    spent_text = ", ".join(f"{n.split('= ')[1]}: {e:.3f}" for n, e in spent.items() if e is not None)
+    if spent_text:
+        lines += ["", f"Largest ε any site's ledger recorded, per target (δ = {DELTA:g}): {spent_text}."]
     return "\n".join(lines)
 
 
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mu", type=float, help="FedProx proximal μ (default: the data set's)")
     parser.add_argument("--table-from", type=Path, help="only print the table of an earlier JSON")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/utility_<dataset>.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out and run only the (arm, seed) pairs missing")
     args = parser.parse_args(argv)
     dataset = DATASETS[args.dataset]
     logging.basicConfig(level=logging.ERROR)
@@ -228,13 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or ROOT / "benchmarks" / "results" / f"utility_{args.dataset}.json"
     mu = dataset.mu if args.mu is None else args.mu
-    runs: list[dict[str, Any]] = []
+    earlier = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    runs: list[dict[str, Any]] = earlier.get("runs", [])
+    commands = [*earlier.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
+    done = {(r["arm"], r["seed"]) for r in runs}
     started = time.perf_counter()
     base = scenario_for(dataset, 0, "reference", mu=mu)
     sizes = {s.name: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for s in build_hospitals(base)}
     with tempfile.TemporaryDirectory(prefix=f"fedcare-utility-{args.dataset}-") as tmp:
         for arm in args.arms:
             for seed in args.seeds:
+                if (arm, seed) in done:
+                    continue
                 run = one_run(dataset, seed, arm, Path(tmp), mu=mu)
                 runs.append(run)
                 head = run["federated"]["pooled_test"][dataset.metrics[0]]
@@ -244,13 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"wall {run['wall_time_s']:.1f} s, load {run['loadavg_after'][0]:.2f}", flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps({  # after every run: partial results survive
-                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "commands": commands,
                     "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
                     "scenario": str(dataset.scenario.relative_to(ROOT)),
                     "metrics": dataset.metrics, "fedprox_mu": mu, "dp_delta": DELTA,
                     "reference": dataset.reference, "note": dataset.note,
                     "sites": sizes, "runs": runs,
-                    "total_wall_s": time.perf_counter() - started,
+                    "total_wall_s": earlier.get("total_wall_s", 0.0) + time.perf_counter() - started,
                 }, indent=2))
     print(table(runs, dataset))
     print(f"written {out}")
