@@ -72,7 +72,15 @@ from .partition import partition
 from .secure import secure_summary
 from .plots import plot_summary
 from .release import release_model, security_fields
-from .scenario import InvalidScenarioError, ManifestSource, ManifestsSource, PartitionSpec, Scenario, SklearnSource
+from .scenario import (
+    InvalidScenarioError,
+    ManifestSource,
+    ManifestsSource,
+    PartitionSpec,
+    Scenario,
+    SimulationSettings,
+    SklearnSource,
+)
 
 __all__ = [
     "InProcessGrid",
@@ -80,6 +88,7 @@ __all__ = [
     "Summary",
     "build_hospitals",
     "evaluate_model_file",
+    "ray_backend_config",
     "run_config_for",
     "run_scenario",
 ]
@@ -364,6 +373,32 @@ def _quiet_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def ray_backend_config(sim: SimulationSettings) -> dict[str, Any]:
+    """Return Flower's Ray backend config for ``sim``; refuse GPUs this machine does not have.
+
+    Raises
+    ------
+    InvalidScenarioError
+        ``num_gpus`` is above the CUDA devices torch sees here.
+    """
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sim.num_gpus > available:
+        raise InvalidScenarioError(
+            f"[simulation] num_gpus = {sim.num_gpus} but this machine has {available} CUDA device(s); "
+            f"set num_gpus to at most {available} (and client_num_gpus = 0 when it is 0)"
+        )
+    return {
+        "client_resources": {"num_cpus": sim.client_num_cpus, "num_gpus": sim.client_num_gpus},
+        "init_args": {
+            "num_cpus": sim.num_cpus,
+            "num_gpus": sim.num_gpus,
+            "object_store_memory": sim.object_store_mb * 1024 * 1024,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+        },
+    }
+
+
 def run_scenario(
     scenario: Scenario,
     out_dir: Path | str,
@@ -392,6 +427,7 @@ def run_scenario(
 
     started = time.perf_counter()
     _refuse_plain_rounds_the_sites_refuse(scenario)
+    backend_config = ray_backend_config(scenario.simulation)  # before any file is written
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     hospitals = build_hospitals(scenario)
@@ -415,17 +451,6 @@ def run_scenario(
 
     server_app = make_server_app(config, on_round=round_done)
     client_app = make_client_app(PartitionProvider(sites_dir))
-    sim = scenario.simulation
-    backend_config = {
-        "client_resources": {"num_cpus": sim.client_num_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": sim.num_cpus,
-            "num_gpus": 0,
-            "object_store_memory": sim.object_store_mb * 1024 * 1024,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-        },
-    }
     status, reason = "completed", None
     fed_started = time.perf_counter()
     try:

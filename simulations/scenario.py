@@ -52,6 +52,8 @@ A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields
     [simulation]
     num_cpus = 2                         # Ray's CPUs; each virtual hospital uses client_num_cpus
     client_num_cpus = 1
+    num_gpus = 0                         # Ray's GPUs (refused if this machine has fewer)
+    client_num_gpus = 0.0                # share of a GPU per virtual hospital, e.g. 0.25
     round_timeout_s = 120
     min_sites = 2                        # default: every hospital
 
@@ -183,15 +185,32 @@ class TrainingSpec(_Frozen):
 
 
 class SimulationSettings(_Frozen):
-    """Resources and limits of the simulation engine."""
+    """Resources and limits of the simulation engine.
+
+    ``num_gpus`` GPUs are given to Ray, and each virtual hospital's ClientApp reserves
+    ``client_num_gpus`` of one (a fraction shares a GPU between hospitals); a hospital that
+    reserved one trains on it (device ``auto``), the others on CPU.
+    """
 
     num_cpus: int = Field(default=2, ge=1)
     client_num_cpus: float = Field(default=1.0, gt=0.0)
+    num_gpus: int = Field(default=0, ge=0)
+    client_num_gpus: float = Field(default=0.0, ge=0.0, le=1.0)
     round_timeout_s: float = Field(default=120.0, gt=0.0)
     min_sites: int | None = Field(default=None, ge=1)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
     object_store_mb: int = Field(default=128, ge=80)
+
+    @model_validator(mode="after")
+    def _gpus_to_reserve(self) -> SimulationSettings:
+        """Refuse a per-hospital GPU share without GPUs for Ray."""
+        if self.client_num_gpus > 0 and self.num_gpus == 0:
+            raise ValueError(
+                f"client_num_gpus = {self.client_num_gpus:g} but num_gpus = 0: give Ray the GPUs to "
+                "share (num_gpus = 1 or more), or set client_num_gpus = 0 to train on CPU"
+            )
+        return self
 
 
 class Scenario(_Frozen):

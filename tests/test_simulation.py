@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from pydantic import ValidationError
 from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
@@ -17,8 +19,14 @@ from fedcare.server.checkpoint import save_model_file
 from fedcare.server.config import RunConfig
 from fedcare.simulations.builtin import load_builtin
 from fedcare.simulations.cli import app as sim_app
-from fedcare.simulations.runner import build_hospitals, evaluate_model_file, run_config_for, run_scenario
-from fedcare.simulations.scenario import DEFAULT_SCENARIO, InvalidScenarioError, load_scenario
+from fedcare.simulations.runner import (
+    build_hospitals,
+    evaluate_model_file,
+    ray_backend_config,
+    run_config_for,
+    run_scenario,
+)
+from fedcare.simulations.scenario import DEFAULT_SCENARIO, InvalidScenarioError, SimulationSettings, load_scenario
 
 SMALL = """
 name = "e2e"
@@ -243,3 +251,24 @@ def test_a_plain_scenario_whose_hospitals_require_secagg_is_refused_before_ray_s
     with pytest.raises(InvalidScenarioError, match=r"\[secure_aggregation\] enabled = true.*require_secure_aggregation = false"):
         run_scenario(scenario, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_simulation_gpus_reach_ray_and_are_refused_where_absent() -> None:
+    # Prepare
+    cpu = SimulationSettings()
+    gpu = SimulationSettings(num_gpus=1, client_num_gpus=0.25)
+
+    # Execute
+    config = ray_backend_config(cpu)
+
+    # Assert: CPU by default; a GPU share without GPUs is refused at parse time, and GPUs this
+    # machine lacks are refused before anything is written
+    assert config["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert config["init_args"]["num_gpus"] == 0
+    with pytest.raises(ValidationError, match="num_gpus = 0: give Ray the GPUs"):
+        SimulationSettings(client_num_gpus=0.5)
+    if torch.cuda.is_available():
+        assert ray_backend_config(gpu)["client_resources"]["num_gpus"] == 0.25
+    else:
+        with pytest.raises(InvalidScenarioError, match="num_gpus = 1 but this machine has 0 CUDA"):
+            ray_backend_config(gpu)
