@@ -39,8 +39,7 @@ import torch
 
 from fedcare.client.loaders import load_site_file
 from fedcare.client.metrics import evaluate
-from fedcare.models import ModelSpec, build_for_data, set_weights
-from fedcare.server.checkpoint import load_model_file
+from fedcare.server.checkpoint import build_saved_model, load_model_file
 from fedcare.simulations.runner import run_scenario
 from fedcare.simulations.scenario import Scenario
 
@@ -155,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         sampler.stop()
         arrays, meta = load_model_file(summary.files["model"])
-        model = build_for_data(
-            ModelSpec.model_validate(meta["model_spec"]), task=meta["task"], num_classes=int(meta["num_classes"]),
-            input_shape=tuple(meta["input_shape"]), has_mask=bool(meta["has_mask"]),
-        )
-        set_weights(model, arrays)
-        model.eval()
+        model = build_saved_model(arrays, meta)
         assert scenario.data.kind == "manifest"
         full = load_site_file(scenario.data.path)  # type: ignore[union-attr]
         full_test = {k: float(v) for k, v in evaluate(model, full.test, full.task).items()}

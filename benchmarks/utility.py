@@ -52,8 +52,7 @@ import numpy as np
 import torch
 
 from fedcare.client.metrics import evaluate
-from fedcare.models import ModelSpec, build_for_data, set_weights
-from fedcare.server.checkpoint import load_model_file
+from fedcare.server.checkpoint import build_saved_model, load_model_file
 from fedcare.simulations.baselines import pool_sites
 from fedcare.simulations.runner import build_hospitals, run_scenario
 from fedcare.simulations.scenario import Scenario
@@ -118,12 +117,7 @@ def evaluate_final(model_path: Path, scenario: Scenario) -> dict[str, Any]:
     """Evaluate the federated final model on the pooled test split and on each site's test split."""
     arrays, meta = load_model_file(model_path)
     sites = build_hospitals(scenario)
-    model = build_for_data(
-        ModelSpec.model_validate(meta["model_spec"]), task=meta["task"], num_classes=int(meta["num_classes"]),
-        input_shape=tuple(meta["input_shape"]), has_mask=bool(meta["has_mask"]),
-    )
-    set_weights(model, arrays)
-    model.eval()
+    model = build_saved_model(arrays, meta)
     pooled = pool_sites(sites)
     return {
         "pooled_test": {k: float(v) for k, v in evaluate(model, pooled.test, pooled.task).items()},

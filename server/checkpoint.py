@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+from torch import nn
 
 from .. import __version__
+from ..models import ModelSpec, build_for_data, set_weights
 from ..privacy.artefacts import (
     MAGIC,
     ArtefactKey,
@@ -52,6 +54,7 @@ __all__ = [
     "MetricsHistory",
     "RoundRecord",
     "load_checkpoint",
+    "build_saved_model",
     "load_model_file",
     "save_checkpoint",
     "save_model_file",
@@ -467,3 +470,16 @@ def load_model_file(
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read model file {path} ({type(exc).__name__}: {exc})") from None
     return arrays, meta
+
+
+def build_saved_model(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> nn.Module:
+    """Return the model a saved file describes (``meta`` of :func:`load_model_file`), with its weights, in eval mode."""
+    model = build_for_data(
+        ModelSpec.model_validate(meta["model_spec"]),
+        task=meta["task"],
+        num_classes=int(meta["num_classes"]),
+        input_shape=tuple(meta["input_shape"]),
+        has_mask=bool(meta["has_mask"]),
+    )
+    set_weights(model, OrderedDict(arrays))
+    return model.eval()

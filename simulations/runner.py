@@ -50,7 +50,6 @@ from ..client.app import LocalSite, make_client_app
 from ..client.dataset import SiteData, Split
 from ..client.loaders import load_site_file
 from ..client.metrics import evaluate
-from ..models import ModelSpec, build_for_data, set_weights
 from ..privacy.policy import SitePolicy, node_default_policy
 from ..server.app import CheckpointExistsError, make_server_app
 from ..server.checkpoint import (
@@ -59,6 +58,7 @@ from ..server.checkpoint import (
     FINAL_MODEL_FILE,
     HISTORY_FILE,
     RoundRecord,
+    build_saved_model,
     load_model_file,
     write_json_atomic,
 )
@@ -577,14 +577,7 @@ def evaluate_model_file(
             f"site {data.name!r} has (task, classes, input shape, mask) = {found}, the model expects "
             f"{expected}; validate on a site with the study's features and classes"
         )
-    model = build_for_data(
-        ModelSpec.model_validate(meta["model_spec"]),
-        task=meta["task"],
-        num_classes=int(meta["num_classes"]),
-        input_shape=tuple(meta["input_shape"]),
-        has_mask=bool(meta["has_mask"]),
-    )
-    set_weights(model, arrays)
+    model = build_saved_model(arrays, meta)
     choices = {"test": data.test, "val": data.val, "train": data.train}
     if split == "all":
         chosen = _concat([data.train, data.val, data.test])
