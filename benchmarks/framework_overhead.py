@@ -17,6 +17,10 @@ rounds with federated evaluation, in these arms (one run of this script runs the
   ``client.warm_exec``), idle SuperNode poll 0.5 s (``client.supernode_main``) and the
   ServerApp pulling replies every 0.2 s (``server.grid_poll``).
 - ``fedcare-warm-3s`` (only with ``--arms``): warm tasks, but flwr's 3 s idle SuperNode poll.
+- ``fedcare-fused``: ``fedcare-warm`` with ``evaluate-with-train = true`` in the study: each train
+  message also asks the sites to evaluate the model it carries (the previous round's global
+  model), so rounds 1 .. N-1 have one message exchange instead of two; round N keeps its
+  evaluate stage. The same evaluations reach the history, one round later.
 
 Sites: ``docs/sites/heart_{cleveland,hungarian,va}.toml`` (211 / 183 / 92 training rows);
 the plain app gets the arrays fedcare's loader produced from them.
@@ -75,8 +79,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: site -> manifest (docs/sites: FLamby's Fed-Heart-Disease preparation, data in ../shared/data)
 SITES = {site: ROOT / "docs" / "sites" / f"heart_{site}.toml" for site in ("cleveland", "hungarian", "va")}
 #: fedcare-warm-3s: warm ClientApp tasks but flwr's 3 s idle SuperNode poll (isolates the two)
-ARMS = ("flower", "fedcare-cold", "fedcare-warm", "fedcare-warm-3s")
-DEFAULT_ARMS = ("flower", "fedcare-cold", "fedcare-warm")
+ARMS = ("flower", "fedcare-cold", "fedcare-warm", "fedcare-warm-3s", "fedcare-fused")
+DEFAULT_ARMS = ("flower", "fedcare-cold", "fedcare-warm", "fedcare-fused")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _FINISHED = re.compile(r"Strategy execution finished in ([0-9.]+)s")
@@ -108,6 +112,7 @@ lr = {lr}
 round-timeout-s = 600.0
 checkpoint-dir = '{checkpoint_dir}'
 seed = 0
+evaluate-with-train = {fused}
 """
 
 PLAIN_PYPROJECT = """\
@@ -334,7 +339,7 @@ def wait_file_line(path: Path, needle: str, timeout: float) -> float | None:
 
 def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str, dict[str, Path]]) -> dict[str, Any]:
     """Run one fedcare arm end to end through the ``fedcare`` CLI; return its measurements."""
-    warm = arm.startswith("fedcare-warm")
+    warm = arm.startswith("fedcare-warm") or arm == "fedcare-fused"
     poll = "3" if arm in ("fedcare-cold", "fedcare-warm-3s") else "0.5"
     fedcare = find_executable("fedcare")
     root = work / arm
@@ -375,7 +380,8 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
         checkpoint_dir = root / "model"
         study = root / "study.toml"
         study.write_text(STUDY.format(arm=arm, rounds=args.rounds, epochs=args.local_epochs,
-                                      batch=args.batch_size, lr=args.lr, checkpoint_dir=checkpoint_dir),
+                                      batch=args.batch_size, lr=args.lr, checkpoint_dir=checkpoint_dir,
+                                      fused=str(arm == "fedcare-fused").lower()),
                          encoding="utf-8")  # fmt: skip
         t0 = time.monotonic()
         lines = stream([fedcare, "run", str(study), "--superlink", address, "--certs", str(certs),

@@ -35,7 +35,10 @@ its manifest file (``manifest-sha256``; a digest of the data description for sit
 memory, never of data) and, under DP, its ``accountant`` and clipping norm ``max-grad-norm``:
 the server logs them in the audit log and the privacy report. An evaluate reply
 carries ``num-examples`` and the metrics of ``client.metrics.evaluate`` on the site's test split
-(validation when it has no test split): aggregate statistics that are not covered by ε. A site whose data fails
+(validation when it has no test split): aggregate statistics that are not covered by ε. Under
+``evaluate-with-train`` a train message carries ``evaluate-received = true`` and the train reply's
+ConfigRecord adds the same metrics of the *received* model, computed before training, as
+``evaluated-<metric>`` (and ``evaluated-num-examples``). A site whose data fails
 validation, does not fit the model, whose privacy budget is spent, whose ledger is unusable or
 whose policy refuses the round replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
 ``ERROR_*`` in ``models.wire``, reason ``site '<name>' refused to <stage>: <why>``) instead.
@@ -395,6 +398,22 @@ def _eval_split(data: SiteData) -> Split:
     )
 
 
+def _evaluate_received(model: nn.Module, site: LocalSite) -> dict[str, float | int]:
+    """Return the received (global) model's metrics on the site's test split, keys ``evaluated-*``.
+
+    Asked by a train message under ``evaluate-with-train``; the metrics are those the evaluate
+    stage would send. A site without a test or validation split reports none (and says so).
+    """
+    try:
+        split = _eval_split(site.data)
+    except DataValidationError as exc:
+        logger.warning("site %s: no evaluation of the received model: %s", site.name, exc)
+        return {}
+    values = evaluate(model, split, site.data.task)
+    prefix = wire.EVALUATED_PREFIX
+    return {f"{prefix}{wire.NUM_EXAMPLES}": len(split), **{f"{prefix}{k}": float(v) for k, v in values.items()}}
+
+
 def _model_family(config: ConfigRecord) -> str:
     """Return the model family the server's spec names."""
     return ModelSpec.model_validate_json(str(config[wire.MODEL_SPEC])).family
@@ -549,12 +568,14 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             _load_arrays(model, msg.content[wire.ARRAYS])  # type: ignore[arg-type]
         except (DataValidationError, ValueError) as exc:
             return _refuse(msg, site.name, "train", wire.ERROR_DATA_INVALID, str(exc))
+        evaluated = _evaluate_received(model, site) if config.get(wire.EVALUATE_RECEIVED) else {}
         server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
         settings = TrainSettings(
             local_epochs=int(config[wire.LOCAL_EPOCHS]),  # type: ignore[arg-type]
             batch_size=int(config[wire.BATCH_SIZE]),  # type: ignore[arg-type]
             lr=float(config[wire.LEARNING_RATE]),  # type: ignore[arg-type]
             proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+            clip_grad_norm=float(config.get(wire.CLIP_GRAD_NORM, 0.0)),  # type: ignore[arg-type]
             seed=_site_seed(site, server_round),
             device=site.device,
         )
@@ -601,7 +622,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                     OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in get_weights(model).items())
                 ),
                 wire.METRICS: metrics,
-                wire.CONFIG: ConfigRecord(_site_info(site)),
+                wire.CONFIG: ConfigRecord({**_site_info(site), **evaluated}),
             }
         )
         return Message(content, reply_to=msg)

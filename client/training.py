@@ -77,6 +77,11 @@ class TrainSettings(BaseModel):
         L2 weight decay of the optimizer.
     proximal_mu : float
         FedProx μ (0: plain FedAvg local training).
+    clip_grad_norm : float
+        Without DP: clip each batch's gradient to this L2 norm before the step
+        (``torch.nn.utils.clip_grad_norm_``; 0: off). It keeps SGD on recurrent models from
+        diverging on a steep batch. Under DP it is not used: the site's ``max_grad_norm`` clips
+        every example's gradient already.
     seed : int or None
         Seeds Poisson sampling / shuffling and the DP noise; None: fresh randomness.
     device : str
@@ -91,6 +96,7 @@ class TrainSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0)
+    clip_grad_norm: float = Field(default=0.0, ge=0)
     seed: int | None = None
     device: str = "auto"
 
@@ -228,6 +234,8 @@ def _train_plain(
             optimizer.zero_grad()
             loss = criterion(model(*inputs), target)
             loss.backward()
+            if train.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(params, train.clip_grad_norm)
             optimizer.step()
             _proximal_step(params, anchor, lr=train.lr, mu=train.proximal_mu)
             total += float(loss.detach()) * len(target)

@@ -22,12 +22,18 @@ REASON: Final = "reason"
 MANIFEST_SHA256: Final = "manifest-sha256"  # SHA-256 of the site manifest / data description, never data
 ACCOUNTANT: Final = "accountant"  # the site's DP accountant (DP sites only)
 MAX_GRAD_NORM: Final = "max-grad-norm"  # the site's DP clipping norm C (DP sites only)
+# with EVALUATE_RECEIVED: the received model's evaluation metrics, this prefix + metric name
+# (+ NUM_EXAMPLES: the evaluation split's size); a ConfigRecord, so flwr's one-MetricRecord
+# reply checks and the training metrics' aggregation never see them
+EVALUATED_PREFIX: Final = "evaluated-"
 
 # config the server sends
 SERVER_ROUND: Final = "server-round"
 LOCAL_EPOCHS: Final = "local-epochs"
 LEARNING_RATE: Final = "lr"
 PROXIMAL_MU: Final = "proximal-mu"
+EVALUATE_RECEIVED: Final = "evaluate-received"  # bool: evaluate the received model before training
+CLIP_GRAD_NORM: Final = "clip-grad-norm"  # non-DP training: batch-gradient L2 clipping norm (0: off)
 STUDY: Final = "study"
 BATCH_SIZE: Final = "batch-size"
 NUM_ROUNDS: Final = "num-rounds"  # rounds the study plans in total (sites calibrate DP noise on it)

@@ -133,6 +133,7 @@ def train_config(config: RunConfig) -> ConfigRecord:
             wire.LOCAL_EPOCHS: config.local_epochs,
             wire.BATCH_SIZE: config.batch_size,
             wire.LEARNING_RATE: config.lr,
+            wire.CLIP_GRAD_NORM: config.clip_grad_norm,
             **_model_fields(config),
         }
     )

@@ -18,11 +18,15 @@ except ``input-shape``)::
     num-malicious-nodes = 0        # krum only
     fraction-train = 1.0
     fraction-evaluate = 1.0        # 0 skips federated evaluation
+    evaluate-with-train = false    # true: sites evaluate each global model when the next round's
+                                   # train message brings it (one message exchange per round
+                                   # instead of two); the evaluate stage runs after the last round only
     min-sites = 2                  # minimum available / training / evaluating sites
     round-timeout-s = 600.0
     local-epochs = 1               # sent to the sites each round
     batch-size = 32
     lr = 0.05
+    clip-grad-norm = 0.0           # > 0: sites training without DP clip each batch's gradient norm
     model-family = "logistic"      # models.FAMILIES
     hidden-size = 32               # lstm
     num-layers = 1                 # lstm
@@ -122,11 +126,13 @@ RUN_CONFIG_KEYS: Final[Mapping[str, str]] = {
     "num-malicious-nodes": "num_malicious_nodes",
     "fraction-train": "fraction_train",
     "fraction-evaluate": "fraction_evaluate",
+    "evaluate-with-train": "evaluate_with_train",
     "min-sites": "min_sites",
     "round-timeout-s": "round_timeout_s",
     "local-epochs": "local_epochs",
     "batch-size": "batch_size",
     "lr": "lr",
+    "clip-grad-norm": "clip_grad_norm",
     **{k: f"model.{v}" for k, v in _MODEL_KEYS.items()},
     "task": "task",
     "num-classes": "num_classes",
@@ -163,6 +169,14 @@ class RunConfig(BaseModel):
         A registered strategy (``server.strategy.STRATEGIES``).
     proximal_mu, eta, eta_l, beta_1, beta_2, tau, trim_beta, num_malicious_nodes :
         Strategy parameters, each allowed only with its strategy (see ``STRATEGY_PARAMS``).
+    evaluate_with_train : bool
+        Federated evaluation without its own message exchange: the train message of round r + 1
+        asks the sites to evaluate the model it carries (round r's global model) on their test
+        split before training, and the reply brings those metrics; they are recorded as round
+        r's evaluation. Only the last round's model gets a separate evaluate stage (sampled with
+        ``fraction_evaluate``). Halves the messages per round; round r's evaluation is known one
+        round later, and comes from the sites sampled to train (a site that refuses to train
+        reports none). Not with secure aggregation (SecAgg+ runs flwr's own workflow).
     fraction_train, fraction_evaluate : float
         Fractions of connected sites sampled each round (at least ``min_sites``).
     min_sites : int
@@ -172,6 +186,9 @@ class RunConfig(BaseModel):
         How long the server waits for replies in each stage of a round.
     local_epochs, batch_size, lr :
         Local training settings sent to the sites.
+    clip_grad_norm : float
+        Sent to the sites: without DP each batch's gradient is clipped to this L2 norm (0: off);
+        DP sites clip every example to their own ``max_grad_norm`` instead.
     model : ModelSpec
         Model family and size.
     task, num_classes, input_shape, has_mask :
@@ -220,11 +237,13 @@ class RunConfig(BaseModel):
     num_malicious_nodes: int = Field(default=0, ge=0)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
+    evaluate_with_train: bool = False
     min_sites: int = Field(default=2, ge=1)
     round_timeout_s: float = Field(default=600.0, gt=0.0)
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.05, gt=0.0)
+    clip_grad_norm: float = Field(default=0.0, ge=0.0)
     model: ModelSpec = ModelSpec()
     task: Task = "binary"
     num_classes: int = Field(default=2, ge=1)
@@ -289,6 +308,16 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"krum with num-malicious-nodes = {self.num_malicious_nodes} needs min-sites >= "
                 f"{2 * self.num_malicious_nodes + 3} (n > 2f + 2)"
+            )
+        if self.evaluate_with_train and self.fraction_evaluate == 0:
+            raise ValueError(
+                "evaluate-with-train = true asks for federated evaluation, fraction-evaluate = 0 turns "
+                "it off: remove one of the two"
+            )
+        if self.evaluate_with_train and self.secure_aggregation:
+            raise ValueError(
+                "evaluate-with-train is not available with secure-aggregation = true (SecAgg+ runs "
+                "flwr's own round workflow): remove evaluate-with-train"
             )
         self._check_secure_aggregation()
         return self

@@ -86,6 +86,8 @@ class PollingGrid(Grid):
         """Push ``messages``, then pull replies every ``interval`` s until all came or ``timeout``."""
         msg_ids = set(self._inner.push_messages(messages))
         del messages
+        if not msg_ids:  # a skipped stage (evaluate-with-train): nothing to wait for
+            return []
         end_time = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while timeout is None or time.time() < end_time:

@@ -13,6 +13,9 @@ how flwr aggregates:
 - a minimum of successful training replies: below ``min_sites`` the run stops with
   :class:`TooFewSitesError` instead of aggregating one or two sites silently; likewise when
   fewer than ``min_sites`` sites connect within ``round-timeout-s`` (flwr waits forever);
+- with ``evaluate-with-train``: the train message of round r + 1 asks the sites to evaluate the
+  model it carries, their replies' ``evaluated-*`` values are recorded as round r's evaluation,
+  and the evaluate stage runs after the last round only (one message exchange per round);
 - ``state_dict()`` / ``load_state_dict()`` of the strategy's own state (FedOpt's ``m_t`` and
   ``v_t``, FedAvgM's ``momentum_vector``) for checkpoints.
 
@@ -233,6 +236,20 @@ def _metrics_of(msg: Message) -> dict[str, float]:
     return out
 
 
+def _evaluated_of(msg: Message) -> dict[str, float] | None:
+    """Return the received model's evaluation a train reply carries (``evaluated-*``), if any."""
+    prefix = wire.EVALUATED_PREFIX
+    for record in msg.content.config_records.values():
+        values = {
+            key.removeprefix(prefix): float(value)
+            for key, value in record.items()
+            if key.startswith(prefix) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        if wire.NUM_EXAMPLES in values:
+            return values
+    return None
+
+
 def _in_site_order(replies: Iterable[Message]) -> list[Message]:
     """Return replies sorted by site name (then node id), not by arrival.
 
@@ -258,6 +275,12 @@ class FedcareStrategy(Strategy):
         Rounds completed before this ``start()`` (a resumed run's checkpointed round).
     connect_timeout_s : float
         How long a round waits for ``min_sites`` connected sites before stopping the run.
+    evaluate_with_train : bool
+        Sites evaluate the model each train message brings (the previous round's global model)
+        and reply with those metrics; they are recorded as that round's evaluation, and the
+        evaluate stage is skipped except after round ``num_rounds``.
+    num_rounds : int or None
+        The run's last round (counted like :meth:`run_round`); needed with ``evaluate_with_train``.
     """
 
     def __init__(
@@ -268,12 +291,18 @@ class FedcareStrategy(Strategy):
         history: MetricsHistory | None = None,
         round_offset: int = 0,
         connect_timeout_s: float = 600.0,
+        evaluate_with_train: bool = False,
+        num_rounds: int | None = None,
     ) -> None:
+        if evaluate_with_train and num_rounds is None:
+            raise ValueError("evaluate_with_train needs num_rounds (the run's last round evaluates separately)")
         self.strategy = strategy
         self.min_sites = min_sites
         self.history = history if history is not None else MetricsHistory()
         self.round_offset = round_offset
         self.connect_timeout_s = connect_timeout_s
+        self.evaluate_with_train = evaluate_with_train
+        self.num_rounds = num_rounds
 
     def __repr__(self) -> str:
         """Return the wrapped strategy's name."""
@@ -313,7 +342,44 @@ class FedcareStrategy(Strategy):
         """Let the wrapped strategy sample sites and build the training messages."""
         rnd = self.run_round(server_round)
         self._wait_for_sites(grid, rnd)
+        if self.evaluate_with_train and rnd > 1:  # the arrays are round rnd - 1's global model
+            config = ConfigRecord({**config, wire.EVALUATE_RECEIVED: True})
         return self.strategy.configure_train(rnd, arrays, config, grid)
+
+    def _skips_evaluate_stage(self, rnd: int) -> bool:
+        """Return whether round ``rnd``'s model is evaluated by the next train message instead."""
+        return self.evaluate_with_train and self.num_rounds is not None and rnd < self.num_rounds
+
+    def _record_evaluation(self, server_round: int, per_site: dict[str, dict[str, float]]) -> MetricRecord | None:
+        """Record the sites' evaluation of round ``server_round``'s model, its average and worst site."""
+        self.history.round(server_round).site_evaluate.update(per_site)
+        records = [RecordDict({"m": MetricRecord(m)}) for _, m in sorted(per_site.items())]  # type: ignore[arg-type]
+        metrics = aggregate_evaluate_metrics(records, wire.NUM_EXAMPLES) if records else None
+        self._set_evaluation(server_round, metrics)
+        return metrics
+
+    def _set_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None:
+        """Store round ``server_round``'s aggregated evaluation and its worst site (logged)."""
+        record = self.history.round(server_round)
+        if metrics is not None:
+            record.evaluate = _metrics_of_record(metrics)
+        record.worst_site = worst_site(record.site_evaluate)
+        if record.worst_site is not None:
+            logger.info(
+                "round %d: worst site %s (%s %.4f)",
+                server_round, record.worst_site["site"], record.worst_site["metric"], record.worst_site["value"],
+            )
+
+    def _record_received_evaluation(self, server_round: int, replies: list[Message]) -> None:
+        """Record what the train replies of ``server_round`` say of the model they received."""
+        per_site: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            values = _evaluated_of(msg)
+            if values is not None:
+                site = _site_of(msg) or f"node-{msg.metadata.src_node_id}"
+                per_site[site if site not in per_site else f"{site}@node-{msg.metadata.src_node_id}"] = values
+        if per_site and server_round > 1:
+            self._record_evaluation(server_round - 1, per_site)
 
     def _record_replies(
         self, server_round: int, replies: list[Message], stage: str
@@ -353,6 +419,8 @@ class FedcareStrategy(Strategy):
         rnd = self.run_round(server_round)
         replies = _in_site_order(replies)
         valid, errors = self._record_replies(rnd, replies, "train")
+        if self.evaluate_with_train:  # the previous round's model, evaluated by these sites
+            self._record_received_evaluation(rnd, valid)
         if len(valid) < self.min_sites:
             refused = "; ".join(r["reason"] for r in self.history.round(rnd).refusals) or "none replied"
             raise TooFewSitesError(
@@ -370,6 +438,8 @@ class FedcareStrategy(Strategy):
     ) -> Iterable[Message]:
         """Let the wrapped strategy sample sites and build the evaluation messages."""
         rnd = self.run_round(server_round)
+        if self._skips_evaluate_stage(rnd):
+            return []
         if getattr(self.strategy, "fraction_evaluate", 1.0) > 0:
             self._wait_for_sites(grid, rnd)
         return self.strategy.configure_evaluate(rnd, arrays, config, grid)
@@ -380,17 +450,11 @@ class FedcareStrategy(Strategy):
         """Record per-site metrics and the worst site, then aggregate as the wrapped strategy does."""
         rnd = self.run_round(server_round)
         replies = _in_site_order(replies)
+        if self._skips_evaluate_stage(rnd) and not replies:
+            return None  # the next round's train replies evaluate this round's model
         self._record_replies(rnd, replies, "evaluate")
         metrics = self.strategy.aggregate_evaluate(rnd, replies)
-        record = self.history.round(rnd)
-        if metrics is not None:
-            record.evaluate = _metrics_of_record(metrics)
-        record.worst_site = worst_site(record.site_evaluate)
-        if record.worst_site is not None:
-            logger.info(
-                "round %d: worst site %s (%s %.4f)",
-                rnd, record.worst_site["site"], record.worst_site["metric"], record.worst_site["value"],
-            )
+        self._set_evaluation(rnd, metrics)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -436,4 +500,6 @@ def build_strategy(
         history=history,
         round_offset=round_offset,
         connect_timeout_s=config.round_timeout_s,
+        evaluate_with_train=config.evaluate_with_train,
+        num_rounds=config.num_rounds,
     )

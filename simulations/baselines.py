@@ -255,6 +255,7 @@ def run_baselines(scenario: Scenario, sites: Sequence[SiteData], *, which: Seque
         local_epochs=scenario.training.local_epochs,
         batch_size=scenario.training.batch_size,
         lr=scenario.training.lr,
+        clip_grad_norm=scenario.training.clip_grad_norm,
         seed=scenario.seed,
     )
     kwargs: dict[str, Any] = {

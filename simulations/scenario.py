@@ -32,6 +32,7 @@ A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields
     local_epochs = 1
     batch_size = 32
     lr = 0.1
+    clip_grad_norm = 0.0                 # > 0: clip each batch's gradient norm (training without DP)
 
     [privacy]                            # privacy.settings.PrivacySettings (every site's policy)
     enabled = true
@@ -56,6 +57,7 @@ A scenario is a TOML file validated by :class:`Scenario` (frozen, unknown fields
     client_num_gpus = 0.0                # share of a GPU per virtual hospital, e.g. 0.25
     round_timeout_s = 120
     min_sites = 2                        # default: every hospital
+    evaluate_with_train = false          # true: evaluation rides in the next train message
 
 Relative paths resolve against the scenario file's folder.
 """
@@ -182,6 +184,7 @@ class TrainingSpec(_Frozen):
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.1, gt=0.0)
+    clip_grad_norm: float = Field(default=0.0, ge=0.0)
 
 
 class SimulationSettings(_Frozen):
@@ -200,6 +203,7 @@ class SimulationSettings(_Frozen):
     min_sites: int | None = Field(default=None, ge=1)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
+    evaluate_with_train: bool = False
     object_store_mb: int = Field(default=128, ge=80)
 
     @model_validator(mode="after")

@@ -108,6 +108,21 @@ def test_bad_values_name_their_key(key: str, value: object, message: str) -> Non
         RunConfig.from_run_config(raw)
 
 
+def test_gradient_clipping_reaches_the_sites_train_config() -> None:
+    # Prepare
+    from fedcare.models import wire
+    from fedcare.server.app import train_config
+
+    # Execute
+    config = RunConfig.from_run_config(_minimal(**{"clip-grad-norm": 1.5}))
+    # Assert
+    assert config.clip_grad_norm == 1.5
+    assert train_config(config)[wire.CLIP_GRAD_NORM] == 1.5
+    assert train_config(RunConfig.from_run_config(_minimal()))[wire.CLIP_GRAD_NORM] == 0.0
+    with pytest.raises(InvalidRunConfigError, match="clip-grad-norm"):
+        RunConfig.from_run_config(_minimal(**{"clip-grad-norm": -1.0}))
+
+
 @pytest.mark.parametrize(("text", "shape"), [("1,28,28", (1, 28, 28)), ("1x28x28", (1, 28, 28)), (13, (13,)), ("48, 37", (48, 37))])
 def test_input_shape_spellings(text: object, shape: tuple[int, ...]) -> None:
     assert RunConfig.from_run_config({"input-shape": text}).input_shape == shape

@@ -100,6 +100,17 @@ def test_scenario_maps_to_the_run_config_the_server_runs(tmp_path: Path) -> None
     assert all(h.num_train >= 40 for h in hospitals)
 
 
+def test_scenario_training_and_evaluation_keys_reach_the_run_config(tmp_path: Path) -> None:
+    # Prepare
+    text = SMALL.replace("lr = 0.5", "lr = 0.5\nclip_grad_norm = 2.0") + "\n[simulation]\nevaluate_with_train = true\n"
+    scenario = load_scenario(_scenario(tmp_path, text))
+    # Execute
+    config = run_config_for(scenario, build_hospitals(scenario), tmp_path / "out")
+    # Assert
+    assert config.clip_grad_norm == 2.0 and config.evaluate_with_train
+    assert scenario.training.clip_grad_norm == 2.0
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

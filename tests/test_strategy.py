@@ -336,6 +336,39 @@ def test_a_site_may_opt_in_to_report_its_training_loss(tmp_path: Path) -> None:
     )
 
 
+def test_evaluate_with_train_records_the_same_evaluations_with_one_exchange_per_round(tmp_path: Path) -> None:
+    # Prepare: the same DP study twice, with and without a separate evaluate stage
+    histories, calls = {}, {}
+    for fused in (False, True):
+        folder = tmp_path / ("fused" if fused else "staged")
+        grid = InProcessGrid(make_client_app(_Sites(_local_sites(folder, FIXED_NOISE))), 3)
+        # Execute
+        histories[fused] = run_server(grid, _real_config(folder, num_rounds=3, evaluate_with_train=fused))
+        calls[fused] = grid.calls
+    # Assert: every round's model evaluated by every site, exactly as the evaluate stage does it
+    assert calls == {False: 3 * 3 * 2, True: 3 * 3 + 3}  # train + evaluate messages
+    for rnd in (1, 2, 3):
+        staged, fused = histories[False].round(rnd), histories[True].round(rnd)
+        assert sorted(fused.site_evaluate) == ["site-000", "site-001", "site-002"]
+        assert fused.site_evaluate == staged.site_evaluate
+        assert fused.evaluate == pytest.approx(staged.evaluate)
+        assert fused.worst_site == staged.worst_site
+        same_training = {"num-examples", "steps", "epsilon", "delta", "noise-multiplier"}  # not time, NaN loss
+        assert {s: {k: m[k] for k in same_training} for s, m in fused.site_train.items()} == {
+            s: {k: m[k] for k in same_training} for s, m in staged.site_train.items()
+        }
+    assert not any(k.startswith(wire.EVALUATED_PREFIX) for k in histories[True].round(2).site_info["site-000"])
+
+
+def test_evaluate_with_train_is_refused_where_it_cannot_work() -> None:
+    with pytest.raises(ValueError, match="fraction-evaluate = 0"):
+        _config(evaluate_with_train=True, fraction_evaluate=0.0)
+    with pytest.raises(ValueError, match="not available with secure-aggregation"):
+        _config(evaluate_with_train=True, secure_aggregation=True)
+    with pytest.raises(ValueError, match="num_rounds"):
+        FedcareStrategy(FedAvg(), min_sites=1, evaluate_with_train=True)
+
+
 def test_a_site_whose_data_fails_validation_refuses_with_its_reason(tmp_path: Path) -> None:
     provider = _Sites(_local_sites(tmp_path, FIXED_NOISE), broken=(1,))
 

@@ -373,6 +373,29 @@ def test_fedprox_pulls_toward_the_global_weights(breast_cancer: SiteData, tmp_pa
     assert distance[1.0] < 0.9 * distance[0.0]
 
 
+def test_gradient_clipping_without_dp_scales_the_step_to_the_norm(breast_cancer: SiteData) -> None:
+    # Prepare: one full-batch SGD step (batch = n, lr 1) from the same start, clipped and unclipped
+    privacy = PrivacySettings.disabled()
+    steps = {}
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = build_model("logistic", in_features=30)
+        start = torch.cat([w.flatten() for w in _weights(model)])
+        settings = TrainSettings(batch_size=len(breast_cancer.train), lr=1.0, clip_grad_norm=clip, seed=0)
+        # Execute
+        with pytest.warns(PrivacyWarning):
+            result = train_local(model, breast_cancer, train=settings, privacy=privacy, ledger=None,
+                                 planned_rounds=1, round_index=1)  # fmt: skip
+        assert result.steps == 1
+        steps[clip] = torch.cat([w.flatten() for w in _weights(model)]) - start
+    # Assert: the clipped step is the unclipped one (lr * gradient) rescaled to norm 0.01
+    full = steps[0.0]
+    assert float(full.norm()) > 0.1
+    torch.testing.assert_close(steps[0.01], full * (0.01 / full.norm()), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError):
+        TrainSettings(clip_grad_norm=-1.0)
+
+
 def test_train_settings_validate() -> None:
     with pytest.raises(ValueError):
         TrainSettings(local_epochs=0)
