@@ -90,10 +90,12 @@ DATASETS = {
 }
 
 
-def scenario_for(dataset: Dataset, seed: int, arm: str, *, mu: float) -> Scenario:
-    """Return the data set's scenario for ``seed`` and ``arm`` (see the module docstring)."""
+def scenario_for(dataset: Dataset, seed: int, arm: str, *, mu: float, rounds: int | None = None) -> Scenario:
+    """Return the data set's scenario for ``seed`` and ``arm`` (``rounds``: override the scenario's)."""
     raw = tomllib.loads(dataset.scenario.read_text())
     raw["seed"] = seed
+    if rounds is not None:
+        raw["rounds"] = rounds
     raw["name"] = f"{raw['name']}-{arm}-s{seed}"
     if arm != "reference":
         raw["baselines"] = []
@@ -125,9 +127,10 @@ def evaluate_final(model_path: Path, scenario: Scenario) -> dict[str, Any]:
     }
 
 
-def one_run(dataset: Dataset, seed: int, arm: str, work: Path, *, mu: float) -> dict[str, Any]:
+def one_run(dataset: Dataset, seed: int, arm: str, work: Path, *, mu: float,
+            rounds: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Run one arm for one seed; return its figures and timings."""
-    scenario = scenario_for(dataset, seed, arm, mu=mu)
+    scenario = scenario_for(dataset, seed, arm, mu=mu, rounds=rounds)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     summary = run_scenario(scenario, work / scenario.name)
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--mu", type=float, help="FedProx proximal μ (default: the data set's)")
+    parser.add_argument("--rounds", type=int, help="rounds (= epochs of the pooled and site-alone "
+                        "baselines) for every arm (default: the scenario's)")
     parser.add_argument("--table-from", type=Path, help="only print the table of an earlier JSON")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/utility_<dataset>.json)")
     parser.add_argument("--resume", action="store_true",
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / f"utility_{args.dataset}.json"
     mu = dataset.mu if args.mu is None else args.mu
     earlier = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    rounds = args.rounds or scenario_for(dataset, 0, "reference", mu=mu).rounds
+    if earlier and earlier.get("rounds", rounds) != rounds:
+        parser.error(f"{out} holds runs of {earlier['rounds']} rounds, not {rounds}: use another --out")
     runs: list[dict[str, Any]] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
     done = {(r["arm"], r["seed"]) for r in runs}
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 if (arm, seed) in done:
                     continue
-                run = one_run(dataset, seed, arm, Path(tmp), mu=mu)
+                run = one_run(dataset, seed, arm, Path(tmp), mu=mu, rounds=rounds)
                 runs.append(run)
                 head = run["federated"]["pooled_test"][dataset.metrics[0]]
                 extra = (f", pooled {run['pooled']['pooled_test'][dataset.metrics[0]]:.3f}"
@@ -259,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps({  # after every run: partial results survive
                     "commands": commands,
-                    "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+                    "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch CPU capability "
+                               f"{torch.backends.cpu.get_cpu_capability()}",
+                    "rounds": rounds,
                     "scenario": str(dataset.scenario.relative_to(ROOT)),
                     "metrics": dataset.metrics, "fedprox_mu": mu, "dp_delta": DELTA,
                     "reference": dataset.reference, "note": dataset.note,

@@ -67,6 +67,17 @@ def test_each_arm_is_the_reference_scenario_with_one_change(dataset: str, arm: s
         assert policy.max_delta >= UTILITY.DELTA
 
 
+def test_rounds_override_changes_the_rounds_only() -> None:
+    # Prepare
+    data = UTILITY.DATASETS["physionet"]
+    reference = UTILITY.scenario_for(data, 1, "dp8", mu=0.01)
+    # Execute
+    longer = UTILITY.scenario_for(data, 1, "dp8", mu=0.01, rounds=20)
+    # Assert
+    assert reference.rounds == 10 and longer.rounds == 20
+    assert longer.model_copy(update={"rounds": 10}) == reference
+
+
 def test_paired_gap_pairs_by_seed_and_skips_unpaired() -> None:
     # Prepare: seeds 0 and 2 in both, seed 1 only in the model
     model = {0: {"auroc": 0.80}, 1: {"auroc": 0.90}, 2: {"auroc": 0.70}}
