@@ -117,7 +117,8 @@ class TreeMemorySampler(threading.Thread):
 
 
 def scenario_with(
-    path: Path, *, hospitals: int | None = None, rounds: int | None = None, min_per_site: int | None = None
+    path: Path, *, hospitals: int | None = None, rounds: int | None = None, min_per_site: int | None = None,
+    evaluate_with_train: bool = False,
 ) -> Scenario:
     """Return the scenario at ``path`` with the given overrides (``None`` keeps the file's value)."""
     raw = tomllib.loads(path.read_text())
@@ -129,6 +130,8 @@ def scenario_with(
     if min_per_site is not None:
         raw["partition"]["min_per_site"] = min_per_site
         raw.setdefault("policy", {})["min_cohort_size"] = min_per_site
+    if evaluate_with_train:
+        raw.setdefault("simulation", {})["evaluate_with_train"] = True
     return Scenario.model_validate(raw, context={"base_dir": path.resolve().parent})
 
 
@@ -139,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", type=int, help="override [partition] hospitals")
     parser.add_argument("--rounds", type=int, help="override rounds")
     parser.add_argument("--min-per-site", type=int, help="override [partition] min_per_site (and the policy's cohort)")
+    parser.add_argument("--evaluate-with-train", action="store_true",
+                        help="evaluation rides in the next round's train messages (one exchange per round)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sim_scale.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     scenario = scenario_with(args.scenario, hospitals=args.hospitals, rounds=args.rounds,
-                             min_per_site=args.min_per_site)
+                             min_per_site=args.min_per_site, evaluate_with_train=args.evaluate_with_train)
     round_times: list[float] = []
     load_before = os.getloadavg()
     sampler = TreeMemorySampler(os.getpid())
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
         "scenario": str(args.scenario),
-        "overrides": {"hospitals": args.hospitals, "rounds": args.rounds, "min_per_site": args.min_per_site},
+        "overrides": {"hospitals": args.hospitals, "rounds": args.rounds, "min_per_site": args.min_per_site,
+                      "evaluate_with_train": args.evaluate_with_train},
         "hospitals": len(summary.hospitals),
         "train_sizes": {"min": min(h["train"] for h in summary.hospitals),
                         "max": max(h["train"] for h in summary.hospitals),
