@@ -350,13 +350,11 @@ class FedcareStrategy(Strategy):
         """Return whether round ``rnd``'s model is evaluated by the next train message instead."""
         return self.evaluate_with_train and self.num_rounds is not None and rnd < self.num_rounds
 
-    def _record_evaluation(self, server_round: int, per_site: dict[str, dict[str, float]]) -> MetricRecord | None:
+    def _record_evaluation(self, server_round: int, per_site: dict[str, dict[str, float]]) -> None:
         """Record the sites' evaluation of round ``server_round``'s model, its average and worst site."""
         self.history.round(server_round).site_evaluate.update(per_site)
         records = [RecordDict({"m": MetricRecord(m)}) for _, m in sorted(per_site.items())]  # type: ignore[arg-type]
-        metrics = aggregate_evaluate_metrics(records, wire.NUM_EXAMPLES) if records else None
-        self._set_evaluation(server_round, metrics)
-        return metrics
+        self._set_evaluation(server_round, aggregate_evaluate_metrics(records, wire.NUM_EXAMPLES) if records else None)
 
     def _set_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None:
         """Store round ``server_round``'s aggregated evaluation and its worst site (logged)."""
