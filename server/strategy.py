@@ -369,13 +369,15 @@ class FedcareStrategy(Strategy):
             )
 
     def _record_received_evaluation(self, server_round: int, replies: list[Message]) -> None:
-        """Record what the train replies of ``server_round`` say of the model they received."""
+        """Record what the train replies of ``server_round`` say of the model they received.
+
+        Sites are keyed as :meth:`_record_replies` keyed these replies (``history.node_sites``).
+        """
         per_site: dict[str, dict[str, float]] = {}
         for msg in replies:
             values = _evaluated_of(msg)
             if values is not None:
-                site = _site_of(msg) or f"node-{msg.metadata.src_node_id}"
-                per_site[site if site not in per_site else f"{site}@node-{msg.metadata.src_node_id}"] = values
+                per_site[self.history.node_sites[msg.metadata.src_node_id]] = values
         if per_site and server_round > 1:
             self._record_evaluation(server_round - 1, per_site)
 
