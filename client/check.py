@@ -18,12 +18,20 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .errors import SplitClassError
 from .loaders import load_site_result
 from .manifest import SiteManifest, load_manifest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteReport", "SplitSummary", "check_site", "check_site_file", "report_renderables"]
+__all__ = [
+    "SiteReport",
+    "SplitSummary",
+    "check_site",
+    "check_site_file",
+    "class_coverage",
+    "report_renderables",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ class SiteReport:
     has_mask : bool
         Whether sequences carry a missingness mask.
     patients : int
-        Patients after cleaning (records for signal windows, images for image sites).
+        Patients after cleaning, counted in ``unit`` (records for signal windows and WFDB,
+        images for image sites without patient ids, rows for tables without ``split.by``).
     min_cohort_size : int
         The manifest's threshold.
     class_names : list of str
@@ -73,7 +82,12 @@ class SiteReport:
     missing_rates : dict of str to float
         Fraction missing per raw feature, before imputation.
     notes, warnings : list of str
-        Rows dropped, derived categories…; warnings raised while loading.
+        Rows dropped, derived categories…; warnings raised while loading, and splits missing a
+        class.
+    unit : str
+        What ``patients`` counts (``"patients"``, ``"records"``, ``"images"``, ``"rows"``).
+    example_unit : str
+        What one example is (``"rows"``, ``"images"``, ``"beats"``, ``"windows"``…).
     """
 
     site: str
@@ -90,6 +104,48 @@ class SiteReport:
     missing_rates: dict[str, float]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unit: str = "patients"
+    example_unit: str = "examples"
+
+
+def class_coverage(
+    manifest: SiteManifest, splits: list[SplitSummary], example_unit: str, source: str
+) -> list[str]:
+    """Return a warning per non-empty split lacking a class; refuse a binary test split lacking one.
+
+    Raises
+    ------
+    SplitClassError
+        When the test split of a binary task holds no example of one of its two classes, so
+        that AUROC (and sensitivity or specificity) cannot be computed there.
+    """
+    out: list[str] = []
+    if manifest.task == "regression":
+        return out
+    for split in splits:
+        absent = [c for c, k in split.class_counts.items() if k == 0]
+        if split.count == 0 or not absent:
+            continue
+        shown = ", ".join(repr(c) for c in absent)
+        if manifest.task == "binary" and split.name == "test":
+            raise SplitClassError(
+                f"site {manifest.site!r}: the test split ({split.count} {example_unit}) holds no "
+                f"example of class {shown}, so AUROC, sensitivity or specificity cannot be "
+                "measured on it; add data holding that class (more records or patients), "
+                "change split.seed or raise split.test",
+                path=source if source != "<manifest>" else None,
+            )
+        consequence = (
+            "the model cannot learn it"
+            if split.name == "train"
+            else "AUROC and per-class metrics are undefined there"
+        )
+        out.append(
+            f"the {split.name} split ({split.count} {example_unit}) holds no example of class "
+            f"{shown}: {consequence}; add data holding that class or change split.seed / "
+            "the split fractions"
+        )
+    return out
 
 
 def check_site(manifest: SiteManifest, *, source: str = "<manifest>") -> SiteReport:
@@ -111,6 +167,10 @@ def check_site(manifest: SiteManifest, *, source: str = "<manifest>") -> SiteRep
         splits.append(
             SplitSummary(name=name, count=len(split), class_counts=counts, groups=n_groups)
         )
+    coverage = class_coverage(manifest, splits, result.example_unit, source)
+    for msg in coverage:
+        warnings.warn(f"site {manifest.site!r}: {msg}", UserWarning, stacklevel=2)
+        logger.warning("site %s: %s", manifest.site, msg)
     report = SiteReport(
         site=manifest.site,
         study=manifest.study or "",
@@ -125,9 +185,11 @@ def check_site(manifest: SiteManifest, *, source: str = "<manifest>") -> SiteRep
         splits=splits,
         missing_rates=dict(result.missing_rates),
         notes=list(result.notes),
-        warnings=[str(w.message) for w in caught],
+        warnings=[str(w.message) for w in caught] + coverage,
+        unit=result.unit,
+        example_unit=result.example_unit,
     )
-    logger.info("site %s checked: %d patients", report.site, report.patients)
+    logger.info("site %s checked: %d %s", report.site, report.patients, report.unit)
     return report
 
 
@@ -148,14 +210,15 @@ def report_renderables(report: SiteReport) -> list[RenderableType]:
         ("task", report.task),
         ("classes", ", ".join(report.class_names) or "-"),
         ("input shape", str(report.input_shape) + (" + mask" if report.has_mask else "")),
-        ("patients", f"{report.patients} (min_cohort_size {report.min_cohort_size})"),
+        (report.unit, f"{report.patients} (min_cohort_size {report.min_cohort_size})"),
+        ("examples", f"{sum(s.count for s in report.splits)} {report.example_unit}"),
     ]
     for key, value in rows:
         overview.add_row(key, value)
 
-    splits = Table(title="Splits", title_justify="left")
+    splits = Table(title="Splits and classes", title_justify="left")
     splits.add_column("split")
-    splits.add_column("examples", justify="right")
+    splits.add_column(report.example_unit, justify="right")
     if any(s.groups for s in report.splits):
         splits.add_column("groups", justify="right")
     for name in report.class_names:
@@ -167,7 +230,8 @@ def report_renderables(report: SiteReport) -> list[RenderableType]:
             cells.append(str(s.groups))
         for name in report.class_names:
             k = s.class_counts.get(name, 0)
-            cells.append(f"{k} ({k / max(s.count, 1):.1%})")
+            text = f"{k} ({k / max(s.count, 1):.1%})"
+            cells.append(Text(text, style="bold red") if k == 0 and s.count else text)
         splits.add_row(*cells)
 
     out: list[RenderableType] = [overview, splits]

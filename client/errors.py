@@ -23,6 +23,7 @@ __all__ = [
     "RecordNotFoundError",
     "SchemaError",
     "ShapeError",
+    "SplitClassError",
     "TimestampError",
     "WindowError",
 ]
@@ -86,6 +87,10 @@ class CohortTooSmallError(DataValidationError):
 
 class EmptySplitError(DataValidationError):
     """A train, validation or test split came out empty."""
+
+
+class SplitClassError(EmptySplitError):
+    """A split holds no example of a class it must hold (the test split of a binary task)."""
 
 
 class ShapeError(DataValidationError):

@@ -46,9 +46,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DATA_KINDS",
     "DEFAULT_MIN_COHORT_SIZE",
+    "WFDB_BEAT_SYMBOLS",
     "PHYSIONET2012_DESCRIPTORS",
     "PHYSIONET2012_PARAMETERS",
     "DataSpec",
+    "DicomData",
     "ImagesNpzData",
     "ImagesPngData",
     "SignalWindowsData",
@@ -56,6 +58,7 @@ __all__ = [
     "SplitSpec",
     "TableData",
     "TimeseriesLongData",
+    "WfdbData",
     "load_manifest",
     "parse_manifest",
 ]
@@ -155,7 +158,9 @@ class TableData(_Frozen):
     columns : list of str, optional
         Column names for a header-less CSV, in file order.
     delimiter : str
-        CSV field separator.
+        CSV field separator: one character (``","``, ``";"``, ``"\t"``…), or ``"whitespace"``
+        for columns separated by runs of spaces / tabs (UCR-style text files; no quoting).
+        ``"\\s+"`` is accepted as a synonym of ``"whitespace"``.
     features : list of str, optional
         Feature columns, in this order; default every column except the target, ``split.by``
         and ``drop_columns``.
@@ -189,7 +194,7 @@ class TableData(_Frozen):
     format: Literal["csv", "parquet"] | None = None
     has_header: bool = True
     columns: list[str] | None = None
-    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    delimiter: str = ","
     features: list[str] | None = None
     target: str
     drop_columns: list[str] = []
@@ -203,6 +208,19 @@ class TableData(_Frozen):
 
     _resolve_path = field_validator("path")(_resolve)
     _marker_list = field_validator("missing_marker", mode="before")(_as_list)
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character_or_whitespace(cls, value: str) -> str:
+        """Accept one character, or ``"whitespace"`` (``"\\s+"`` as a synonym)."""
+        if value.strip() in (r"\s+", r"\s", "whitespace"):
+            return "whitespace"
+        if len(value) != 1:
+            raise ValueError(
+                "delimiter must be one character (e.g. \",\", \";\", \"\\t\") or \"whitespace\" "
+                "for columns separated by runs of spaces or tabs"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TableData:
@@ -364,7 +382,24 @@ class TimeseriesLongData(_Frozen):
         return self.steps * self.step_minutes
 
 
-class SignalWindowsData(_Frozen):
+class _Windowing(_Frozen):
+    """Settings shared by the signal kinds: how windows are cut around events and scaled."""
+
+    window_seconds: float = Field(default=0.7, gt=0)
+    before: float = Field(default=0.5, ge=0.0, le=1.0)
+    decimate: int = Field(default=1, ge=1)
+    normalize: Literal["window", "train", "none"] = "window"
+
+    @field_validator("records", mode="before", check_fields=False)
+    @classmethod
+    def _records_as_text(cls, value: Any) -> Any:
+        """Accept record ids written as TOML integers."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+
+class SignalWindowsData(_Windowing):
     """An NPZ of 1-D signals with event positions, cut into windows centred on the events.
 
     Keys per record ``REC``: ``{signal_key}_REC`` (the signal), ``{event_key}_REC`` (sample index
@@ -391,27 +426,150 @@ class SignalWindowsData(_Frozen):
     kind: Literal["signal_windows"]
     path: Path
     records: list[str] | None = None
-    window_seconds: float = Field(default=0.7, gt=0)
-    before: float = Field(default=0.5, ge=0.0, le=1.0)
     signal_key: str = "ecg"
     event_key: str = "rpeaks"
     positive_key: str = "pvc"
-    decimate: int = Field(default=1, ge=1)
-    normalize: Literal["window", "train", "none"] = "window"
 
     _resolve_path = field_validator("path")(_resolve)
 
-    @field_validator("records", mode="before")
+
+WFDB_BEAT_SYMBOLS: tuple[str, ...] = (
+    "N", "L", "R", "B", "A", "a", "J", "S", "V", "r", "F", "e", "j", "n", "E", "/", "f", "Q", "?",
+)  # fmt: skip
+"""PhysioNet's beat annotation codes (every other code marks rhythm, noise or a comment)."""
+
+
+class WfdbData(_Windowing):
+    """A folder of native WFDB records (``.hea``, signal and annotation files) read with ``wfdb``.
+
+    Every annotation whose symbol is in ``beat_symbols`` is an event (a window is cut around it,
+    exactly as ``signal_windows`` does); events whose symbol is in ``positive_symbols`` are
+    labelled 1. One record is one patient, and the split is by record unless ``split.by =
+    "beat"`` asks for beats of one record in several splits.
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+        Folder holding the records (``100.hea``, ``100.dat``, ``100.atr``…).
+    records : list of str, optional
+        Records of this site; default every ``*.hea`` in the folder. Integers are accepted.
+    annotation : str
+        Extension of the annotation files (``"atr"`` for the reference annotations).
+    channel : str or int, optional
+        The lead used: its name in the header (``"MLII"``) or its 0-based index. Default: the
+        first channel, which must then have the same name in every record.
+    fs : float, optional
+        Expected sampling rate (Hz); a record with another rate is refused. Default: the
+        records' own rate, which must be the same for all.
+    beat_symbols : list of str
+        Annotation symbols that are beats (default: PhysioNet's beat codes).
+    positive_symbols : list of str
+        Beat symbols labelled 1 (default ``["V"]``, premature ventricular contraction).
+    window_seconds, before, decimate, normalize :
+        As for ``signal_windows``.
+    """
+
+    kind: Literal["wfdb"]
+    folder: Path
+    records: list[str] | None = None
+    annotation: str = Field(default="atr", pattern=r"^[A-Za-z0-9_]+$")
+    channel: str | int | None = None
+    fs: float | None = Field(default=None, gt=0)
+    beat_symbols: list[str] = Field(default=list(WFDB_BEAT_SYMBOLS), min_length=1)
+    positive_symbols: list[str] = Field(default=["V"], min_length=1)
+
+    _resolve_path = field_validator("folder")(_resolve)
+
+    @field_validator("annotation", mode="before")
     @classmethod
-    def _records_as_text(cls, value: Any) -> Any:
-        """Accept record ids written as TOML integers."""
-        if isinstance(value, list):
-            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-        return value
+    def _no_dot(cls, value: Any) -> Any:
+        """Accept ``".atr"`` for ``"atr"``."""
+        return value.removeprefix(".") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _positives_are_beats(self) -> WfdbData:
+        """Check that every positive symbol is a beat symbol."""
+        stray = [s for s in self.positive_symbols if s not in self.beat_symbols]
+        if stray:
+            raise ValueError(
+                f"positive_symbols {stray} are not in beat_symbols; add them to beat_symbols "
+                "(a window is only cut around a beat)"
+            )
+        if isinstance(self.channel, int) and self.channel < 0:
+            raise ValueError("channel is a 0-based index or a lead name such as 'MLII'")
+        return self
+
+
+class DicomData(_Frozen):
+    """A folder of DICOM images read with ``pydicom``, labelled by a CSV.
+
+    Pixels go through the modality LUT (``RescaleSlope`` / ``RescaleIntercept``, e.g. CT
+    Hounsfield units), then the linear VOI window of DICOM PS3.3 C.11.2.1.2 to [0, 1]
+    (``window_center`` / ``window_width`` from the manifest, else the file's first
+    ``WindowCenter`` / ``WindowWidth``, else the image's own min..max); ``MONOCHROME1`` is
+    inverted so that bright always means dense; the image is resized (bilinear) to ``size``.
+    Patient-identifying tags are only used to group a patient's images into one split (as
+    opaque indices) and never appear in logs or messages: errors name the file.
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+        Folder searched (recursively) for DICOM files.
+    pattern : str
+        Glob of the files read under ``folder`` (``"*"`` for files without an extension).
+    labels : pathlib.Path
+        CSV with a header: ``key_column`` and ``label_column``.
+    key : {"filename", "sop_instance_uid", "patient_id"}
+        What ``key_column`` holds: the file's path relative to ``folder``, its SOP Instance
+        UID, or its Patient ID (every image of the patient gets that label).
+    key_column, label_column : str
+        Columns of the labels CSV.
+    size : list of int
+        ``[H, W]`` every image is resized to (the model's input size, the same at every site).
+    channels : {1, 3}
+        1 for grey (MONOCHROME1/2) images, 3 for RGB; a file with the other layout is refused.
+    window_center, window_width : float, optional
+        A fixed VOI window for every image (give both; e.g. CT lung ``-600`` / ``1500``, soft
+        tissue ``40`` / ``400``).
+    frame : int, optional
+        0-based frame taken from multi-frame files; without it multi-frame files are refused.
+    """
+
+    kind: Literal["dicom"]
+    folder: Path
+    pattern: str = "*.dcm"
+    labels: Path
+    key: Literal["filename", "sop_instance_uid", "patient_id"] = "filename"
+    key_column: str = "filename"
+    label_column: str = "label"
+    size: list[int] = Field(min_length=2, max_length=2)
+    channels: Literal[1, 3] = 1
+    window_center: float | None = None
+    window_width: float | None = Field(default=None, ge=1.0)
+    frame: int | None = Field(default=None, ge=0)
+
+    _resolve_paths = field_validator("folder", "labels")(_resolve)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DicomData:
+        """Check the window is given whole and the size is positive."""
+        if (self.window_center is None) != (self.window_width is None):
+            raise ValueError("give both window_center and window_width, or neither")
+        if min(self.size) < 1:
+            raise ValueError(f"size must be two positive integers [H, W], got {self.size}")
+        return self
 
 
 DataSpec = Annotated[
-    Union[TableData, ImagesNpzData, ImagesPngData, TimeseriesLongData, SignalWindowsData],
+    Union[
+        TableData,
+        ImagesNpzData,
+        ImagesPngData,
+        TimeseriesLongData,
+        SignalWindowsData,
+        WfdbData,
+        DicomData,
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -421,6 +579,8 @@ DATA_KINDS: dict[str, type[BaseModel]] = {
     "images_png": ImagesPngData,
     "timeseries_long": TimeseriesLongData,
     "signal_windows": SignalWindowsData,
+    "wfdb": WfdbData,
+    "dicom": DicomData,
 }
 """Every ``[data].kind`` and the model that validates it."""
 
@@ -442,7 +602,7 @@ class SiteManifest(_Frozen):
         data (sorted) when omitted — declare them in a federation, since one site may lack a
         class. With a table's ``positive_*`` rule they list the raw values before binarising.
     min_cohort_size : int
-        Refuse to load fewer patients than this (records for signal windows).
+        Refuse to load fewer patients than this (records for signal windows and WFDB).
     split : SplitSpec
         Train / validation / test fractions.
     data : DataSpec
@@ -476,9 +636,9 @@ class SiteManifest(_Frozen):
                     f"task = 'binary' needs exactly 2 classes, got {len(self.classes)}; "
                     "use task = 'multiclass' or a positive_values / positive_above rule"
                 )
-        if self.task == "regression" and self.data.kind in ("images_npz", "images_png"):
+        if self.task == "regression" and self.data.kind in ("images_npz", "images_png", "dicom"):
             raise ValueError("image sites are classification sites; use 'binary' or 'multiclass'")
-        if self.data.kind == "signal_windows" and self.task != "binary":
+        if self.data.kind in ("signal_windows", "wfdb") and self.task != "binary":
             raise ValueError("signal windows are labelled 0/1: use task = 'binary'")
         if self.data.kind == "images_npz" and "split" in self.model_fields_set:
             raise ValueError(

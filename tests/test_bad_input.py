@@ -584,3 +584,83 @@ def test_every_error_is_a_data_validation_error() -> None:
                 ManifestError, MissingFileError, MissingValueError, OutcomeMismatchError,
                 RecordNotFoundError, SchemaError, ShapeError, TimestampError, WindowError):  # fmt: skip
         assert issubclass(err, DataValidationError)
+
+
+# --- whitespace-aligned text (UCR style) and the NPZ kind pointed at WFDB files --------------
+
+UCR_COLUMNS = ["label", *(f"t{i}" for i in range(96))]
+
+
+def write_ucr(path: Path, shared_data: Path, rows: int = 40, header: bool = False) -> np.ndarray:
+    """Write MIT-BIH record 119 beats UCR-style (label then 96 samples, %16.7e, space-aligned)."""
+    with np.load(shared_data / "mitbih" / "mitbih_12records_mlii_360hz.npz") as npz:
+        ecg, beats, pvc = npz["ecg_119"], npz["rpeaks_119"][1 : rows + 1], npz["pvc_119"]
+    labels = np.where(np.isin(beats, pvc), 1.0, -1.0)
+    table = np.column_stack([labels, ecg[beats[:, None] + np.arange(-48, 48)]])
+    lines = ["".join(f"{v:16.7e}" for v in row) for row in table]
+    head = ["".join(f"{c:>16}" for c in UCR_COLUMNS)] if header else []
+    path.write_text("\n".join(head + lines) + "\n")
+    return np.array([[float(f"{v:.7e}") for v in row] for row in table])
+
+
+def ucr_manifest(tmp_path: Path, data_path: Path, header: bool = False, **data: Any) -> Path:
+    """A table manifest for the UCR-style file."""
+    spec: dict[str, Any] = {"kind": "table", "path": data_path.name, "target": "label",
+                            "standardize": False}  # fmt: skip
+    spec.update({k: v for k, v in data.items() if v is not None})
+    if not header:
+        spec.update(has_header=False, columns=UCR_COLUMNS)
+    return write_manifest(tmp_path / "ucr.toml", {"site": "ucr", "task": "binary",
+                          "classes": [-1, 1], "min_cohort_size": 20},
+                          {"val": 0.0, "test": 0.0}, spec)  # fmt: skip
+
+
+@pytest.mark.parametrize("delimiter", [None, " "])
+def test_whitespace_table_read_with_a_wrong_delimiter_says_which_to_set(
+    tmp_path: Path, shared_data: Path, delimiter: str | None
+) -> None:
+    data = tmp_path / "ECG_TRAIN.txt"
+    write_ucr(data, shared_data)
+    message = expect(MalformedFileError, ucr_manifest(tmp_path, data, delimiter=delimiter),
+                     "ECG_TRAIN.txt", "every line has a field count other than the 97 columns",
+                     'set delimiter = "whitespace" in [data]')  # fmt: skip
+    assert "fix or remove that line" not in message
+
+
+@pytest.mark.parametrize("delimiter", ["whitespace", "\\s+"])
+def test_whitespace_table_loads(tmp_path: Path, shared_data: Path, delimiter: str) -> None:
+    data = tmp_path / "ECG_TRAIN.txt"
+    table = write_ucr(data, shared_data)
+    site = load_site_file(ucr_manifest(tmp_path, data, delimiter=delimiter))
+    assert len(site.train) == 40 and site.input_shape == (96,)
+    np.testing.assert_allclose(site.train.inputs[0].numpy(), table[:, 1:], rtol=1e-6)
+    assert site.train.targets.tolist() == [int(v == 1) for v in table[:, 0]]
+
+
+def test_whitespace_table_with_header_read_as_csv_suggests_the_delimiter(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    data = tmp_path / "ECG_TRAIN.txt"
+    write_ucr(data, shared_data, header=True)
+    expect(SchemaError, ucr_manifest(tmp_path, data, header=True), "ECG_TRAIN.txt",
+           "The file has one column only", 'set delimiter = "whitespace"')  # fmt: skip
+
+
+def test_delimiter_of_several_characters_names_the_way_forward(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "site.toml", {"site": "a", "task": "binary"}, None,
+                          {"kind": "table", "path": "a.txt", "target": "y", "delimiter": "  "})  # fmt: skip
+    expect(ManifestError, path, "delimiter must be one character", '"whitespace"')
+
+
+def test_npz_kind_pointed_at_a_wfdb_record_names_its_keys_and_the_wfdb_kind(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    import wfdb
+
+    with np.load(shared_data / "mitbih" / "mitbih_12records_mlii_360hz.npz") as npz:
+        ecg = npz["ecg_100"][:3600]
+    wfdb.wrsamp("100", fs=360, units=["mV"], sig_name=["MLII"], p_signal=ecg[:, None],
+                fmt=["212"], adc_gain=[200.0], baseline=[1024], write_dir=str(tmp_path))  # fmt: skip
+    expect(MalformedFileError, signal_manifest(tmp_path, path="100.dat"),
+           "100.dat is not a readable NPZ archive", "records, fs", "ecg_REC, rpeaks_REC",
+           'kind = "wfdb"', f'folder = "{tmp_path}"')  # fmt: skip

@@ -153,7 +153,7 @@ EXAMPLES = sorted(SITES.glob("*.toml"))
 
 def test_every_data_kind_but_png_has_an_example() -> None:
     kinds = {tomllib.loads(p.read_text())["data"]["kind"] for p in EXAMPLES}
-    assert kinds == {"table", "images_npz", "timeseries_long", "signal_windows"}
+    assert kinds == {"table", "images_npz", "timeseries_long", "signal_windows", "wfdb", "dicom"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -162,7 +162,7 @@ def test_example_manifests_parse_and_point_at_shared_data(path: Path) -> None:
     m = load_manifest(path)
     # Assert: paths resolved against docs/sites/, into ../shared/data beside the repo
     assert isinstance(m, SiteManifest)
-    data_path = m.data.path  # type: ignore[union-attr]
+    data_path = getattr(m.data, "path", None) or m.data.folder  # type: ignore[union-attr]
     assert data_path.is_absolute()
     expected_root = (REPO.parent / "shared" / "data").resolve()
     assert data_path.resolve().is_relative_to(expected_root)

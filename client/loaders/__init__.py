@@ -15,11 +15,13 @@ from ...models import Registry
 from ..dataset import SiteData
 from ..manifest import DEFAULT_MIN_COHORT_SIZE, SiteManifest, load_manifest
 from ._common import LoadResult
+from .dicom_images import load_dicom
 from .images_npz import load_images_npz
 from .images_png import load_images_png
 from .signals import load_signal_windows
 from .table import load_table
 from .timeseries import load_timeseries
+from .wfdb_records import load_wfdb
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ LOADERS.register("images_npz")(load_images_npz)
 LOADERS.register("images_png")(load_images_png)
 LOADERS.register("timeseries_long")(load_timeseries)
 LOADERS.register("signal_windows")(load_signal_windows)
+LOADERS.register("wfdb")(load_wfdb)
+LOADERS.register("dicom")(load_dicom)
 
 
 def load_site_result(manifest: SiteManifest) -> LoadResult:

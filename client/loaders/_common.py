@@ -46,6 +46,10 @@ class LoadResult:
         Fraction of missing values per raw feature, measured before imputation.
     notes : list of str
         Things the site's operator should know (rows dropped, derived categories…).
+    unit : str
+        What ``patients`` counts: ``"patients"``, ``"records"``, ``"images"`` or ``"rows"``.
+    example_unit : str
+        What one example is: ``"rows"``, ``"images"``, ``"beats"``, ``"windows"``, ``"patients"``.
     """
 
     data: SiteData
@@ -53,6 +57,8 @@ class LoadResult:
     class_names: list[str] = field(default_factory=list)
     missing_rates: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    unit: str = "patients"
+    example_unit: str = "examples"
 
 
 def require_file(path: Path, field_name: str, site: str, *, folder: bool = False) -> Path:
@@ -68,16 +74,28 @@ def require_file(path: Path, field_name: str, site: str, *, folder: bool = False
     return path
 
 
-def read_npz(path: Path, name: str) -> Mapping[str, np.ndarray]:
-    """Open an NPZ (no pickles) and return its arrays lazily as a mapping, or raise."""
+def read_npz(path: Path, name: str, *, expects: str = "") -> Mapping[str, np.ndarray]:
+    """Open an NPZ (no pickles) and return its arrays lazily as a mapping, or raise.
+
+    ``expects`` (which keys the kind needs, what to use instead) is added to the error.
+    """
     try:
-        return np.load(path, allow_pickle=False)
+        npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        what = f" {expects}." if expects else ""
         raise MalformedFileError(
-            f"{name} is not a readable NPZ archive ({type(exc).__name__}); save it again with "
-            "numpy.savez / savez_compressed",
+            f"{name} is not a readable NPZ archive ({type(exc).__name__}).{what} Point data.path "
+            "at an NPZ file, or save the arrays with numpy.savez / savez_compressed",
             path=path,
         ) from None
+    if not isinstance(npz, Mapping):  # a plain .npy array, not an archive of named arrays
+        what = f" {expects}." if expects else ""
+        raise MalformedFileError(
+            f"{name} is a single NumPy array, not an NPZ archive of named arrays.{what} Save "
+            "the arrays with numpy.savez",
+            path=path,
+        )
+    return npz
 
 
 def npz_array(

@@ -35,7 +35,8 @@ def load_images_npz(manifest: SiteManifest) -> LoadResult:
     assert isinstance(spec, ImagesNpzData)
     require_file(spec.path, "path", manifest.site)
     name = spec.path.name
-    npz = read_npz(spec.path, name)
+    npz = read_npz(spec.path, name, expects="An images_npz file holds train_images, "
+                   "train_labels, val_images, val_labels, test_images and test_labels")
     expected = expected_chw(spec.expected_shape)
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -108,7 +109,13 @@ def load_images_npz(manifest: SiteManifest) -> LoadResult:
         input_shape=tuple(int(s) for s in x_all.shape[1:]),
         feature_names=[f"channel{c}" for c in range(x_all.shape[1])],
     )
-    return LoadResult(data=data, patients=int(sum(sizes)), class_names=class_names)
+    return LoadResult(
+        data=data,
+        patients=int(sum(sizes)),
+        class_names=class_names,
+        unit="images",
+        example_unit="images",
+    )
 
 
 __all__ = ["load_images_npz"]

@@ -130,7 +130,13 @@ def load_images_png(manifest: SiteManifest) -> LoadResult:
         input_shape=tuple(int(s) for s in x.shape[1:]),
         feature_names=[f"channel{c}" for c in range(x.shape[1])],
     )
-    return LoadResult(data=data, patients=patients, class_names=class_names)
+    return LoadResult(
+        data=data,
+        patients=patients,
+        class_names=class_names,
+        unit="patients" if by else "images",
+        example_unit="images",
+    )
 
 
 __all__ = ["load_images_png"]

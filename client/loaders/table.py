@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,22 +42,76 @@ from ._common import (
 logger = logging.getLogger(__name__)
 
 
+_CANDIDATE_DELIMITERS = (",", ";", "\t", "|", "whitespace")
+"""Delimiters tried, in this order, when the declared one splits no line as expected."""
+
+
+def _toml_delimiter(delimiter: str) -> str:
+    """Return how the file looks separated and how to say so in a manifest."""
+    if delimiter == "whitespace":
+        return 'the file looks aligned with runs of spaces: set delimiter = "whitespace"'
+    written = "\\t" if delimiter == "\t" else delimiter
+    return f"the file looks separated by {delimiter!r}: set delimiter = \"{written}\""
+
+
+def _split_lines(lines: list[str], delimiter: str) -> list[list[str]]:
+    """Split text lines into fields: runs of spaces / tabs for ``"whitespace"``, else csv rules."""
+    if delimiter == "whitespace":
+        return [line.split() for line in lines]
+    return list(csv.reader(lines, delimiter=delimiter))
+
+
+def _sniff_delimiter(path: Path, current: str, width: int | None) -> str | None:
+    """Return the candidate delimiter giving the same field count on the first lines, if any.
+
+    With ``width`` (the column count declared by ``data.columns``) that count must match it;
+    otherwise (the header names the columns) it must be above 1.
+    """
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            head = [line for _, line in zip(range(200), fh) if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for candidate in _CANDIDATE_DELIMITERS:
+        if candidate == current or not head:
+            continue
+        try:
+            counts = {len(row) for row in _split_lines(head, candidate)}
+        except csv.Error:
+            continue
+        if len(counts) == 1:
+            count = counts.pop()
+            if (width is not None and count == width) or (width is None and count > 1):
+                return candidate
+    return None
+
+
+def _rows(spec: TableData, fh: Any) -> Iterator[tuple[list[str], int]]:
+    """Yield each line's fields and its line number (csv rules, or split on whitespace)."""
+    if spec.delimiter == "whitespace":
+        for number, line in enumerate(fh, start=1):
+            yield line.split(), number
+        return
+    reader = csv.reader(fh, delimiter=spec.delimiter)
+    for row in reader:
+        yield row, reader.line_num
+
+
 def _read_csv(spec: TableData, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Read a CSV as text; return the frame and each row's line number in the file."""
     try:
         with spec.path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh, delimiter=spec.delimiter)
             rows: list[list[str]] = []
             lines: list[int] = []
             header: list[str] | None = None
-            for row in reader:
+            for row, number in _rows(spec, fh):
                 if not row or all(not f.strip() for f in row):
                     continue  # blank line
                 if spec.has_header and header is None:
                     header = [h.strip() for h in row]
                     continue
                 rows.append(row)
-                lines.append(reader.line_num)
+                lines.append(number)
     except UnicodeDecodeError as exc:
         raise MalformedFileError(
             f"{name} is not UTF-8 text (byte {exc.start}); export it as UTF-8 CSV",
@@ -87,13 +143,28 @@ def _read_csv(spec: TableData, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     if not rows:
         raise MalformedFileError(f"{name} has no data rows; export the table again", path=spec.path)
     width = len(names)
-    for row, line in zip(rows, lines):
-        if len(row) != width:
+    wrong = [i for i, row in enumerate(rows) if len(row) != width]
+    if wrong:
+        row, line = rows[wrong[0]], lines[wrong[0]]
+        if len(wrong) < len(rows):
             raise MalformedFileError(
                 f"{name} line {line}: {len(row)} fields, expected {width} as {named_by} names "
-                f"({'delimiter ' + repr(spec.delimiter)}); fix or remove that line",
+                f"(delimiter {spec.delimiter!r}); fix or remove that line",
                 path=spec.path,
             )
+        guess = _sniff_delimiter(spec.path, spec.delimiter, None if spec.has_header else width)
+        fix = (
+            f"{_toml_delimiter(guess)} in [data]"
+            if guess
+            else "set data.delimiter to the file's separator (one character, or \"whitespace\" "
+            "for columns aligned with spaces)"
+        )
+        raise MalformedFileError(
+            f"{name}: every line has a field count other than the {width} columns {named_by} "
+            f"names (line {line}: {len(row)} fields with delimiter {spec.delimiter!r}), so the "
+            f"delimiter is wrong; {fix}",
+            path=spec.path,
+        )
     frame = pd.DataFrame(rows, columns=names, dtype=object)
     return frame, np.asarray(lines)
 
@@ -182,10 +253,19 @@ def load_table(manifest: SiteManifest) -> LoadResult:
     for field_name, cols in named.items():
         absent = [c for c in cols if c not in available]
         if absent:
+            guess = None
+            if spec.file_format == "csv" and len(available) == 1:
+                guess = _sniff_delimiter(spec.path, spec.delimiter, None)
+            also = (
+                f". The file has one column only: {_toml_delimiter(guess)} in [data]"
+                if guess
+                else ""
+            )
             raise SchemaError(
                 f"{name}: {field_name} names column(s) {absent} which the file does not have; "
                 f"columns in the file: {available}. Fix {field_name} in the manifest"
-                + ("" if spec.has_header else " (or data.columns)"),
+                + ("" if spec.has_header else " (or data.columns)")
+                + also,
                 path=spec.path,
             )
     frame = frame.drop(columns=spec.drop_columns)
@@ -386,6 +466,8 @@ def load_table(manifest: SiteManifest) -> LoadResult:
         class_names=class_names,
         missing_rates=missing_rates,
         notes=notes,
+        unit="patients" if by else "rows",
+        example_unit="rows",
     )
 
 

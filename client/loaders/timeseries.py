@@ -412,7 +412,13 @@ def load_timeseries(manifest: SiteManifest) -> LoadResult:
         "site %s: %d patients, %d steps x %d features from %s", site, n, t, len(names), source
     )
     return LoadResult(
-        data=data, patients=n, class_names=class_names, missing_rates=missing_rates, notes=notes
+        data=data,
+        patients=n,
+        class_names=class_names,
+        missing_rates=missing_rates,
+        notes=notes,
+        unit="patients",
+        example_unit="patients",
     )
 
 
