@@ -7,13 +7,28 @@ Roles and their command groups:
 - coordinator: ``fedcare certs init``, ``fedcare server start|stop|register-node``, ``fedcare run``,
   ``fedcare release``
 - everyone: ``fedcare audit verify|membership|keygen|artefact-key|rotate``
+
+Errors never print data values. Any exception a command does not handle itself ends as ONE line
+on stderr (``error: <Type>: <message>``, exit code 1; usage errors keep click's exit code 2); the
+message is shown only when fedcare raised it (its messages never quote patient values), a
+library's message (numpy, pandas, torch… may quote a cell or a tensor) is replaced by its type
+and where it was raised. ``--debug`` (anywhere on the command line) or ``FEDCARE_DEBUG=1`` prints a
+plain traceback instead, without local variables (rich's pretty tracebacks with locals, which
+printed feature and label tensors, are off for every command).
 """
 
 from __future__ import annotations
 
+import linecache
 import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Final
 
 import typer
+from pydantic import ValidationError
 
 from .client.cli import node_app
 from .client.node_cli import node_start, node_stop
@@ -27,10 +42,17 @@ from .simulations.cli import evaluate, simulate
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
+DEBUG_ENV: Final = "FEDCARE_DEBUG"
+_PACKAGE_DIR: Final = Path(__file__).resolve().parent
+_VENV_MARKERS: Final = ("site-packages", "dist-packages")
+_SPACE = re.compile(r"\s+")
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    help="fedcare: federated learning for hospitals.",
+    help="fedcare: federated learning for hospitals. Add --debug (or FEDCARE_DEBUG=1) for a traceback on errors.",
+    pretty_exceptions_enable=False,  # never rich's tracebacks: with locals they print data
+    pretty_exceptions_show_locals=False,
 )
 app.command("simulate")(simulate)
 app.command("evaluate")(evaluate)
@@ -45,6 +67,54 @@ audit_app.command("membership")(membership_command)
 app.add_typer(audit_app, name="audit")
 
 
+def _raised_by_fedcare(exc: BaseException) -> bool:
+    """Return whether fedcare wrote ``exc``'s message: its own exception type, or a ``raise`` in its code.
+
+    A builtin error raised inside a C function called from fedcare (``float("…")`` quoting a cell)
+    has fedcare's frame innermost too; only an explicit ``raise`` statement there counts.
+    """
+    if type(exc).__module__.startswith("fedcare"):
+        return True
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not filename.is_relative_to(_PACKAGE_DIR) or any(m in filename.parts for m in _VENV_MARKERS):
+        return False
+    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def error_line(exc: BaseException) -> str:
+    """Return the one line ``fedcare`` prints for an unhandled error: never a data value."""
+    name = type(exc).__name__
+    if isinstance(exc, ValidationError):  # field names and messages, never the input values
+        text = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    elif _raised_by_fedcare(exc):
+        text = str(exc)
+    else:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" in {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        text = f"raised{where} (its message is not shown: it may quote data values)"
+    return _SPACE.sub(" ", f"error: {name}: {text}").strip() + " (details: rerun with --debug)"
+
+
 def main() -> None:
-    """Run the ``fedcare`` command line."""
-    app()
+    """Run the ``fedcare`` command line: one line per error, a plain traceback with ``--debug``."""
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        app(args=argv, prog_name="fedcare")
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no data values
+        if debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)  # plain: no local variables
+        else:
+            sys.stderr.write(error_line(exc) + "\n")
+        sys.exit(1)

@@ -30,6 +30,9 @@ round ends at "Strategy execution finished"), stamped as ``flwr run --stream`` d
 (flwr streams the log every 0.5 s, so single rounds carry about +-0.5 s; the total is flwr's
 own "Strategy execution finished in X s"). Compute: the largest training time a site reported
 for the round (``train-s`` in the train reply: fedcare's ``train_local``, the plain app's loop).
+A fedcare node sends ``train-s`` only when its environment sets ``FEDCARE_REPORT_TIMING=1`` (a
+timing side channel, off by default and warned by the node): this script sets it for its own
+nodes only.
 Overhead = round - max site compute (it includes evaluation, which takes milliseconds here).
 Node ready: wall time of ``fedcare node start`` (it returns when flwr logs ``SuperNode ID``,
 i.e. the SuperLink accepted the authenticated node), and for warm nodes also until the warm
@@ -344,13 +347,35 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
     fedcare = find_executable("fedcare")
     root = work / arm
     certs = root / "certs"
-    base_env = env() if warm else env(FEDCARE_SERVERAPP_PULL_INTERVAL="off")
-    run_checked([fedcare, "certs", "init", "--out", str(certs), "--server-name", "localhost",
-                 "--nodes", ",".join(SITES)], timeout=120, environ=base_env)  # fmt: skip
-    address = f"127.0.0.1:{free_port()}"
+    # the benchmark's own nodes opt in to sending their local training time (train-s; warned)
+    timing = {"FEDCARE_REPORT_TIMING": "1"}
+    base_env = env(**timing) if warm else env(FEDCARE_SERVERAPP_PULL_INTERVAL="off", **timing)
+    run_checked([fedcare, "certs", "init", "--out", str(certs), "--server-name", "localhost"],
+                 timeout=120, environ=base_env)  # fmt: skip
+    bundle = root / "bundle"
+    run_checked([fedcare, "certs", "node-bundle", "--certs", str(certs), "--out", str(bundle)],
+                timeout=120, environ=base_env)  # fmt: skip
+    keys = {site: root / "hospitals" / site for site in SITES}
+    for site in SITES:  # each hospital makes its own key pair; the coordinator gets the .pub
+        run_checked([fedcare, "node", "keygen", "--out", str(keys[site]), "--name", site],
+                    timeout=120, environ=base_env)  # fmt: skip
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    control = f"127.0.0.1:{port + 1}"  # `server start`'s default control address
     server_state = root / "superlink"
+    token = server_state / "control.token"
     policy = root / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
+    checkpoint_dir = root / "model"
+    study = root / "study.toml"
+    study.write_text(STUDY.format(arm=arm, rounds=args.rounds, epochs=args.local_epochs,
+                                  batch=args.batch_size, lr=args.lr, checkpoint_dir=checkpoint_dir,
+                                  fused=str(arm == "fedcare-fused").lower()),
+                     encoding="utf-8")  # fmt: skip
+    # the coordinator publishes the study's app hash; the hospitals pin it in their policy
+    _, app_hash_out = run_checked([fedcare, "server", "app-hash", str(study)], timeout=120, environ=base_env)
+    run_checked([fedcare, "node", "pin-app", re.findall(r"\b[0-9a-f]{64}\b", app_hash_out)[0], "--policy", str(policy)],
+                timeout=120, environ=base_env)  # fmt: skip
     privacy = root / "privacy.toml"
     privacy.write_text("enabled = false\n", encoding="utf-8")
     node_states = {site: root / "nodes" / site for site in SITES}
@@ -359,13 +384,14 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
         run_checked([fedcare, "server", "start", "--address", address, "--state", str(server_state),
                      "--certs", str(certs)], timeout=120, environ=base_env)  # fmt: skip
         for site in SITES:
-            run_checked([fedcare, "server", "register-node", str(certs / "nodes" / f"{site}.pub"),
-                         "--superlink", address, "--certs", str(certs)], timeout=120, environ=base_env)  # fmt: skip
+            run_checked([fedcare, "server", "register-node", str(keys[site] / f"{site}.pub"),
+                         "--superlink", control, "--certs", str(certs), "--control-token", str(token)],
+                        timeout=120, environ=base_env)  # fmt: skip
         for site in SITES:
             state = node_states[site]
             seconds, text = run_checked(
                 [fedcare, "node", "start", "--site", str(sites[site]["manifest"]), "--superlink", address,
-                 "--port", str(free_port()), "--certs", str(certs), "--key", str(certs / "nodes" / f"{site}.key"),
+                 "--port", str(free_port()), "--ca", str(bundle / "ca.crt"), "--key", str(keys[site] / f"{site}.key"),
                  "--state", str(state), "--ledger-dir", str(root / "ledgers" / site), "--policy", str(policy),
                  "--privacy-settings", str(privacy), "--warm" if warm else "--cold", "--poll-interval", poll],
                 timeout=180, environ=base_env,
@@ -377,20 +403,19 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
                 extra = wait_file_line(state / "supernode.log", "fedcare warm SuperExec ready", 120.0)
                 entry["warm_superexec_ready_s"] = None if extra is None else seconds + extra
             ready[site] = entry
-        checkpoint_dir = root / "model"
-        study = root / "study.toml"
-        study.write_text(STUDY.format(arm=arm, rounds=args.rounds, epochs=args.local_epochs,
-                                      batch=args.batch_size, lr=args.lr, checkpoint_dir=checkpoint_dir,
-                                      fused=str(arm == "fedcare-fused").lower()),
-                         encoding="utf-8")  # fmt: skip
         t0 = time.monotonic()
-        lines = stream([fedcare, "run", str(study), "--superlink", address, "--certs", str(certs),
+        lines = stream([fedcare, "run", str(study), "--superlink", control, "--certs", str(certs),
+                        "--control-token", str(token),
                         "--timeout", str(args.run_timeout)],
                        timeout=args.run_timeout + 120, environ=base_env, log=root / "run.log")  # fmt: skip
         run_s = time.monotonic() - t0
         if not any("finished:completed" in line for _, line in lines):
             raise RuntimeError(f"{arm}: run did not complete; see {root / 'run.log'}")
         history = json.loads((checkpoint_dir / "history.json").read_text(encoding="utf-8"))
+        missing = [s for rec in history["rounds"] for s, m in rec["site_train"].items() if "train-s" not in m]
+        if missing:
+            raise RuntimeError(f"{arm}: sites {sorted(set(missing))} sent no train-s; the nodes must run with "
+                               "FEDCARE_REPORT_TIMING=1")
         compute = [max(float(m["train-s"]) for m in rec["site_train"].values()) for rec in history["rounds"]]
         per_site = [{s: float(m["train-s"]) for s, m in rec["site_train"].items()} for rec in history["rounds"]]
     finally:
@@ -403,10 +428,11 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
 
 def flower_arm(args: argparse.Namespace, work: Path, sites: dict[str, dict[str, Path]]) -> dict[str, Any]:
     """Run the minimal plain Flower app on plain flower-superlink / flower-supernode / flwr run."""
-    from fedcare.privacy.certs import init_certificates  # noqa: PLC0415 - same CA layout
+    from fedcare.privacy.certs import generate_node_key, init_certificates  # noqa: PLC0415 - same CA
 
     root = work / "flower"
-    certs = init_certificates(root / "certs", server_name="localhost", nodes=list(SITES))
+    certs = init_certificates(root / "certs", server_name="localhost")
+    node_keys = {site: generate_node_key(root / "hospitals" / site, site) for site in SITES}
     app = root / "app"
     app.mkdir(parents=True)
     out = root / "serverapp.json"
@@ -445,14 +471,14 @@ def flower_arm(args: argparse.Namespace, work: Path, sites: dict[str, dict[str, 
         wait_for_port(link, "127.0.0.1", port, timeout=60.0, what="flower-superlink")
         for site in SITES:
             run_checked([find_executable("flwr"), "supernode", "register",
-                         str(certs.node(site).public_key.resolve()), "bench"], timeout=120, environ=cli_env)  # fmt: skip
+                         str(node_keys[site].public_key.resolve()), "bench"], timeout=120, environ=cli_env)  # fmt: skip
         for site in SITES:
             node_dir = root / "nodes" / site
             node_dir.mkdir(parents=True)
             t0 = time.monotonic()
             node = spawn(
                 [find_executable("flower-supernode"), "--root-certificates", str(certs.ca_cert.resolve()),
-                 "--auth-supernode-private-key", str(certs.node(site).private_key.resolve()),
+                 "--auth-supernode-private-key", str(node_keys[site].private_key.resolve()),
                  "--superlink", address, "--host", "127.0.0.1", "--port", str(free_port()),
                  "--node-config", f"data='{sites[site]['arrays']}'"],
                 log_path=node_dir / "supernode.log", pid_file=node_dir / "supernode.pid",

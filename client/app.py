@@ -9,8 +9,9 @@ Everything about the hospital comes from the node, never from the server's run c
 - ``site-name``: optional, overrides the manifest's site name in replies and the ledger;
 - ``privacy-settings``: optional TOML of the site's :class:`PrivacySettings` (fields at the top
   level or under ``[privacy]``); default ``PrivacySettings()``: DP-SGD to ε = 3 at δ = 1e-5;
-- ``seed``: optional seed of the site's own randomness (shuffling, DP noise); the server never
-  chooses it, so it cannot predict a site's noise;
+- ``seed``: optional seed of the site's own randomness (shuffling, DP noise, SecAgg+ rounding),
+  for tests and reproducible experiments only (warned as a weakening): the server never chooses
+  it, and without it every round draws from the operating system's entropy;
 - ``report-train-loss``: optional ``true`` to send the training loss under DP (it is computed
   without noise, outside ε; a DP site sends NaN by default);
 - ``device``: optional torch device (default ``cpu``).
@@ -30,14 +31,25 @@ The server sends the model (named arrays), its spec and expected data shape, the
 rounds planned, the study and the local training settings. A train reply carries the trained
 arrays, ``num-examples``, the site's training metrics and its ε / δ spent so far in the study
 (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``epsilon``, ``delta``,
-``noise-multiplier``, ``train-s``: seconds of local training) and, in the ConfigRecord ``config``, its name (``site``), the SHA-256 of
+``noise-multiplier``; ``train-s``, seconds of local training, only on a node whose environment
+sets ``FEDCARE_REPORT_TIMING=1``: a timing side channel, warned as a weakening; benchmarks use it)
+and, in the ConfigRecord ``config``, its name (``site``), the SHA-256 of
 its manifest file (``manifest-sha256``; a digest of the data description for sites built in
 memory, never of data) and, under DP, its ``accountant`` and clipping norm ``max-grad-norm``:
-the server logs them in the audit log and the privacy report. An evaluate reply
-carries ``num-examples`` and the metrics of ``client.metrics.evaluate`` on the site's test split
-(validation when it has no test split): aggregate statistics that are not covered by ε. Under
-``evaluate-with-train`` a train message carries ``evaluate-received = true`` and the train reply's
-ConfigRecord adds the same metrics of the *received* model, computed before training, as
+the server logs them in the audit log and the privacy report. ``num-examples`` is never the
+exact count under a site policy: it is the Laplace-noised count (``count_epsilon``, drawn once per
+study and training-set size, stored in the ledger and re-sent every round); the reply also carries
+the site's ε per mechanism (``epsilon-training``, ``epsilon-count``, ``epsilon-evaluation``,
+``evaluation-queries``, ``evaluation-exact-queries``; ``epsilon`` is their sum). DP-SGD is
+calibrated to the site's target ε minus its policy's release reserve
+(``release_mechanisms.release_reserve``). An evaluate reply carries what the site's policy
+releases (``evaluation``): ``dp`` (default) Laplace-noised sufficient statistics (``stat-*``,
+``privacy.release_mechanisms``), charged as one ledger entry per query, refused below
+``min_evaluation_cohort`` test records or beyond ``max_evaluation_queries_per_study`` or the ε
+budget; ``exact`` the metrics of ``client.metrics.evaluate`` and exact statistics (opt-in,
+outside ε, warned); ``off`` nothing. Under ``evaluate-with-train`` a train message carries
+``evaluate-received = true`` and, once the policy accepted the round, the train reply's
+ConfigRecord adds the same release for the *received* model, computed before training, as
 ``evaluated-<metric>`` (and ``evaluated-num-examples``). A site whose data fails
 validation, does not fit the model, whose privacy budget is spent, whose ledger is unusable or
 whose policy refuses the round replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
@@ -56,8 +68,6 @@ import math
 import os
 import sys
 import tomllib
-import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +83,7 @@ from torch import nn
 
 from ..models import ModelSpec, build_for_data, get_weights, set_weights, wire
 from ..privacy.engine import plan_noise_multiplier, sample_rate_for, steps_per_epoch
-from ..privacy.errors import BudgetExceededError, LedgerCorruptError, PrivacyError, PrivacyWarning
+from ..privacy.errors import BudgetExceededError, LedgerCorruptError, PrivacyError, warn_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import (
     NO_SECURE_AGGREGATION_WARNING,
@@ -86,18 +96,32 @@ from ..privacy.policy import (
     load_policy,
     node_default_policy,
 )
+from ..privacy.release_mechanisms import (
+    COUNT,
+    EVALUATION,
+    EVALUATION_EXACT,
+    check_evaluation,
+    laplace_scale,
+    metrics_from_statistics,
+    noisy_count,
+    release_reserve,
+    release_rng,
+    release_statistics,
+    statistics_sensitivity,
+)
 from ..privacy.settings import PrivacySettings
 from .dataset import SiteData, Split
 from .errors import DataValidationError
 from .loaders import load_site_file
-from .metrics import evaluate
-from .secure import secure_round_active, secure_train_mod
+from .metrics import evaluate, evaluation_statistics
+from .secure import SecureRoundError, SecureSite, make_secure_train_mod, secure_round_active
 from .training import TrainSettings, train_local
 
 __all__ = [
     "NODE_DEVICE",
     "NODE_REPORT_TRAIN_LOSS",
     "ENV_APP_HASH",
+    "ENV_REPORT_TIMING",
     "NODE_LEDGER_DIR",
     "NODE_POLICY",
     "NODE_PRIVACY_SETTINGS",
@@ -126,6 +150,7 @@ NODE_DEVICE: Final = "device"
 NODE_REPORT_TRAIN_LOSS: Final = "report-train-loss"
 NODE_POLICY: Final = "policy"
 ENV_APP_HASH: Final = "FEDCARE_APP_HASH"
+ENV_REPORT_TIMING: Final = "FEDCARE_REPORT_TIMING"
 
 
 class SiteConfigError(DataValidationError):
@@ -269,6 +294,13 @@ def site_from_node_config(context: Context) -> LocalSite:
             )
         site_policy = _load_site_policy(_stat_key(path))
     seed = node.get(NODE_SEED)
+    if seed is not None:
+        message = (
+            f"node config {NODE_SEED} is set: this site's DP noise and sampling are a function of "
+            "that seed, the round and the global model, and anyone who learns or guesses it can "
+            "remove the noise; remove the key on a deployed node (fresh OS entropy every round)"
+        )
+        warn_privacy(message, logger=logger)
     name = node.get(NODE_SITE_NAME)
     report_loss = node.get(NODE_REPORT_TRAIN_LOSS) is True
     if report_loss and privacy.enabled:
@@ -276,8 +308,7 @@ def site_from_node_config(context: Context) -> LocalSite:
             f"node config {NODE_REPORT_TRAIN_LOSS} = true: this site sends its training loss, "
             "computed without DP noise and not covered by its ε; remove it unless approved"
         )
-        logger.warning("PRIVACY WARNING: %s", message)
-        warnings.warn(message, PrivacyWarning, stacklevel=2)
+        warn_privacy(message, logger=logger)
     return LocalSite(
         data=data,
         privacy=privacy,
@@ -375,10 +406,28 @@ def _open_ledger(site: LocalSite, study: str) -> PrivacyLedger:
 
 
 def _site_seed(site: LocalSite, server_round: int) -> int | None:
-    """Return this round's seed of the site's randomness (None: fresh entropy)."""
+    """Return this round's seed of the site's randomness (None: fresh OS entropy every round).
+
+    Only the site's own seed (node config ``seed``, or a simulation's) is used, never anything
+    in the server's message; the round index is mixed in as a stream. SHA-256 keeps the seed's
+    full entropy (a 32-bit checksum would make every round's noise seed brute-forceable).
+    """
     if site.seed is None:
         return None
-    return zlib.crc32(f"{site.seed}:{site.name}:{server_round}".encode()) & 0x7FFFFFFF
+    digest = hashlib.sha256(f"{site.seed}:{site.name}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:16], "big")
+
+
+def _report_timing() -> bool:
+    """Return whether this node sends its local training time (``FEDCARE_REPORT_TIMING=1``; warned)."""
+    if os.environ.get(ENV_REPORT_TIMING) != "1":
+        return False
+    message = (
+        f"{ENV_REPORT_TIMING}=1: this node sends its local training time ({wire.TRAIN_SECONDS}), a timing "
+        "side channel on its data outside ε; unset it outside benchmarks"
+    )
+    warn_privacy(message, logger=logger)
+    return True
 
 
 def _may_report_loss(site: LocalSite) -> bool:
@@ -398,20 +447,133 @@ def _eval_split(data: SiteData) -> Split:
     )
 
 
-def _evaluate_received(model: nn.Module, site: LocalSite) -> dict[str, float | int]:
-    """Return the received (global) model's metrics on the site's test split, keys ``evaluated-*``.
+def _privacy_fields(ledger: PrivacyLedger) -> dict[str, float]:
+    """Return the site's ε per mechanism in this study, and its evaluations so far (reply metrics)."""
+    return {
+        wire.EPSILON: ledger.spent_epsilon(),
+        wire.EPSILON_TRAINING: ledger.training_epsilon(),
+        wire.EPSILON_COUNT: ledger.release_epsilon(COUNT),
+        wire.EPSILON_EVALUATION: ledger.release_epsilon(EVALUATION),
+        wire.EVALUATION_QUERIES: float(ledger.release_count(EVALUATION)),
+        wire.EVALUATION_EXACT_QUERIES: float(ledger.release_count(EVALUATION_EXACT)),
+    }
 
-    Asked by a train message under ``evaluate-with-train``; the metrics are those the evaluate
-    stage would send. A site without a test or validation split reports none (and says so).
+
+def _training_privacy(site: LocalSite) -> PrivacySettings:
+    """Return the settings DP-SGD runs with: the site's target ε minus its policy's release reserve.
+
+    The reserve (``release_mechanisms.release_reserve``: the count's ε and, under ``evaluation =
+    "dp"``, the study's evaluation allowance) stays free for those releases, so training plus
+    count plus evaluations never exceed the site's target. The study's budget stays the site's.
+    Fixed-σ settings, DP off, or no policy (hand-built sites): unchanged.
+    """
+    privacy, policy = site.privacy, site.policy
+    if policy is None or not privacy.enabled or privacy.target_epsilon is None:
+        return privacy
+    reserve = release_reserve(policy)
+    target = privacy.target_epsilon - reserve
+    if target <= 0:
+        raise PolicyViolation(
+            Rule.EPSILON_STUDY,
+            f"the site's target ε {privacy.target_epsilon:g} leaves nothing for DP-SGD once its policy's "
+            f"reserve for the count and evaluations ({reserve:g}) is set aside; the hospital must raise "
+            "target_epsilon or lower count_epsilon / evaluation_epsilon_per_query / max_evaluation_queries_per_study",
+            asked=reserve, limit=privacy.target_epsilon,
+        )
+    return PrivacySettings.model_validate(
+        {**privacy.model_dump(), "target_epsilon": target, "epsilon_budget": privacy.budget}
+    )
+
+
+def _released_count(site: LocalSite, ledger: PrivacyLedger, n: int) -> int:
+    """Return the training example count the site sends: Laplace-noised once per study and size.
+
+    Drawn from the site's own randomness, charged (``count_epsilon``) and stored in the ledger
+    before it is sent, then re-sent unchanged every round (nothing new released). A hand-built
+    site without a policy sends its exact count (it runs no policy at all, and warns so).
+    """
+    policy = site.policy
+    if policy is None:
+        return n
+    for entry in reversed(ledger.releases):
+        if entry["mechanism"] == COUNT and entry.get("of") == n:
+            return int(entry["value"])
+    epsilon = float(policy.count_epsilon)
+    rng = release_rng(seed=site.seed, stream=f"{COUNT}:{site.name}:{ledger.study}:{ledger.release_count(COUNT)}")
+    value = noisy_count(n, epsilon=epsilon, rng=rng)
+    ledger.record_release(mechanism=COUNT, epsilon=epsilon, sensitivity=1.0,
+                          scale=laplace_scale(sensitivity=1.0, epsilon=epsilon), value=value, of=n)
+    return value
+
+
+def _evaluation_release(
+    model: nn.Module, site: LocalSite, study: str, ledger: PrivacyLedger | None = None
+) -> dict[str, float | int]:
+    """Return what the site releases about ``model`` on its test split, as its policy decides.
+
+    ``dp`` (default): the split's sufficient statistics with Laplace noise, charged to the study's
+    ledger as one ``evaluation`` entry before anything is released; ``exact`` (opt-in, warned):
+    the exact metrics and statistics, recorded as an ``evaluation-exact`` entry (outside ε);
+    ``off``, a split below ``min_evaluation_cohort``, a spent query budget or ε budget: raises
+    ``PolicyViolation``. Also carries the site's ε per mechanism after the release. A hand-built
+    site without a policy (tests) sends exact metrics and warns. ``ledger``: the study's ledger
+    when the caller already holds its session (the train handler), else it is opened here.
+    """
+    split = _eval_split(site.data)
+    task = site.data.task
+    policy = site.policy
+    if policy is None:
+        message = f"site {site.name!r} carries no site policy: its evaluation is released EXACTLY (hand-built sites only)"
+        warn_privacy(message, logger=logger)
+        stats = evaluation_statistics(model, split, task)
+        return {wire.NUM_EXAMPLES: len(split), **evaluate(model, split, task), **stats}
+    ledger = ledger if ledger is not None else _open_ledger(site, study)
+    with ledger.session():
+        spent = _site_ledger_epsilons(site, ledger)
+        budget = ledger.epsilon_budget if ledger.epsilon_budget is not None else site.privacy.budget
+        queries = ledger.release_count(EVALUATION) + ledger.release_count(EVALUATION_EXACT)
+        epsilon = check_evaluation(policy, cohort=len(split), queries_done=queries, spent_study=spent[study],
+                                   spent_total=sum(spent.values()), budget=budget)
+        stats = evaluation_statistics(model, split, task)
+        if epsilon is None:
+            message = (f"site {site.name!r}: exact evaluation released by the site's policy (evaluation = "
+                       '"exact"): the coordinator sees exact metrics of the test patients, outside ε')
+            warn_privacy(message, logger=logger)
+            ledger.record_release(mechanism=EVALUATION_EXACT, epsilon=None, records=len(split))
+            values: dict[str, float | int] = {wire.NUM_EXAMPLES: len(split), **evaluate(model, split, task), **stats}
+        else:
+            sensitivity, _ = statistics_sensitivity(stats)
+            ledger.record_release(mechanism=EVALUATION, epsilon=epsilon, sensitivity=sensitivity,
+                                  scale=laplace_scale(sensitivity=sensitivity, epsilon=epsilon))
+            rng = release_rng(seed=site.seed, stream=f"{EVALUATION}:{site.name}:{study}:{queries}")
+            noisy = release_statistics(stats, epsilon=epsilon, rng=rng)
+            values = {wire.NUM_EXAMPLES: max(1, round(metrics_from_statistics(noisy)["n"])), **noisy}
+        return {**values, **_privacy_fields(ledger)}
+
+
+def _count_still_to_charge(site: LocalSite, ledger: PrivacyLedger, n: int) -> float:
+    """Return the ε the count of ``n`` examples will still cost in this study (0 once charged)."""
+    if site.policy is None or any(r["mechanism"] == COUNT and r.get("of") == n for r in ledger.releases):
+        return 0.0
+    return float(site.policy.count_epsilon)
+
+
+def _evaluate_received(model: nn.Module, site: LocalSite, study: str, ledger: PrivacyLedger) -> dict[str, float | int]:
+    """Return the received (global) model's evaluation release on the site's test split, keys ``evaluated-*``.
+
+    Asked by a train message under ``evaluate-with-train``, after the site's policy accepted the
+    round (a refused round releases and charges nothing); the values are those the evaluate
+    stage would send (:func:`_evaluation_release`, charged the same way, in the round's ledger session). A site without a test
+    or validation split, or whose policy refuses the evaluation, reports none (and says so);
+    it still trains.
     """
     try:
-        split = _eval_split(site.data)
-    except DataValidationError as exc:
+        values = _evaluation_release(model, site, study, ledger)
+    except (DataValidationError, PolicyViolation, PrivacyError) as exc:
         logger.warning("site %s: no evaluation of the received model: %s", site.name, exc)
         return {}
-    values = evaluate(model, split, site.data.task)
     prefix = wire.EVALUATED_PREFIX
-    return {f"{prefix}{wire.NUM_EXAMPLES}": len(split), **{f"{prefix}{k}": float(v) for k, v in values.items()}}
+    return {f"{prefix}{k}": v if k == wire.NUM_EXAMPLES else float(v) for k, v in values.items()}
 
 
 def _model_family(config: ConfigRecord) -> str:
@@ -464,7 +626,7 @@ def round_request(
     A study or site whose spent ε is unbounded (a round trained without DP) raises
     ``PolicyViolation`` for any DP round, since no ε limit can hold any more.
     """
-    privacy = site.privacy
+    privacy = _training_privacy(site)  # DP-SGD's share of the target: the policy's release reserve set aside
     n = len(site.data.train)
     values: dict[str, Any] = {
         "study": study,
@@ -487,7 +649,8 @@ def round_request(
             "noise_multiplier": sigma,
             "delta": privacy.delta,
             "max_grad_norm": privacy.max_grad_norm,
-            "epsilon_after_round": ledger.check_round(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
+            "epsilon_after_round": ledger.check_round(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+            + _count_still_to_charge(site, ledger, n),
         }
     spent = _site_ledger_epsilons(site, ledger)
     study_spent, total_spent = spent[study], sum(spent.values())
@@ -520,14 +683,12 @@ def enforce_policy(site: LocalSite, request: RoundRequest) -> SitePolicy | None:
             f"site {site.name!r}: this LocalSite carries no site policy, so NO policy check runs "
             "(hand-built sites only; nodes and simulations always set one)"
         )
-        logger.warning("PRIVACY WARNING: %s", message)
-        warnings.warn(message, PrivacyWarning, stacklevel=2)
+        warn_privacy(message, logger=logger)
     else:
         check_round(policy, request)
     if not request.secure_aggregation:
         message = f"site {site.name!r}: {NO_SECURE_AGGREGATION_WARNING}"
-        logger.warning("PRIVACY WARNING: %s", message)
-        warnings.warn(message, PrivacyWarning, stacklevel=2)
+        warn_privacy(message, logger=logger)
     return policy
 
 
@@ -553,7 +714,20 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
     provider = site_provider or site_from_node_config
     client_app = ClientApp()
 
-    @client_app.train(mods=[secure_train_mod])  # SecAgg+ rounds only; plain rounds pass through
+    def secure_site(context: Context) -> SecureSite:
+        """Return the site's name, policy and seed for the SecAgg+ mod (a site that fails to load refuses)."""
+        try:
+            site = provider(context)
+        except SitePolicyError as exc:
+            raise SecureRoundError(wire.ERROR_POLICY, wire.REFUSAL_FORMAT.format(
+                site=_guess_name(context), stage="join the secure round", reason=str(exc))) from None
+        except DataValidationError as exc:
+            raise SecureRoundError(wire.ERROR_DATA_INVALID, wire.REFUSAL_FORMAT.format(
+                site=_guess_name(context), stage="join the secure round", reason=str(exc))) from None
+        return SecureSite(name=site.name, policy=site.policy, seed=site.seed)
+
+    # SecAgg+ rounds only (the site's secure-cohort rule, then training); plain rounds pass through
+    @client_app.train(mods=[make_secure_train_mod(secure_site)])
     def train(msg: Message, context: Context) -> Message:
         """Train the received model on the site's data under the site's privacy policy."""
         config: ConfigRecord = msg.content[wire.CONFIG]  # type: ignore[assignment]
@@ -568,7 +742,6 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             _load_arrays(model, msg.content[wire.ARRAYS])  # type: ignore[arg-type]
         except (DataValidationError, ValueError) as exc:
             return _refuse(msg, site.name, "train", wire.ERROR_DATA_INVALID, str(exc))
-        evaluated = _evaluate_received(model, site) if config.get(wire.EVALUATE_RECEIVED) else {}
         server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
         settings = TrainSettings(
             local_epochs=int(config[wire.LOCAL_EPOCHS]),  # type: ignore[arg-type]
@@ -590,11 +763,14 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                     secure_aggregation=secure_round_active(context),
                 )
                 enforce_policy(site, request)
+                # the received model, before training changes it; only in a round the policy accepted
+                evaluated = _evaluate_received(model, site, study, ledger) if config.get(wire.EVALUATE_RECEIVED) else {}
+                count = _released_count(site, ledger, len(site.data.train))  # charged before it is sent
                 result = train_local(
                     model,
                     site.data,
                     train=settings,
-                    privacy=site.privacy,
+                    privacy=_training_privacy(site),
                     ledger=ledger,
                     planned_rounds=planned_rounds,
                     round_index=server_round,
@@ -607,15 +783,17 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             return _refuse(msg, site.name, "train", wire.ERROR_LEDGER, f"{type(exc).__name__}: {exc}")
         metrics = MetricRecord(
             {
-                wire.NUM_EXAMPLES: int(result.num_examples),
+                wire.NUM_EXAMPLES: count,  # the noised count (policy sites), never the exact one
                 "train-loss": float(result.loss) if _may_report_loss(site) else math.nan,
                 "steps": int(result.steps),
                 wire.EPSILON: float(result.epsilon),
                 wire.DELTA: float(result.delta),
                 "noise-multiplier": float(result.noise_multiplier),
-                "train-s": float(result.duration_s),  # local compute time (benchmarks/framework_overhead.py)
+                **_privacy_fields(ledger),  # ε per mechanism (training, count, evaluation)
             }
         )
+        if _report_timing():  # local compute time (benchmarks/framework_overhead.py)
+            metrics[wire.TRAIN_SECONDS] = float(result.duration_s)
         content = RecordDict(
             {
                 wire.ARRAYS: ArrayRecord(
@@ -629,20 +807,28 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        """Evaluate the received global model on the site's test split."""
+        """Release what the site's policy allows about the received model on its test split (see ``_evaluation_release``)."""
         config: ConfigRecord = msg.content[wire.CONFIG]  # type: ignore[assignment]
         try:
             site = provider(context)
+        except SitePolicyError as exc:  # an unreadable policy refuses everything (fails closed)
+            return _refuse(msg, _guess_name(context), "evaluate", wire.ERROR_POLICY, str(exc))
         except DataValidationError as exc:
             return _refuse(msg, _guess_name(context), "evaluate", wire.ERROR_DATA_INVALID, str(exc))
         try:
             model = _build_model(config, site.data)
             _load_arrays(model, msg.content[wire.ARRAYS])  # type: ignore[arg-type]
-            split = _eval_split(site.data)
+            study = config.get(wire.STUDY)
+            if not isinstance(study, str) or not study:
+                raise DataValidationError(f"the evaluate message names no {wire.STUDY!r}; the server must send it")
+            values = _evaluation_release(model, site, study)
+        except PolicyViolation as exc:
+            return _refuse(msg, site.name, "evaluate", wire.ERROR_POLICY, str(exc))
+        except PrivacyError as exc:  # ledger locked, corrupt or of other terms: release nothing
+            return _refuse(msg, site.name, "evaluate", wire.ERROR_LEDGER, f"{type(exc).__name__}: {exc}")
         except (DataValidationError, ValueError) as exc:
             return _refuse(msg, site.name, "evaluate", wire.ERROR_DATA_INVALID, str(exc))
-        values = evaluate(model, split, site.data.task)
-        metrics = MetricRecord({wire.NUM_EXAMPLES: len(split), **{k: float(v) for k, v in values.items()}})
+        metrics = MetricRecord({k: v if k == wire.NUM_EXAMPLES else float(v) for k, v in values.items()})
         content = RecordDict({wire.METRICS: metrics, wire.CONFIG: ConfigRecord({wire.SITE: site.name})})
         return Message(content, reply_to=msg)
 

@@ -7,9 +7,10 @@ the SuperLink attaches them only to apps it downloads from Flower Hub
 (``control_handlers._get_remote_fab``); a FAB submitted with ``flwr run APP`` has none, so a
 node with ``--trusted-entities`` refuses *every* self-built app, signed or not.
 
-So fedcare pins apps by hash, at the node, **before any of the app's code is loaded**:
-``fedcare node start --trust-app SHA256`` starts ``flower-supernode`` with a folder of
-executables first on ``PATH``. flwr's SuperExec starts every task by command name
+So fedcare pins apps by hash, at the node, **before any of the app's code is loaded**. Every
+``fedcare node start`` starts ``flower-supernode`` with a folder of executables first on
+``PATH`` (there is no ungated node: an app nobody pinned is refused unless the site's policy
+says ``allow_unpinned_apps = true``). flwr's SuperExec starts every task by command name
 (``flwr-clientapp``, ``flwr-agentapp``, ... from ``TASK_TYPE_TO_COMMAND``), so:
 
 - ``flwr-clientapp`` runs :func:`clientapp_main`: flwr's own ``flwr-clientapp`` with its FAB
@@ -21,8 +22,12 @@ executables first on ``PATH``. flwr's SuperExec starts every task by command nam
 - every other task command (AgentApp, connector, model, ServerApp, simulation) is refused: a
   hospital node runs ClientApps only.
 
-The pins come from ``FEDCARE_TRUSTED_APP_HASHES`` (comma-separated, set by ``node start``);
-when it is empty or unset the gate refuses everything (fails closed).
+The pins are read when each task starts: ``FEDCARE_TRUSTED_APP_HASHES`` (comma-separated,
+``node start --trust-app`` / ``--trusted-apps``) plus the ``allowed_app_hashes`` of the site
+policy file named in ``FEDCARE_GATE_POLICY`` (``node start --policy``; ``fedcare node pin-app``
+adds to it, effective from the next task). With no pin at all the gate refuses everything
+(fails closed); an unreadable or invalid policy file refuses everything too. Only the policy
+key ``allow_unpinned_apps = true`` lets an unpinned app through (warned as weakening).
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from typing import Any
 
 __all__ = [
     "APP_HASH_ENV",
+    "GATE_POLICY_ENV",
     "GATED_COMMANDS",
     "TRUSTED_APPS_ENV",
     "UntrustedAppError",
+    "app_allowed",
     "clientapp_main",
     "main",
     "parse_app_hash",
@@ -50,6 +57,8 @@ __all__ = [
 
 #: comma-separated SHA-256 hex digests the node may run (set by ``fedcare node start``)
 TRUSTED_APPS_ENV = "FEDCARE_TRUSTED_APP_HASHES"
+#: absolute path of the site policy file whose pins the gate also accepts (``node start --policy``)
+GATE_POLICY_ENV = "FEDCARE_GATE_POLICY"
 #: the verified FAB hash, set in the ``flwr-clientapp`` process before the ClientApp loads
 APP_HASH_ENV = "FEDCARE_APP_HASH"
 #: the task commands flwr 1.41 starts by name (``flwr.supercore.constant.TASK_TYPE_TO_COMMAND``)
@@ -93,7 +102,7 @@ def write_gate_bin(folder: Path, python: str | None = None) -> Path:
         path = folder / command
         path.write_text(
             "#!/bin/sh\n"
-            "# written by fedcare node start: only apps pinned with --trust-app run here\n"
+            "# written by fedcare node start: only apps the site pinned run here\n"
             f"exec {interpreter} -m fedcare.client.app_gate {command} \"$@\"\n",
             encoding="utf-8",
         )
@@ -106,8 +115,56 @@ def _fab_digest(fab_file: Path | bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def clientapp_main(argv: Sequence[str], trusted: Iterable[str]) -> None:
-    """Run flwr's ``flwr-clientapp`` with ``argv``, refusing FABs whose hash is not ``trusted``."""
+def app_allowed(digest: str, trusted: Iterable[str], policy_path: str | None) -> bool:
+    """Return True if app ``digest`` is pinned, False if it runs only because the policy allows
+    unpinned apps (warned); raise :class:`UntrustedAppError` if it must not run.
+
+    The policy file is read now (so a pin added with ``fedcare node pin-app`` counts from the
+    next task); an unreadable or invalid one refuses the app (fail closed).
+    """
+    from ..privacy.policy import PolicyFileError, load_policy  # noqa: PLC0415
+
+    allowed = set(trusted)
+    allow_unpinned = False
+    if policy_path:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyFileError as err:
+            raise UntrustedAppError(
+                f"this site does not run app {digest}: its policy file cannot be read ({err}); "
+                "fix the policy file, then the next round is checked again"
+            ) from None
+        allowed.update(policy.allowed_app_hashes or ())
+        allow_unpinned = policy.allow_unpinned_apps
+    if digest in allowed:
+        return True
+    if allow_unpinned:
+        sys.stderr.write(
+            f"fedcare app gate: WARNING running app {digest}, which the site did not pin, "
+            "because its policy says allow_unpinned_apps = true\n"
+        )
+        return False
+    pinned = ", ".join(sorted(h[:12] + "..." for h in allowed)) or "none"
+    raise UntrustedAppError(
+        f"this site does not run app {digest} (pinned: {pinned}); the coordinator must run an "
+        "app the hospital reviewed, or the hospital must pin it with `fedcare node pin-app "
+        "HASH --policy FILE` (or `fedcare node start --trust-app HASH`)"
+    )
+
+
+def clientapp_main(argv: Sequence[str], trusted: Iterable[str], *, policy_path: str | None = None) -> None:
+    """Run flwr's ``flwr-clientapp`` with ``argv``, refusing FABs the site did not pin.
+
+    Parameters
+    ----------
+    argv : sequence of str
+        ``flwr-clientapp``'s arguments.
+    trusted : iterable of str
+        Pinned SHA-256 digests (``--trust-app``).
+    policy_path : str or None
+        The site policy file: its ``allowed_app_hashes`` count as pins and its
+        ``allow_unpinned_apps`` is honoured; read when the FAB arrives.
+    """
     allowed = frozenset(trusted)
     import flwr.supernode.runtime.run_clientapp as runtime  # noqa: PLC0415 - heavy import
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: PLC0415
@@ -116,14 +173,10 @@ def clientapp_main(argv: Sequence[str], trusted: Iterable[str]) -> None:
 
     def checked_install(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
         digest = _fab_digest(fab_file)
-        if digest not in allowed:
-            pinned = ", ".join(sorted(h[:12] + "..." for h in allowed)) or "none"
-            raise UntrustedAppError(
-                f"this site does not run app {digest} (pinned: {pinned}); the coordinator must "
-                "run an app the hospital reviewed, or the hospital must pin it with "
-                "`fedcare node start --trust-app HASH`"
-            )
-        os.environ[APP_HASH_ENV] = digest
+        if app_allowed(digest, allowed, policy_path):
+            os.environ[APP_HASH_ENV] = digest
+        else:
+            os.environ.pop(APP_HASH_ENV, None)
         return install(fab_file, *args, **kwargs)
 
     runtime.install_from_fab = checked_install
@@ -148,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         sys.stderr.write(f"fedcare app gate: {TRUSTED_APPS_ENV} is invalid: {err}\n")
         return 2
-    clientapp_main(args[1:], trusted)
+    clientapp_main(args[1:], trusted, policy_path=os.environ.get(GATE_POLICY_ENV) or None)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ``fedcare node`` commands a hospital runs: ``check`` validates a site before training.
 
-The root CLI mounts :data:`node_app` as ``fedcare node``; other commands (``start``) join it.
+The root CLI mounts :data:`node_app` as ``fedcare node``; ``keygen`` (this hospital's key pair)
+and ``pin-app`` (the apps it runs) are added here, ``start`` and ``stop`` in ``cli.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from .check import check_site_file, report_renderables
 from .errors import DataValidationError
+from .node_cli import node_keygen, node_pin_app
 
 __all__ = ["node_app"]
 
@@ -48,3 +50,7 @@ def check(
     for renderable in report_renderables(report):
         out.print(renderable)
     out.print(f"[bold green]✓ site {report.site} is ready to train[/]", highlight=False)
+
+
+node_app.command("keygen")(node_keygen)
+node_app.command("pin-app")(node_pin_app)

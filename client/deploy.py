@@ -1,15 +1,18 @@
 """A hospital's side of a deployment: start and stop its ``flower-supernode``.
 
 The node connects to the coordinator's SuperLink over TLS (``--root-certificates`` = the
-federation CA), authenticates with its own EC P-384 private key (OpenSSH format, registered
-with the SuperLink by the coordinator), and passes the ClientApp what it must know about the
+federation CA certificate from the hospital's node bundle), authenticates with its own EC P-384
+private key (OpenSSH format, made at the hospital with ``fedcare node keygen``; the coordinator
+registers only its public half), and passes the ClientApp what it must know about the
 site through ``--node-config``: ``site-manifest`` (absolute path of the site manifest TOML),
 ``site-name`` and ``ledger-dir``. :func:`start_node` returns once the SuperLink accepted the
 node (Flower logs ``SuperNode ID: ...``) and reports how long that took.
 
-With ``trusted_app_hashes`` the node runs only the Flower Apps (FABs) whose SHA-256 the
-hospital pinned; every other app is refused before its code is loaded (see
-:mod:`fedcare.client.app_gate`: flwr's own ``--trusted-entities`` cannot verify self-built apps).
+The node runs only the Flower Apps (FABs) whose SHA-256 the hospital pinned
+(``trusted_app_hashes`` and the site policy's ``allowed_app_hashes``); every other app is
+refused before its code is loaded (see :mod:`fedcare.client.app_gate`: flwr's own
+``--trusted-entities`` cannot verify self-built apps). A node with no pin does not start,
+unless its policy opts out with ``allow_unpinned_apps = true`` (warned as weakening).
 
 By default (``warm``) every ClientApp task is forked from a warm SuperExec that has torch,
 fedcare and the site's data loaded (:mod:`fedcare.client.warm_exec`), and the idle node polls
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import tempfile
 import sys
 import time
 import warnings
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..privacy.certs import CertificateLayout
+from ..privacy.policy import SitePolicy, load_policy
 from ..supervise import (
     ProcessHandle,
     find_executable,
@@ -40,7 +45,7 @@ from ..supervise import (
     stop_process,
     wait_for_log,
 )
-from .app_gate import TRUSTED_APPS_ENV, parse_app_hash, write_gate_bin
+from .app_gate import GATE_POLICY_ENV, TRUSTED_APPS_ENV, parse_app_hash, write_gate_bin
 from .manifest import load_manifest
 from .supernode_main import IDLE_POLL_S, POLL_OPTION
 from .warm_exec import WARM_MANIFEST_ENV
@@ -55,12 +60,15 @@ __all__ = [
     "NodeConfigValueError",
     "NodeDeployError",
     "NodeInsecureNotRequestedError",
+    "NoPinnedAppsError",
     "NodePlaintextWarning",
     "NodeSettings",
     "NodeStarted",
+    "PinAppError",
     "TrustedAppsFileError",
     "UnpinnedAppsWarning",
     "node_config_string",
+    "pin_app_in_policy",
     "read_trusted_apps",
     "start_node",
     "stop_node",
@@ -96,6 +104,10 @@ class ConflictingNodeTlsError(NodeDeployError):
     """Raised when TLS material and ``insecure`` are both given."""
 
 
+class NoPinnedAppsError(NodeDeployError):
+    """Raised when a node would start with no pinned app and its policy does not opt out."""
+
+
 class NodeConfigValueError(NodeDeployError):
     """Raised when a node-config value cannot be quoted for ``--node-config``."""
 
@@ -108,8 +120,12 @@ class TrustedAppsFileError(NodeDeployError):
     """Raised when a trusted apps file holds something other than app hashes, or none."""
 
 
+class PinAppError(NodeDeployError):
+    """Raised when an app hash cannot be added to a site policy file automatically."""
+
+
 class UnpinnedAppsWarning(UserWarning):
-    """Warned when a SuperNode starts without pinned app hashes (it runs any app it is sent)."""
+    """Warned when a site's policy lets its SuperNode run apps nobody pinned."""
 
 
 def read_trusted_apps(path: Path) -> tuple[str, ...]:
@@ -136,6 +152,64 @@ def read_trusted_apps(path: Path) -> tuple[str, ...]:
     if not hashes:
         raise TrustedAppsFileError(f"trusted apps file {path} pins no app: add the hashes to run")
     return tuple(dict.fromkeys(hashes))
+
+
+_PIN_LINE = re.compile(r"^allowed_app_hashes\s*=\s*\[[^\]]*\][^\n]*$", re.MULTILINE)
+
+
+def pin_app_in_policy(policy_path: Path, digest: str) -> bool:
+    """Add app ``digest`` to the site policy's ``allowed_app_hashes``; return False if already there.
+
+    The file is created (strict defaults plus the pin) when missing. Only the
+    ``allowed_app_hashes`` line changes (other lines and comments stay); the edited file is
+    parsed again and must equal the old policy plus the pin before it replaces the old one.
+
+    Raises
+    ------
+    ValueError
+        When ``digest`` is not a SHA-256 hex digest.
+    fedcare.privacy.policy.PolicyFileError
+        When the existing policy file is invalid.
+    PinAppError
+        When the file cannot be edited safely (edit ``allowed_app_hashes`` by hand then).
+    """
+    digest = parse_app_hash(digest)
+    path = Path(policy_path)
+    exists = path.is_file()
+    old = load_policy(path) if exists else SitePolicy.strict_default()
+    current = tuple(old.allowed_app_hashes or ())
+    if digest in current:
+        return False
+    pins = (*current, digest)
+    line = "allowed_app_hashes = [" + ", ".join(f'"{h}"' for h in pins) + "]"
+    text = path.read_text(encoding="utf-8") if exists else ""
+    if old.allowed_app_hashes is not None:
+        new_text, count = _PIN_LINE.subn(line, text)
+        if count != 1:
+            raise PinAppError(
+                f"{path}: cannot find one `allowed_app_hashes = [...]` line to extend; add "
+                f'"{digest}" to it by hand'
+            )
+    else:  # a top-level key must come before any [table]: put it first
+        new_text = f"{line}  # pinned with `fedcare node pin-app`\n{text}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".policy-", suffix=".toml", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(new_text)
+        tmp.chmod(path.stat().st_mode & 0o777 if exists else 0o644)
+        expected = old.model_copy(update={"allowed_app_hashes": pins})
+        if load_policy(tmp) != expected:
+            raise PinAppError(
+                f"{path}: editing allowed_app_hashes would change other settings; add "
+                f'"{digest}" to allowed_app_hashes by hand'
+            )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("pinned app %s in site policy %s", digest, path)
+    return True
 
 
 def _quote(value: str | int | float | bool) -> str:
@@ -181,10 +255,10 @@ class NodeSettings(BaseModel):
     state_dir : pathlib.Path
         Holds the PID file, the log and the node's FLWR_HOME (installed app bundles); the node
         runs with it as working directory.
-    certs_dir : pathlib.Path or None
-        Folder holding the federation's ``ca.crt``.
+    ca_cert : pathlib.Path or None
+        The federation's CA certificate (``ca.crt`` from the node bundle the coordinator sent).
     auth_key : pathlib.Path or None
-        This node's OpenSSH private key (``nodes/NAME.key`` from ``fedcare certs init``).
+        This node's OpenSSH private key (``NAME.key`` from ``fedcare node keygen``, made here).
     ledger_dir : pathlib.Path or None
         Where the ClientApp keeps the site's privacy ledger (default ``state_dir/ledger``).
     site_name : str or None
@@ -194,10 +268,12 @@ class NodeSettings(BaseModel):
     max_wait_time : float or None
         Seconds flwr keeps retrying an unreachable SuperLink before exiting (None: forever).
     extra_node_config : dict
-        More node-config entries for the ClientApp (e.g. a site policy path).
+        More node-config entries for the ClientApp (e.g. ``policy``: the site policy path, whose
+        ``allowed_app_hashes`` the app gate also accepts).
     trusted_app_hashes : tuple of str or None
-        SHA-256 digests of the Flower Apps (FABs) this node may run; any other app is refused
-        before its code is loaded. None: every app the SuperLink sends runs (warned).
+        SHA-256 digests of the Flower Apps (FABs) this node may run besides the policy's
+        ``allowed_app_hashes``; any other app is refused before its code is loaded. With no
+        pin at all the node does not start unless the policy sets ``allow_unpinned_apps``.
     warm : bool
         Run each ClientApp task in a process forked from a warm SuperExec that has torch,
         flwr and fedcare imported and the site's data read (:mod:`fedcare.client.warm_exec`),
@@ -214,7 +290,7 @@ class NodeSettings(BaseModel):
     superlink: str
     port: int
     state_dir: Path
-    certs_dir: Path | None = None
+    ca_cert: Path | None = None
     auth_key: Path | None = None
     ledger_dir: Path | None = None
     site_name: str | None = None
@@ -233,7 +309,7 @@ class NodeSettings(BaseModel):
         if not value:
             raise ValueError(
                 "an empty list of trusted apps would refuse every run: pin at least one app "
-                "hash, or give none to run any app (not recommended)"
+                "hash, or give None and pin apps in the site policy (allowed_app_hashes)"
             )
         return tuple(dict.fromkeys(parse_app_hash(v) for v in value))
 
@@ -254,24 +330,27 @@ class NodeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _tls(self) -> NodeSettings:
-        if self.insecure and (self.certs_dir is not None or self.auth_key is not None):
+        if self.insecure and (self.ca_cert is not None or self.auth_key is not None):
             raise ConflictingNodeTlsError(
-                "--insecure cannot be combined with --certs or --key: node authentication "
+                "--insecure cannot be combined with --ca or --key: node authentication "
                 "needs TLS. Drop --insecure (the coordinator's SuperLink uses TLS)"
             )
-        if not self.insecure and (self.certs_dir is None or self.auth_key is None):
+        if not self.insecure and (self.ca_cert is None or self.auth_key is None):
             raise NodeInsecureNotRequestedError(
-                "pass --certs DIR (the folder with the federation's ca.crt) and --key "
-                "NODE.key (this hospital's private key); --insecure connects in plaintext "
-                "without authentication and is for test machines only"
+                "pass --ca CA.crt (the federation's CA certificate from the node bundle) and "
+                "--key NODE.key (this hospital's private key from `fedcare node keygen`); "
+                "--insecure connects in plaintext without authentication and is for test "
+                "machines only"
             )
-        if self.certs_dir is not None:
-            layout = CertificateLayout(self.certs_dir)
-            layout.require(layout.ca_cert)
+        if self.ca_cert is not None and not self.ca_cert.is_file():
+            raise FileNotFoundError(
+                f"CA certificate {self.ca_cert} not found: pass the ca.crt of the node bundle "
+                "the coordinator sent (`fedcare certs node-bundle`)"
+            )
         if self.auth_key is not None and not self.auth_key.is_file():
             raise FileNotFoundError(
-                f"node key {self.auth_key} not found: pass the private key the coordinator "
-                "generated for this hospital (nodes/NAME.key)"
+                f"node key {self.auth_key} not found: make this hospital's key pair with "
+                "`fedcare node keygen --out DIR --name NAME` and pass DIR/NAME.key"
             )
         return self
 
@@ -317,7 +396,7 @@ def supernode_command(settings: NodeSettings, *, site_name: str) -> list[str]:
     if settings.insecure:
         argv.append("--insecure")
     else:
-        ca = CertificateLayout(Path(settings.certs_dir or "").resolve()).ca_cert
+        ca = Path(settings.ca_cert or "").resolve()
         argv += ["--root-certificates", str(ca)]
         argv += ["--auth-supernode-private-key", str(Path(settings.auth_key or "").resolve())]
     argv += [
@@ -388,6 +467,19 @@ def start_node(
         )
         warnings.warn(message, NodePlaintextWarning, stacklevel=2)
         logger.warning(message)
+    # every node runs behind the app gate; the pins: --trust-app and the policy's own
+    pins = tuple(settings.trusted_app_hashes or ())
+    policy_file = settings.extra_node_config.get("policy")
+    policy = load_policy(str(policy_file) if policy_file is not None else None)
+    pins = tuple(dict.fromkeys(pins + tuple(policy.allowed_app_hashes or ())))
+    if not pins and not policy.allow_unpinned_apps:
+        raise NoPinnedAppsError(
+            f"SuperNode {site_name!r} pins no app, so it would refuse every run: pin the study's "
+            "app (the coordinator prints its hash: `fedcare server app-hash STUDY`) with "
+            "`fedcare node pin-app HASH --policy FILE` and start with --policy FILE, or "
+            "--trust-app HASH. Only a test node may opt out, with allow_unpinned_apps = true "
+            "in its policy"
+        )
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
     (settings.ledger_dir or state / "ledger").mkdir(parents=True, exist_ok=True)
@@ -395,23 +487,26 @@ def start_node(
     env.update(extra_env or {})
     env = flower_env(env)
     env.pop(TRUSTED_APPS_ENV, None)
-    if settings.trusted_app_hashes is None:
+    env.pop(GATE_POLICY_ENV, None)
+    if policy.allow_unpinned_apps:
         message = (
-            f"SuperNode {site_name!r} starts without pinned apps (--trust-app): it runs any "
-            "Flower App the SuperLink sends. Pin the study's app hash "
-            "(`fedcare server app-hash STUDY`) before using patient data."
+            f"SuperNode {site_name!r} runs apps nobody pinned (allow_unpinned_apps = true in its "
+            "policy): such an app may skip the site policy, the privacy ledger and DP. Pin the "
+            "study's app hash instead before using patient data."
         )
         warnings.warn(message, UnpinnedAppsWarning, stacklevel=2)
         logger.warning(message)
-    else:
-        gate = write_gate_bin(state.resolve() / NODE_GATE_BIN)
-        env["PATH"] = os.pathsep.join([str(gate), env["PATH"]])
-        env[TRUSTED_APPS_ENV] = ",".join(settings.trusted_app_hashes)
-        logger.info(
-            "SuperNode %s runs only apps %s",
-            site_name,
-            ", ".join(h[:12] for h in settings.trusted_app_hashes),
-        )
+    gate = write_gate_bin(state.resolve() / NODE_GATE_BIN)
+    env["PATH"] = os.pathsep.join([str(gate), env["PATH"]])
+    env[TRUSTED_APPS_ENV] = ",".join(settings.trusted_app_hashes or ())
+    if policy_file is not None:
+        env[GATE_POLICY_ENV] = str(Path(str(policy_file)).resolve())
+    logger.info(
+        "SuperNode %s runs only apps %s%s",
+        site_name,
+        ", ".join(h[:12] for h in pins) or "(none pinned)",
+        " and, by its policy, unpinned ones" if policy.allow_unpinned_apps else "",
+    )
     if settings.warm:
         warm_bin = write_warm_bin(state.resolve() / NODE_WARM_BIN)
         env["PATH"] = os.pathsep.join([str(warm_bin), env["PATH"]])

@@ -5,6 +5,10 @@ multiclass) and ``auprc`` (average precision; macro over classes for multiclass)
 ``loss`` (MSE), ``mae``, ``rmse``, ``r2``. A metric that is undefined on the split (AUROC with one
 class present, R² with fewer than two examples) is NaN, with a logged warning, never a crash.
 Only counts are logged, never patient values.
+
+:func:`evaluation_statistics` returns instead the sufficient statistics that
+:mod:`fedcare.privacy.release_mechanisms` noises for a DP evaluation release (probability
+histograms per class, confusion matrix, clipped loss sums).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from sklearn.metrics import (
 from torch import nn
 
 from ..models import Task
+from ..privacy.release_mechanisms import sufficient_statistics
 from .dataset import Split
 from .training import TaskLoss
 
-__all__ = ["evaluate", "predict"]
+__all__ = ["evaluate", "evaluation_statistics", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +141,26 @@ def evaluate(model: nn.Module, split: Split, task: Task) -> dict[str, float]:
     loss = float(TaskLoss(task)(outputs.double(), targets.double() if task != "multiclass" else targets))
     metrics = _regression(outputs, targets) if task == "regression" else _classification(outputs, targets, task)
     return {"loss": loss, **metrics}
+
+
+def evaluation_statistics(model: nn.Module, split: Split, task: Task) -> dict[str, float]:
+    """Return the exact sufficient statistics of ``model`` on ``split`` (``release_mechanisms``).
+
+    Binary: histograms of the predicted probability per true class; multiclass: the confusion
+    matrix; both with the sum of per-example losses clipped to ``LOSS_CLIP``. Regression: count
+    and clipped squared / absolute error sums. Never leaves the site without the mechanism's noise
+    unless the site's policy says ``evaluation = "exact"``.
+    """
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split; give the site a test or validation split")
+    outputs = predict(model, split).double()
+    targets = split.targets.cpu()
+    losses = TaskLoss(task, reduction="none")(outputs, targets.double() if task != "multiclass" else targets)
+    if task == "regression":
+        scores, num_classes = outputs.numpy(), 2
+    elif task == "binary":
+        scores, num_classes = torch.sigmoid(outputs).numpy(), 2
+    else:
+        scores, num_classes = outputs.argmax(dim=1).numpy(), int(outputs.shape[1])
+    return sufficient_statistics(task, scores=scores, targets=targets.numpy(), losses=losses.numpy(),
+                                 num_classes=num_classes)

@@ -1,15 +1,13 @@
-"""Hospital IT commands: ``fedcare node start`` and ``fedcare node stop``.
+"""Hospital IT commands: ``fedcare node keygen``, ``pin-app``, ``start`` and ``stop``.
 
-Thin: parse options, call :mod:`fedcare.client.deploy`, print through rich. The lead merges
-these into the ``fedcare node`` group beside ``node check`` (``client/cli.py``)::
-
-    from .client.node_cli import node_start, node_stop
-    node_app.command("start")(node_start)
-    node_app.command("stop")(node_stop)
+Thin: parse options, call :mod:`fedcare.client.deploy` / :mod:`fedcare.privacy.certs`, print
+through rich. ``start`` and ``stop`` join the ``fedcare node`` group in ``cli.py``; ``keygen``
+and ``pin-app`` in ``client/cli.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -18,13 +16,24 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from ..privacy.certs import CertsError
+from ..privacy.certs import CertsError, generate_node_key
+from ..privacy.errors import LedgerError
 from ..privacy.policy import PolicyFileError, load_policy
+from ..privacy.spend_record import verify_site
 from ..supervise import SuperviseError, process_age_s
-from .deploy import NodeDeployError, NodeSettings, read_trusted_apps, start_node, stop_node
+from .app_gate import parse_app_hash
+from .deploy import (
+    NodeDeployError,
+    NodeSettings,
+    pin_app_in_policy,
+    read_trusted_apps,
+    start_node,
+    stop_node,
+)
 from .errors import DataValidationError
+from .manifest import load_manifest
 
-__all__ = ["node_app", "node_start", "node_stop"]
+__all__ = ["app_digest", "node_app", "node_keygen", "node_pin_app", "node_start", "node_stop"]
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -58,9 +67,13 @@ def node_start(
     site: Annotated[Path, typer.Option("--site", help="The site manifest TOML.")],
     superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
     port: Annotated[int, typer.Option("--port", help="Port of this node's local Runtime API.")],
-    certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="The federation's CA certificate (ca.crt from the node bundle)."),
+    ] = None,
     key: Annotated[
-        Path | None, typer.Option("--key", help="This node's private key (nodes/NAME.key).")
+        Path | None,
+        typer.Option("--key", help="This node's private key (NAME.key from `fedcare node keygen`)."),
     ] = None,
     ledger_dir: Annotated[
         Path | None, typer.Option("--ledger-dir", help="Privacy ledger folder (default STATE/ledger).")
@@ -82,8 +95,9 @@ def node_start(
         list[str] | None,
         typer.Option(
             "--trust-app",
-            help="SHA-256 of a Flower App this node may run (repeat); others are refused. "
-            "The coordinator prints it: `fedcare server app-hash STUDY`.",
+            help="SHA-256 of a Flower App this node may run (repeat), besides the policy's "
+            "allowed_app_hashes; others are refused. The coordinator prints it: "
+            "`fedcare server app-hash STUDY`.",
         ),
     ] = None,
     trusted_apps: Annotated[
@@ -120,8 +134,9 @@ def node_start(
         Path | None,
         typer.Option(
             "--policy",
-            help="The hospital's site policy TOML (docs/privacy.md). Without it the node applies the "
-            "strict default: DP required, ε ≤ 3 per study, and SecAgg+ studies only.",
+            help="The hospital's site policy TOML (docs/privacy.md), with the pinned apps "
+            "(`fedcare node pin-app`). Without it the node applies the strict default: DP "
+            "required, ε ≤ 3 per study, SecAgg+ studies only, and only --trust-app apps.",
         ),
     ] = None,
 ) -> None:
@@ -148,7 +163,7 @@ def node_start(
             superlink=superlink,
             port=port,
             state_dir=state or Path.cwd() / f"fedcare-node-{site.stem}",
-            certs_dir=certs,
+            ca_cert=ca,
             auth_key=key,
             ledger_dir=ledger_dir,
             site_name=site_name,
@@ -158,8 +173,12 @@ def node_start(
             warm=warm,
             poll_interval_s=poll_interval,
         )
+        verify_site(  # a deleted or rolled-back ledger stops the node before it starts (fail closed)
+            settings.ledger_dir or settings.state_dir / "ledger",
+            site=settings.site_name or load_manifest(settings.site_manifest).site,
+        )
         started = start_node(settings, ready_timeout=ready_timeout)
-    except _HANDLED as err:
+    except (*_HANDLED, LedgerError) as err:
         _fail(err)
     if insecure:
         console.print("[bold red]WARNING: this node connects WITHOUT TLS and without authentication.[/]")
@@ -178,6 +197,60 @@ def node_start(
         f"SuperNode {started.site_name} ready: node {started.node_id}, PID {started.handle.pid}; "
         f"{since_command:.1f} s after `fedcare node start` ({started.ready_s:.1f} s for "
         f"flower-supernode to be accepted); log {settings.log_file}",
+        highlight=False,
+    )
+
+
+def app_digest(source: str) -> str:
+    """Return the SHA-256 of ``source``: a hash itself, a ``.fab`` file, or a Flower App folder."""
+    path = Path(source)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - what `flwr run` builds
+
+        return hashlib.sha256(build_fab_from_disk(path)).hexdigest()
+    return parse_app_hash(source)
+
+
+@node_app.command("keygen")
+def node_keygen(
+    out_dir: Annotated[Path, typer.Option("--out", help="This hospital's own folder for the key pair.")],
+    name: Annotated[str, typer.Option("--name", help="The node name, e.g. cleveland.")] = "node",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
+) -> None:
+    """Make this node's authentication key pair here; send only the .pub file to the coordinator."""
+    try:
+        paths = generate_node_key(out_dir, name, force=force)
+    except _HANDLED as err:
+        _fail(err)
+    out.print(
+        f"private key {paths.private_key} (mode 0600; never leaves this host: `node start --key`)\n"
+        f"public key  {paths.public_key} (send it to the coordinator for `server register-node`)",
+        highlight=False,
+    )
+
+
+@node_app.command("pin-app")
+def node_pin_app(
+    app: Annotated[
+        str,
+        typer.Argument(help="The app's SHA-256 (`fedcare server app-hash STUDY`), its .fab file, or its folder."),
+    ],
+    policy: Annotated[
+        Path, typer.Option("--policy", help="The site policy TOML to pin it in (created if missing).")
+    ],
+) -> None:
+    """Allow this node to run one reviewed Flower App: add its hash to the policy's allowed_app_hashes."""
+    try:
+        digest = app_digest(app)
+        added = pin_app_in_policy(policy, digest)
+    except (*_HANDLED, ValueError) as err:
+        _fail(err)
+    state = "pinned" if added else "already pinned"
+    out.print(
+        f"app {digest} {state} in {policy}; the node runs it from its next task "
+        f"(start it with --policy {policy})",
         highlight=False,
     )
 

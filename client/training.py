@@ -21,6 +21,11 @@ FedProx: with ``proximal_mu > 0`` each optimizer step is followed by a decoupled
 depend on the site's data, so it costs no privacy, and it is the same with and without DP
 (adding ``μ/2‖w − w_global‖²`` to the loss would not work under DP: Opacus's per-sample
 gradients do not see a parameter-only term).
+
+Randomness: without ``TrainSettings.seed`` (a deployed site) the DP noise and the Poisson
+sampling of every round come from generators seeded from the operating system's entropy, and
+importing this module registers :mod:`fedcare.privacy.randomness`'s reseeding of the global
+generators in every forked child: two tasks forked from one warm process never share noise.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ..privacy.engine import (
 )
 from ..privacy.errors import DPTrainingError, MissingLedgerError
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.randomness import os_entropy_seed  # also reseeds global generators after every fork
 from ..privacy.settings import PrivacySettings
 from .dataset import SiteData
 from .device import select_device
@@ -83,7 +89,11 @@ class TrainSettings(BaseModel):
         diverging on a steep batch. Under DP it is not used: the site's ``max_grad_norm`` clips
         every example's gradient already.
     seed : int or None
-        Seeds Poisson sampling / shuffling and the DP noise; None: fresh randomness.
+        Seeds Poisson sampling / shuffling and the DP noise (simulations and tests: repeatable
+        runs). None, what a deployed site uses: every round draws both from the operating
+        system's entropy (:func:`fedcare.privacy.randomness.os_entropy_seed`). A seed must be the
+        site's own secret, never a value the coordinator sends: whoever knows it can regenerate
+        the noise and remove it.
     device : str
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:N"``.
     """
@@ -198,17 +208,25 @@ def _digest(model: nn.Module) -> int:
 
 def _generators(
     seed: int | None, device: torch.device, *stream: int
-) -> tuple[torch.Generator | None, torch.Generator | None]:
-    """Return (sampling, noise) generators for ``seed`` and ``stream``; (None, None) if no seed.
+) -> tuple[torch.Generator, torch.Generator]:
+    """Return (sampling, noise) generators for ``seed`` and ``stream``; from OS entropy if no seed.
 
-    ``stream`` (round index, digest of the starting weights) is mixed in so that two DP rounds
-    never share noise unless they are the very same computation: the same noise added to two
-    different gradient sums would reveal their difference. A round retried after a crash from
-    the same global model repeats exactly (same output, nothing new released), which is what
-    makes a resumed federation equal an uninterrupted one.
+    Without a seed (a deployed site) both generators are seeded from the operating system's
+    entropy on every call, never from torch's global generator: a process forked from a warm
+    parent (``client.warm_exec``) would otherwise draw the parent's noise again in every task.
+
+    With an explicit seed, ``stream`` (round index, digest of the starting weights) is mixed in
+    so that two DP rounds never share noise unless they are the very same computation: the same
+    noise added to two different gradient sums would reveal their difference. A round retried
+    after a crash from the same global model repeats exactly (same output, nothing new
+    released), which is what makes a resumed federation equal an uninterrupted one. The round
+    index and the starting weights are chosen by the coordinator; mixing them in is safe only
+    because the seed itself is the site's secret (node config ``seed``, or a simulation's), which
+    the coordinator never sets nor sees: with a known seed the noise of every round is known.
     """
     if seed is None:
-        return None, None
+        sampling = torch.Generator().manual_seed(os_entropy_seed())
+        return sampling, torch.Generator(device=device).manual_seed(os_entropy_seed())
     words = np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(2, dtype=np.uint64)
     sampling = torch.Generator().manual_seed(int(words[0] >> np.uint64(1)))
     noise = torch.Generator(device=device).manual_seed(

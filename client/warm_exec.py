@@ -13,10 +13,14 @@ own first on the SuperNode's ``PATH``; it runs :func:`main`:
   happens before a fork);
 - then run flwr's own SuperExec loop (same arguments, same Runtime API, same task polling)
   with one change: a ClientApp task is started with ``os.fork()`` instead of ``Popen``. The
-  child runs flwr's ``flwr-clientapp`` code unchanged, behind the hospital's app gate when apps
-  are pinned (:mod:`fedcare.client.app_gate`), and exits when the task is done. So every task
+  child runs flwr's ``flwr-clientapp`` code unchanged, behind the hospital's app gate
+  (:mod:`fedcare.client.app_gate`), and exits when the task is done. So every task
   still gets its own process (a crash or a leak ends with it) and nothing a task does reaches
-  the next one; only the imports and the read-only data are shared.
+  the next one; only the imports and the read-only data are shared. Random generator states are
+  NOT shared: :mod:`fedcare.privacy.randomness` (imported first by :func:`preload`) reseeds
+  torch's, NumPy's and ``random``'s global generators from OS entropy in every forked child, and
+  a site without a seed draws its DP noise from fresh OS entropy anyway (``client.training``),
+  so two tasks never add the same noise.
 
 A task forks within ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` of the message's arrival, usually
 before the SuperNode has pulled the message's objects from the SuperLink; its pulls from the
@@ -50,6 +54,7 @@ WARM_MANIFEST_ENV = "FEDCARE_WARM_MANIFEST"
 def preload(manifest: str | None) -> float:
     """Import what every ClientApp task needs and cache the site's data; return seconds spent."""
     started = time.perf_counter()
+    from ..privacy import randomness  # noqa: F401, PLC0415 - every forked task reseeds its generators
     import torch  # noqa: F401, PLC0415 - the point is to import it once
     import flwr.supernode.runtime.run_clientapp  # noqa: F401, PLC0415
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401, PLC0415
@@ -85,16 +90,11 @@ def _clientapp_argv(spec: Any) -> list[str]:
 
 
 def _run_child(argv: list[str]) -> int:
-    """In the forked child: run ``flwr-clientapp`` (gated when apps are pinned); return the code."""
+    """In the forked child: run ``flwr-clientapp`` behind the app gate; return the code."""
     from . import app_gate  # noqa: PLC0415 - already imported by preload
 
-    if app_gate.TRUSTED_APPS_ENV in os.environ:  # pinned node: exactly what the gate runs
-        return app_gate.main(["flwr-clientapp", *argv])
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: PLC0415
-
-    sys.argv = ["flwr-clientapp", *argv]
-    flwr_clientapp()
-    return 0
+    # always exactly what the gate runs: no pin (and no allow_unpinned_apps) refuses every app
+    return app_gate.main(["flwr-clientapp", *argv])
 
 
 class ForkingExecutor:

@@ -18,6 +18,12 @@ DELTA: Final = "delta"
 SITE: Final = "site"
 REFUSED: Final = "refused"
 REASON: Final = "reason"
+# what a site has spent, per mechanism (train and evaluate replies; privacy.release_mechanisms)
+EPSILON_TRAINING: Final = "epsilon-training"  # DP-SGD (the accountant's ε)
+EPSILON_COUNT: Final = "epsilon-count"  # the noised example count, released once per study
+EPSILON_EVALUATION: Final = "epsilon-evaluation"  # DP evaluations, all together
+EVALUATION_QUERIES: Final = "evaluation-queries"  # DP evaluations charged in the study
+EVALUATION_EXACT_QUERIES: Final = "evaluation-exact-queries"  # exact evaluations (policy opt-in, outside ε)
 # what a training site says about itself (ConfigRecord of the train reply, beside SITE)
 MANIFEST_SHA256: Final = "manifest-sha256"  # SHA-256 of the site manifest / data description, never data
 ACCOUNTANT: Final = "accountant"  # the site's DP accountant (DP sites only)
@@ -26,6 +32,8 @@ MAX_GRAD_NORM: Final = "max-grad-norm"  # the site's DP clipping norm C (DP site
 # (+ NUM_EXAMPLES: the evaluation split's size); a ConfigRecord, so flwr's one-MetricRecord
 # reply checks and the training metrics' aggregation never see them
 EVALUATED_PREFIX: Final = "evaluated-"
+# seconds of local training: sent only by a node that opts in (FEDCARE_REPORT_TIMING=1, benchmarks)
+TRAIN_SECONDS: Final = "train-s"
 
 # config the server sends
 SERVER_ROUND: Final = "server-round"

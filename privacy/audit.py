@@ -157,6 +157,8 @@ class ReleaseFields(_Fields):
     report_sha256: Sha256 | None = None
     membership_auc: float | None = Field(default=None, ge=0, le=1)
     gate_passed: bool | None = None
+    gate_verdict: Literal["pass", "block", "inconclusive"] | None = None
+    override_reason: Reason | None = None  # an inconclusive audit released by an explicit override
 
 
 KINDS: dict[str, type[_Fields]] = {

@@ -6,16 +6,19 @@
 - the SuperLink's server certificate (``server.pem``, ``server.key``): EC P-384, signed by the
   CA, 825 days, SANs = the given DNS names and IP addresses, **always** including IP
   ``127.0.0.1`` (the SuperLink's own SuperExec connects there; without it runs hang);
-- one authentication key pair per hospital node (``nodes/<name>.key``, ``nodes/<name>.pub``):
-  EC P-384, private key in OpenSSH format without passphrase (what ``flower-supernode
-  --auth-supernode-private-key`` loads with ``load_ssh_private_key``), public key as one
-  OpenSSH line (what ``flwr supernode register`` loads with ``load_ssh_public_key``).
+
+It never writes a node's private key: each hospital makes its own authentication key pair with
+:func:`generate_node_key` (``fedcare node keygen``), on its own machine: EC P-384, private key
+in OpenSSH format without passphrase (what ``flower-supernode --auth-supernode-private-key``
+loads with ``load_ssh_private_key``), public key as one OpenSSH line (what ``flwr supernode
+register`` loads with ``load_ssh_public_key``). Only the ``.pub`` file goes to the coordinator.
 
 Private keys are created with mode 0600 (``os.open(..., 0o600)``), never chmod-ed afterwards.
 Nothing is written when any target file exists, unless ``force=True``.
 
-Who gets what: the coordinator keeps ``ca.key`` and ``server.key``; each hospital gets
-``ca.crt`` and its own ``nodes/<name>.key``; the coordinator registers ``nodes/<name>.pub``.
+Who gets what: the coordinator keeps ``ca.key`` and ``server.key``; each hospital gets the node
+bundle :func:`write_node_bundle` writes (``fedcare certs node-bundle``: ``ca.crt`` only, never a
+private key) and keeps the private key it made itself; the coordinator registers its ``.pub``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ __all__ = [
     "CA_CERT",
     "CA_KEY",
     "LOOPBACK_IP",
-    "NODES_DIR",
     "SERVER_CERT",
     "SERVER_KEY",
     "CertificateLayout",
@@ -49,11 +51,13 @@ __all__ = [
     "InvalidSubjectAltNameError",
     "KeyFileExistsError",
     "MissingCertificateError",
+    "NodeBundleError",
     "NodeKeyPaths",
     "generate_node_key",
     "init_certificates",
     "load_certificate",
     "verify_server_certificate",
+    "write_node_bundle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +66,6 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
-NODES_DIR = "nodes"
 LOOPBACK_IP = ipaddress.IPv4Address("127.0.0.1")
 
 CA_DAYS = 3650
@@ -96,6 +99,10 @@ class CertificateVerificationError(CertsError):
     """Raised when the server certificate was not signed by the CA or has expired."""
 
 
+class NodeBundleError(CertsError):
+    """Raised when a node bundle would be written where it could mix with coordinator secrets."""
+
+
 @dataclass(frozen=True)
 class NodeKeyPaths:
     """Where one node's authentication key pair lives.
@@ -105,9 +112,9 @@ class NodeKeyPaths:
     name : str
         The node (hospital) name.
     private_key : pathlib.Path
-        OpenSSH private key, mode 0600; stays at the hospital.
+        OpenSSH private key, mode 0600; made at the hospital and never leaves it.
     public_key : pathlib.Path
-        OpenSSH public key line; the coordinator registers it with the SuperLink.
+        OpenSSH public key line; the only file the coordinator receives (it registers it).
     """
 
     name: str
@@ -146,12 +153,6 @@ class CertificateLayout:
     def server_key(self) -> Path:
         """Return the SuperLink's private key path."""
         return self.root / SERVER_KEY
-
-    def node(self, name: str) -> NodeKeyPaths:
-        """Return the key pair paths of node ``name``."""
-        _check_node_name(name)
-        folder = self.root / NODES_DIR
-        return NodeKeyPaths(name, folder / f"{name}.key", folder / f"{name}.pub")
 
     def require(self, *paths: Path) -> None:
         """Raise :class:`MissingCertificateError` unless every path is a file."""
@@ -329,15 +330,16 @@ def _build_server(
     return key, cert
 
 
-def generate_node_key(out_dir: Path, name: str, *, force: bool = False) -> NodeKeyPaths:
-    """Write one node's EC P-384 authentication key pair (OpenSSH format) under ``out_dir``.
+def generate_node_key(out_dir: Path, name: str = "node", *, force: bool = False) -> NodeKeyPaths:
+    """Write a node's EC P-384 authentication key pair (OpenSSH format): run at the hospital.
 
     Parameters
     ----------
     out_dir : pathlib.Path
-        The certificate folder; the keys go to ``out_dir/nodes/<name>.key`` and ``.pub``.
+        The hospital's own folder; the keys go to ``out_dir/<name>.key`` (mode 0600) and
+        ``out_dir/<name>.pub``. Only the ``.pub`` file is sent to the coordinator.
     name : str
-        The node name (lowercase letters, digits, ``-``, ``_``).
+        The node name (lowercase letters, digits, ``-``, ``_``); also the key's comment.
     force : bool
         Replace existing key files instead of refusing.
 
@@ -353,14 +355,11 @@ def generate_node_key(out_dir: Path, name: str, *, force: bool = False) -> NodeK
     KeyFileExistsError
         When a key file exists and ``force`` is False.
     """
-    paths = CertificateLayout(Path(out_dir)).node(name)
-    paths.private_key.parent.mkdir(parents=True, exist_ok=True)
+    _check_node_name(name)
+    folder = Path(out_dir)
+    paths = NodeKeyPaths(name, folder / f"{name}.key", folder / f"{name}.pub")
+    folder.mkdir(parents=True, exist_ok=True)
     _refuse_or_clear([paths.private_key, paths.public_key], force=force)
-    _write_node_key(paths)
-    return paths
-
-
-def _write_node_key(paths: NodeKeyPaths) -> None:
     key = ec.generate_private_key(_CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -373,6 +372,7 @@ def _write_node_key(paths: NodeKeyPaths) -> None:
     _write_private(paths.private_key, private)
     _write_public(paths.public_key, public + f" fedcare-{paths.name}\n".encode())
     logger.info("wrote node key pair %s / %s", paths.private_key, paths.public_key)
+    return paths
 
 
 def init_certificates(
@@ -381,10 +381,9 @@ def init_certificates(
     server_name: str,
     dns_names: Sequence[str] = (),
     ips: Sequence[str] = (),
-    nodes: Sequence[str] = (),
     force: bool = False,
 ) -> CertificateLayout:
-    """Write a CA, a server certificate signed by it, and one auth key pair per node.
+    """Write a CA and a server certificate signed by it; never a node's private key.
 
     Parameters
     ----------
@@ -396,8 +395,6 @@ def init_certificates(
         More DNS SANs.
     ips : sequence of str
         IP SANs; ``127.0.0.1`` is always added.
-    nodes : sequence of str
-        Node (hospital) names; one key pair each.
     force : bool
         Replace existing files instead of refusing.
 
@@ -410,23 +407,15 @@ def init_certificates(
     ------
     InvalidSubjectAltNameError
         When a DNS name or IP address is malformed.
-    InvalidNodeNameError
-        When a node name is not usable.
     KeyFileExistsError
         When any file to write exists and ``force`` is False (nothing is written then).
     """
     layout = CertificateLayout(Path(out_dir))
     dns = _parse_dns_names([server_name, *dns_names])
     ip_list = _parse_ips(ips)
-    if len(set(nodes)) != len(nodes):
-        raise InvalidNodeNameError(f"node names repeat in {list(nodes)}: give each node once")
-    node_paths = [layout.node(n) for n in nodes]
 
     targets = [layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key]
-    targets += [p for n in node_paths for p in (n.private_key, n.public_key)]
     layout.root.mkdir(parents=True, exist_ok=True)
-    if node_paths:
-        (layout.root / NODES_DIR).mkdir(exist_ok=True)
     _refuse_or_clear(targets, force=force)
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -437,16 +426,61 @@ def init_certificates(
     _write_public(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(layout.server_key, _pem_key(server_key))
     _write_public(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
-    for paths in node_paths:
-        _write_node_key(paths)
     logger.info(
-        "wrote CA and server certificate in %s (DNS %s, IP %s), %d node key pair(s)",
+        "wrote CA and server certificate in %s (DNS %s, IP %s); node keys are made at the nodes",
         layout.root,
         ", ".join(dns),
         ", ".join(str(i) for i in ip_list),
-        len(node_paths),
     )
     return layout
+
+
+def write_node_bundle(certs_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
+    """Write what a hospital receives from the coordinator: the CA certificate, nothing secret.
+
+    The bundle is ``out_dir/ca.crt`` (the federation CA's certificate, re-serialised from the
+    parsed certificate so no other PEM block can ride along). The hospital's own key pair is
+    made at the hospital (:func:`generate_node_key`); no private key is ever in a bundle.
+
+    Parameters
+    ----------
+    certs_dir : pathlib.Path
+        The coordinator's folder from :func:`init_certificates`.
+    out_dir : pathlib.Path
+        The bundle folder to write (created if missing); must not be ``certs_dir`` or inside it.
+    force : bool
+        Replace an existing ``ca.crt`` in ``out_dir``.
+
+    Returns
+    -------
+    pathlib.Path
+        The bundle's CA certificate path.
+
+    Raises
+    ------
+    MissingCertificateError
+        When ``certs_dir`` has no ``ca.crt``.
+    NodeBundleError
+        When ``out_dir`` is the certificate folder or inside it.
+    KeyFileExistsError
+        When the bundle's ``ca.crt`` exists and ``force`` is False.
+    """
+    layout = CertificateLayout(Path(certs_dir))
+    layout.require(layout.ca_cert)
+    out = Path(out_dir)
+    root = layout.root.resolve()
+    if out.resolve() == root or root in out.resolve().parents:
+        raise NodeBundleError(
+            f"node bundle folder {out} is the coordinator's certificate folder or inside it: "
+            "write the bundle to its own folder (e.g. runs/deploy/bundle-NAME) and send only that"
+        )
+    ca = load_certificate(layout.ca_cert)
+    out.mkdir(parents=True, exist_ok=True)
+    target = CertificateLayout(out).ca_cert
+    _refuse_or_clear([target], force=force)
+    _write_public(target, ca.public_bytes(serialization.Encoding.PEM))
+    logger.info("wrote node bundle %s (CA certificate only)", out)
+    return target
 
 
 def load_certificate(path: Path) -> x509.Certificate:

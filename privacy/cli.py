@@ -31,6 +31,8 @@ out = Console()
 
 audit_app = typer.Typer(
     no_args_is_help=True,
+    pretty_exceptions_enable=False,  # rich's tracebacks with locals print data (cli.main prints one line)
+    pretty_exceptions_show_locals=False,
     help="Verify the signed audit log; create audit and artefact keys; rotate artefact keys.",
 )
 
@@ -38,7 +40,8 @@ _HANDLED = (ArtefactError, AuditError, FileNotFoundError, IsADirectoryError, Per
 
 
 def _fail(err: BaseException, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+    console.print("[bold red]error:[/] ", end="", soft_wrap=True)
+    console.print(" ".join(str(err).split()), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

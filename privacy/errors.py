@@ -7,24 +7,35 @@ privacy precondition.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 __all__ = [
+    "warn_privacy",
     "BudgetExceededError",
     "DPTrainingError",
     "LedgerCorruptError",
     "LedgerError",
     "LedgerLockedError",
     "LedgerMismatchError",
+    "LedgerRollbackError",
     "MissingLedgerError",
     "PrivacyError",
     "PrivacyWarning",
+    "SpendRecordCorruptError",
     "UnsupportedModuleError",
 ]
 
 
 class PrivacyWarning(UserWarning):
     """Settings or events that weaken privacy (DP off, large ε, large δ); never silenced wholesale."""
+
+
+def warn_privacy(message: str, *, logger: logging.Logger, stacklevel: int = 3) -> None:
+    """Warn loudly that privacy is weakened: log ``PRIVACY WARNING: message`` and raise a ``PrivacyWarning``."""
+    logger.warning("PRIVACY WARNING: %s", message)
+    warnings.warn(message, PrivacyWarning, stacklevel=stacklevel)
 
 
 class PrivacyError(Exception):
@@ -107,6 +118,22 @@ class LedgerCorruptError(LedgerError):
 
 class LedgerMismatchError(LedgerError):
     """The ledger belongs to another site, study, accountant or δ, or a setting contradicts it."""
+
+
+class LedgerRollbackError(LedgerError):
+    """A ledger file is missing or holds less ε than the site's spend record shows (deleted or rolled back)."""
+
+
+class SpendRecordCorruptError(LedgerError):
+    """The site's spend record (``privacy.spend_record``) is malformed, breaks its hash chain or forks from its copy."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = path
+        super().__init__(
+            f"spend record {path} is corrupt ({problem}). The site refuses to train until it is repaired: "
+            "do NOT delete it (it is what proves how much ε this site spent); restore it from a backup or "
+            "from its copy (FEDCARE_SPEND_RECORD_COPY), or have the site's data protection officer inspect it."
+        )
 
 
 class LedgerLockedError(LedgerError):

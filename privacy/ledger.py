@@ -63,6 +63,7 @@ from .errors import (
     LedgerLockedError,
     LedgerMismatchError,
 )
+from .spend_record import SpendRecord
 
 try:  # POSIX; elsewhere ledgers work without the inter-process lock (logged)
     import fcntl
@@ -262,6 +263,7 @@ class PrivacyLedger:
         self._history: list[Entry] = []
         self._pending: dict[str, Any] | None = None
         self._rounds: list[dict[str, Any]] = []
+        self._releases: list[dict[str, Any]] = []  # other mechanisms' releases (count, evaluation)
         self._calibration: dict[str, Any] | None = None
         self._created_at = _now()
         self._updated_at = self._created_at
@@ -328,6 +330,7 @@ class PrivacyLedger:
                     ledger._lock.release()
         else:
             logger.info("new privacy ledger for site %r, study %r at %s", site, study, path)
+        ledger._check_spend_record(all_studies=True)  # a deleted / rolled-back ledger stops the site
         return ledger
 
     @classmethod
@@ -446,7 +449,15 @@ class PrivacyLedger:
                            sample_rate=p["sample_rate"], steps=p["steps"])
 
     def spent_epsilon(self) -> float:
-        """Return ε spent in the study, counting a pending reservation in full (inf after a non-DP round)."""
+        """Return ε spent in the study: DP-SGD (with a pending reservation) plus every other release.
+
+        Basic composition: :meth:`training_epsilon` (inf after a non-DP round) plus
+        :meth:`release_epsilon`. Every budget check uses this total.
+        """
+        return self.training_epsilon() + self.release_epsilon()
+
+    def training_epsilon(self) -> float:
+        """Return the DP-SGD accountant's ε, counting a pending reservation in full (inf after a non-DP round)."""
         if self._has_non_private_round():
             return math.inf
         history = self._charged_history()
@@ -456,7 +467,7 @@ class PrivacyLedger:
         return epsilon_of(history, accountant=self._accountant_name, delta=self._delta)  # type: ignore[arg-type]
 
     def projected_epsilon(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Return ε if a round of ``steps`` steps at (σ, q) were added; the ledger is not changed."""
+        """Return the DP-SGD ε if a round of ``steps`` steps at (σ, q) were added (releases not included)."""
         if self._has_non_private_round():
             return math.inf
         self._require_terms()
@@ -467,20 +478,75 @@ class PrivacyLedger:
         return epsilon_of(history, accountant=self._accountant_name, delta=self._delta)  # type: ignore[arg-type]
 
     def check_round(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Return the projected ε of the round, or raise :class:`BudgetExceededError` if over budget."""
+        """Return the study's projected ε after the round (DP-SGD plus other releases); raise if over budget.
+
+        :meth:`projected_epsilon` is the DP-SGD part only (what the noise calibration targets);
+        the budget check adds :meth:`release_epsilon` (basic composition).
+        """
         if self._budget is None:
             raise LedgerMismatchError(
                 f"ledger of site {self._site!r}, study {self._study!r} has no ε budget; bind one "
                 "before training"
             )
         projected = self.projected_epsilon(noise_multiplier=noise_multiplier,
-                                           sample_rate=sample_rate, steps=steps)
+                                           sample_rate=sample_rate, steps=steps) + self.release_epsilon()
         if projected > self._budget:
             raise BudgetExceededError(
                 site=self._site, study=self._study, spent=self.spent_epsilon(),
                 projected=projected, budget=self._budget, delta=self._delta or 0.0, steps=steps,
             )
         return projected
+
+    # ------------------------------------------------------------------ other mechanisms' releases
+
+    @property
+    def releases(self) -> list[dict[str, Any]]:
+        """Return the releases of mechanisms other than DP-SGD (count, evaluation), oldest first."""
+        return copy.deepcopy(self._releases)
+
+    def release_epsilon(self, mechanism: str | None = None) -> float:
+        """Return the ε charged by releases (of ``mechanism`` only, when given); exact releases add none.
+
+        An exact (non-DP) release has ``epsilon = None``: it is listed, never counted as ε, and
+        the privacy report says its records have no guarantee.
+        """
+        return float(sum(
+            r["epsilon"] for r in self._releases
+            if r["epsilon"] is not None and (mechanism is None or r["mechanism"] == mechanism)
+        ))
+
+    def release_count(self, mechanism: str) -> int:
+        """Return how many releases of ``mechanism`` the ledger holds."""
+        return sum(1 for r in self._releases if r["mechanism"] == mechanism)
+
+    def record_release(self, *, mechanism: str, epsilon: float | None, **details: Any) -> dict[str, Any]:
+        """Charge one release of another mechanism (its own entry) and persist it before it is released.
+
+        Parameters
+        ----------
+        mechanism : str
+            What was released (``count``, ``evaluation``, ``evaluation-exact``).
+        epsilon : float or None
+            Its ε (pure ε-DP, composed by summation); None for an exact release (no guarantee).
+        **details :
+            JSON values stored with the entry (sensitivity, noise scale, stored noisy value).
+
+        Returns
+        -------
+        dict
+            The entry as stored.
+        """
+        if not mechanism or (epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0)):
+            raise ValueError(f"a release needs a mechanism name and ε > 0 (or None), got {mechanism!r}, {epsilon!r}")
+        entry = {"mechanism": str(mechanism), "epsilon": None if epsilon is None else float(epsilon),
+                 "at": _now(), **copy.deepcopy(details)}
+        with self.session():
+            self._releases.append(entry)
+            self._persist()
+        logger.info("site %r study %r: %s release charged (ε=%s); study ε now %.4f", self._site,
+                    self._study, mechanism, "exact, none" if epsilon is None else f"{epsilon:g}",
+                    self.spent_epsilon())
+        return copy.deepcopy(entry)
 
     # ------------------------------------------------------------------ terms
 
@@ -734,12 +800,14 @@ class PrivacyLedger:
             "created_at": self._created_at,
             "updated_at": self._updated_at,
         }
+        if self._releases:  # absent while empty: ledgers without releases keep their old form
+            payload["releases"] = copy.deepcopy(self._releases)
         payload["checksum"] = _checksum(payload)
         return payload
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; refuse another kind, site, study or terms, or a lower ε."""
-        before = self.spent_epsilon() if (self._history or self._rounds or self._pending) else 0.0
+        before = self.spent_epsilon() if (self._history or self._rounds or self._pending or self._releases) else 0.0
         snapshot = self.state_dict()
         self._apply_state(state, source="state_dict")
         if self.spent_epsilon() < before:
@@ -767,6 +835,7 @@ class PrivacyLedger:
         """Replace the in-memory state by the file's (no-op in memory or when absent)."""
         if self._path is not None and self._path.exists():
             self._apply_state(self._read_file(), source=str(self._path))
+        self._check_spend_record(all_studies=False)
 
     def _apply_state(self, state: dict[str, Any], *, source: str) -> None:
         """Validate ``state`` and make it the ledger's."""
@@ -823,6 +892,13 @@ class PrivacyLedger:
                 if r.get("status") not in ("completed", "interrupted", "failed", "non_private"):
                     raise ValueError(f"unknown round status {r.get('status')!r}")
             budget = state.get("epsilon_budget")
+            releases = [dict(r) for r in state.get("releases", [])]
+            for r in releases:
+                eps = r.get("epsilon")
+                if not isinstance(r.get("mechanism"), str) or not (
+                    eps is None or (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0)
+                ):
+                    raise ValueError(f"malformed release entry {r.get('mechanism')!r}")
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise LedgerCorruptError(where, f"malformed content: {exc}") from None
         if self._budget is not None and budget is not None:
@@ -838,16 +914,45 @@ class PrivacyLedger:
         self._pending = pending
         self._rounds = rounds
         self._calibration = state.get("calibration")
+        self._releases = releases
         self._created_at = state.get("created_at", self._created_at)
         self._updated_at = state.get("updated_at", self._updated_at)
         self._live = None
 
+    def _check_spend_record(self, *, all_studies: bool) -> None:
+        """Raise ``LedgerRollbackError`` when a ledger of this site is missing or below its spend record.
+
+        ``all_studies``: check every study the site's record names (at open), else this one only.
+        See ``privacy.spend_record``.
+        """
+        if self._path is None:
+            return
+        directory = self._path.parent
+
+        def epsilon_now(study: str) -> float | None:
+            if study == self._study:
+                return self.spent_epsilon() if self._path is not None and self._path.exists() else None
+            if not all_studies:
+                return math.inf  # that study is checked when its own ledger is opened
+            path = self.path_for(directory, site=self._site, study=study)
+            if not path.exists():
+                return None
+            other = PrivacyLedger(site=self._site, study=study, path=path)
+            other._apply_state(other._read_file(), source=str(path))
+            return other.spent_epsilon()
+
+        SpendRecord(directory, site=self._site).check(epsilon_now)
+
     def _persist(self) -> None:
-        """Write the ledger atomically (no-op in memory)."""
+        """Write the ledger atomically, then append the write to the site's spend record (no-op in memory)."""
         self._updated_at = _now()
         if self._path is None:
             return
-        _atomic_write_json(self._path, self.state_dict())
+        state = self.state_dict()
+        _atomic_write_json(self._path, state)
+        SpendRecord(self._path.parent, site=self._site).append(  # after the file: privacy.spend_record
+            study=self._study, epsilon=self.spent_epsilon(), ledger_sha256=state["checksum"]
+        )
 
     def __repr__(self) -> str:
         """Return a summary (never patient data)."""

@@ -13,10 +13,17 @@ Policy file (TOML, top-level keys, every key optional; a missing key takes the s
     min_noise_multiplier = 0.5
     max_grad_norm = 2.0
     min_cohort_size = 20
+    evaluation = "dp"              # what evaluation releases: "dp" (noised statistics), "off", "exact" (warned)
+    min_evaluation_cohort = 20     # fewest test patients an evaluation answers on
+    max_evaluation_queries_per_study = 5
+    evaluation_epsilon_per_query = 0.1
+    count_epsilon = 0.1            # the training example count is released once per study, noised
+    min_secure_cohort = 3          # fewest sites in a SecAgg+ sum (>= 2; below 3 warns)
     allowed_model_families = ["cnn", "linear", "logistic", "lstm"]
     require_dp = true
     require_secure_aggregation = true
-    allowed_app_hashes = ["<sha256 of the Flower app .fab, 64 hex digits>"]   # optional pin
+    allowed_app_hashes = ["<sha256 of the Flower app .fab, 64 hex digits>"]   # the apps the node runs
+    allow_unpinned_apps = false   # true: run apps nobody pinned (weakens privacy, warned)
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import tomllib
 import warnings
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -56,10 +63,17 @@ STRICT_DEFAULTS: dict[str, Any] = {
     "min_noise_multiplier": 0.5,
     "max_grad_norm": 2.0,
     "min_cohort_size": 20,
+    "evaluation": "dp",
+    "min_evaluation_cohort": 20,
+    "max_evaluation_queries_per_study": 5,
+    "evaluation_epsilon_per_query": 0.1,
+    "count_epsilon": 0.1,
+    "min_secure_cohort": 3,
     "allowed_model_families": ("cnn", "linear", "logistic", "lstm"),
     "require_dp": True,
     "require_secure_aggregation": True,
     "allowed_app_hashes": None,
+    "allow_unpinned_apps": False,
 }
 
 
@@ -72,6 +86,10 @@ class Rule(StrEnum):
     APP_HASH = "app_hash"
     SECURE_AGGREGATION = "secure_aggregation"
     COHORT_SIZE = "cohort_size"
+    EVALUATION = "evaluation"
+    EVALUATION_COHORT = "evaluation_cohort"
+    EVALUATION_QUERIES = "evaluation_queries"
+    SECURE_COHORT = "secure_cohort"
     DELTA = "delta"
     NOISE_MULTIPLIER = "noise_multiplier"
     MAX_GRAD_NORM = "max_grad_norm"
@@ -119,6 +137,24 @@ class SitePolicy(BaseModel):
         Largest per-example clipping norm C.
     min_cohort_size : int
         Fewest patients the site trains on in a round.
+    evaluation : {"dp", "off", "exact"}
+        What an evaluation request releases: ``dp`` (default) Laplace-noised sufficient statistics
+        charged to the ledger (``privacy.release_mechanisms``); ``off`` nothing (refused);
+        ``exact`` today's exact metrics, outside ε (weakens privacy, warned).
+    min_evaluation_cohort : int
+        Fewest test patients an evaluation (``dp`` or ``exact``) answers on.
+    max_evaluation_queries_per_study : int
+        Most evaluations the site answers in one study (each received model is one query).
+    evaluation_epsilon_per_query : float
+        ε of one ``dp`` evaluation (its own ledger entry, added to the study's ε).
+    count_epsilon : float
+        ε of the site's training example count, released once per study with Laplace noise.
+        ``count_epsilon + max_evaluation_queries_per_study * evaluation_epsilon_per_query`` (``dp``)
+        is set aside from the site's target ε: DP-SGD is calibrated to the rest.
+    min_secure_cohort : int
+        Fewest sites whose updates a SecAgg+ round may sum (checked by ``client.secure`` before
+        any share leaves the site; also bounds the reconstruction threshold). 2 is allowed with a
+        weakening warning: with two sites each reads the other's update from the sum.
     allowed_model_families : tuple of str
         Model families the site accepts; any other is refused.
     require_dp : bool
@@ -127,6 +163,10 @@ class SitePolicy(BaseModel):
         Whether the round must use secure aggregation (SecAgg+).
     allowed_app_hashes : tuple of str or None
         SHA-256 (hex) of the Flower apps the site runs; ``None`` pins no app.
+    allow_unpinned_apps : bool
+        Whether the node may run apps that no pin names (``True`` weakens privacy and warns: an
+        app that skips the policy, the ledger and DP would run). By default a node refuses
+        every app that is not pinned, before its code is loaded.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -137,6 +177,12 @@ class SitePolicy(BaseModel):
     min_noise_multiplier: float = Field(default=STRICT_DEFAULTS["min_noise_multiplier"], ge=0)
     max_grad_norm: float = Field(default=STRICT_DEFAULTS["max_grad_norm"], gt=0)
     min_cohort_size: int = Field(default=STRICT_DEFAULTS["min_cohort_size"], ge=1)
+    evaluation: Literal["dp", "off", "exact"] = STRICT_DEFAULTS["evaluation"]
+    min_evaluation_cohort: int = Field(default=STRICT_DEFAULTS["min_evaluation_cohort"], ge=1)
+    max_evaluation_queries_per_study: int = Field(default=STRICT_DEFAULTS["max_evaluation_queries_per_study"], ge=0)
+    evaluation_epsilon_per_query: float = Field(default=STRICT_DEFAULTS["evaluation_epsilon_per_query"], gt=0)
+    count_epsilon: float = Field(default=STRICT_DEFAULTS["count_epsilon"], gt=0)
+    min_secure_cohort: int = Field(default=STRICT_DEFAULTS["min_secure_cohort"], ge=2)
     allowed_model_families: tuple[_Name, ...] = Field(
         default=STRICT_DEFAULTS["allowed_model_families"], min_length=1
     )
@@ -145,6 +191,7 @@ class SitePolicy(BaseModel):
     allowed_app_hashes: tuple[Sha256Hex, ...] | None = Field(
         default=STRICT_DEFAULTS["allowed_app_hashes"], min_length=1
     )
+    allow_unpinned_apps: bool = STRICT_DEFAULTS["allow_unpinned_apps"]
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -170,14 +217,26 @@ class SitePolicy(BaseModel):
     def weakening_settings(self) -> list[str]:
         """Return human-readable notes on settings that are weaker than the strict default."""
         notes = []
+        if self.evaluation == "exact":
+            notes.append('evaluation = "exact": the coordinator receives exact evaluation metrics of this '
+                         "site's test patients, outside ε (a crafted model can read them back)")
+        for key in ("max_evaluation_queries_per_study", "evaluation_epsilon_per_query", "count_epsilon"):
+            if getattr(self, key) > STRICT_DEFAULTS[key]:
+                notes.append(f"{key} = {getattr(self, key)} is above the strict default {STRICT_DEFAULTS[key]}")
+        if self.min_evaluation_cohort < STRICT_DEFAULTS["min_evaluation_cohort"]:
+            notes.append(f"min_evaluation_cohort = {self.min_evaluation_cohort} is below the strict default "
+                         f"{STRICT_DEFAULTS['min_evaluation_cohort']}")
         if not self.require_dp:
             notes.append("require_dp = false: rounds without DP-SGD are accepted")
         if not self.require_secure_aggregation:
             notes.append("require_secure_aggregation = false: the server may see this site's update")
+        if self.allow_unpinned_apps:
+            notes.append("allow_unpinned_apps = true: the node runs apps nobody pinned, which may skip "
+                         "this policy, the privacy ledger and DP")
         for key in ("max_epsilon_per_study", "max_epsilon_total", "max_delta", "max_grad_norm"):
             if getattr(self, key) > STRICT_DEFAULTS[key]:
                 notes.append(f"{key} = {getattr(self, key)} is above the strict default {STRICT_DEFAULTS[key]}")
-        for key in ("min_noise_multiplier", "min_cohort_size"):
+        for key in ("min_noise_multiplier", "min_cohort_size", "min_secure_cohort"):
             if getattr(self, key) < STRICT_DEFAULTS[key]:
                 notes.append(f"{key} = {getattr(self, key)} is below the strict default {STRICT_DEFAULTS[key]}")
         return notes

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from .. import __version__
 from .artefacts import atomic_write
-from .membership import MembershipAuditResult
+from .membership import GateDecision, MembershipAuditResult
+from .release_mechanisms import NEIGHBOURING_RELATION
 
 __all__ = [
     "JSON_NAME",
@@ -28,6 +29,7 @@ __all__ = [
     "PolicyCheck",
     "PrivacyReport",
     "SitePrivacy",
+    "TRUST_ASSUMPTIONS",
     "load_report",
     "render_markdown",
     "write_report",
@@ -64,6 +66,11 @@ class SitePrivacy(_Frozen):
         The DP-SGD settings, where known.
     rounds : int or None
         Rounds the site took part in.
+    epsilon_training, epsilon_count, epsilon_evaluation : float or None
+        ``epsilon`` per mechanism, as the site's ledger holds them (``epsilon`` is their sum, basic
+        composition): DP-SGD, the noised example count, the DP evaluations together.
+    evaluation_queries, exact_evaluations : int or None
+        DP evaluations charged, and exact evaluations released (policy opt-in, outside ε).
     """
 
     site: Name
@@ -74,6 +81,11 @@ class SitePrivacy(_Frozen):
     noise_multiplier: float | None = Field(default=None, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
     rounds: int | None = Field(default=None, ge=0)
+    epsilon_training: float | None = Field(default=None, ge=0)
+    epsilon_count: float | None = Field(default=None, ge=0)
+    epsilon_evaluation: float | None = Field(default=None, ge=0)
+    evaluation_queries: int | None = Field(default=None, ge=0)
+    exact_evaluations: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
@@ -81,6 +93,11 @@ class SitePrivacy(_Frozen):
             raise ValueError(f"site {self.site}: DP enabled needs epsilon, delta and accountant from its ledger")
         if not self.dp_enabled and self.epsilon is not None:
             raise ValueError(f"site {self.site}: an epsilon is given but DP is not enabled")
+        parts = (self.epsilon_training, self.epsilon_count, self.epsilon_evaluation)
+        if self.epsilon is not None and all(p is not None for p in parts):
+            total = sum(parts)  # type: ignore[arg-type]
+            if abs(total - self.epsilon) > 1e-6 * max(1.0, self.epsilon):
+                raise ValueError(f"site {self.site}: ε per mechanism sums to {total:.6g}, not to ε = {self.epsilon:.6g}")
         return self
 
 
@@ -96,11 +113,16 @@ class ClientLevelPrivacy(_Frozen):
     noise_multiplier, clipping_norm : float
         σ and the L2 bound C of each site's update (noise std σ C / m on the mean of m updates).
     accountant : str or None
-        The accountant that computed ε (``rdp``: Opacus ``RDPAccountant``, one step per round).
+        The accountant that computed ε (e.g. dp_accounting's RDP accountant, sampling without
+        replacement, one event per round).
     sample_rate : float or None
         Sites sampled / sites available per round (the largest, when it varied).
     rounds : int or None
         Rounds accounted.
+    neighbouring : str or None
+        The neighbouring relation ε is stated for (e.g. replace-one site, number of sites public).
+    sampling : str or None
+        How sites were assumed sampled each round (e.g. a fixed-size subset without replacement).
     """
 
     mechanism: Label
@@ -111,6 +133,8 @@ class ClientLevelPrivacy(_Frozen):
     accountant: Label | None = None
     sample_rate: float | None = Field(default=None, gt=0, le=1)
     rounds: int | None = Field(default=None, ge=0)
+    neighbouring: Label | None = None
+    sampling: Label | None = None
 
 
 class PolicyCheck(_Frozen):
@@ -128,11 +152,36 @@ class PolicyCheck(_Frozen):
 
 
 class GateSummary(_Frozen):
-    """The release gate's settings and verdict."""
+    """The release gate's settings and verdict.
+
+    ``passed`` is true only for the verdict ``"pass"``. ``verdict`` (absent in older reports) is
+    ``"pass"``, ``"block"`` or ``"inconclusive"`` (the audit was too small for ``max_auc``: its
+    minimum detectable AUC excess, at the gate's ``power``, exceeds ``max_auc − 0.5``).
+    ``override_reason`` is set when an inconclusive model was released by an explicit override.
+    """
 
     max_auc: float = Field(gt=0.5, le=1)
     basis: Literal["upper", "point"]
     passed: bool
+    verdict: Literal["pass", "block", "inconclusive"] | None = None
+    power: float | None = Field(default=None, ge=0.5, lt=1)
+    min_detectable_excess: float | None = Field(default=None, ge=0)
+    override_reason: Label | None = None
+
+    @classmethod
+    def from_decision(cls, decision: GateDecision, *, override_reason: str | None = None) -> GateSummary:
+        """Return the summary of a :class:`~fedcare.privacy.membership.GateDecision` (and any override)."""
+        return cls(max_auc=decision.max_auc, basis=decision.basis, passed=decision.passed, verdict=decision.verdict,
+                   power=decision.power, min_detectable_excess=decision.min_detectable_excess,
+                   override_reason=override_reason)  # fmt: skip
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.verdict is not None and self.passed != (self.verdict == "pass"):
+            raise ValueError(f"gate: passed = {self.passed} contradicts verdict {self.verdict!r}")
+        if self.override_reason is not None and self.verdict != "inconclusive":
+            raise ValueError("gate: only an inconclusive verdict can be overridden")
+        return self
 
 
 class PrivacyReport(_Frozen):
@@ -146,8 +195,11 @@ class PrivacyReport(_Frozen):
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     fedcare_version: str = __version__
     sites: tuple[SitePrivacy, ...] = Field(min_length=1)
+    neighbouring_relation: Label = NEIGHBOURING_RELATION
     client_level: ClientLevelPrivacy | None = None
     secure_aggregation: bool
+    secure_min_sites: int | None = Field(default=None, ge=1)
+    trust_assumptions: tuple[str, ...] = ()
     policy_checks: tuple[PolicyCheck, ...] = ()
     membership: MembershipAuditResult | None = None
     gate: GateSummary | None = None
@@ -161,7 +213,25 @@ class PrivacyReport(_Frozen):
             raise ValueError(f"each site appears once in a report; got {names}")
         if self.gate is not None and self.membership is None:
             raise ValueError("a release gate verdict needs the membership audit it judged")
+        if self.secure_min_sites is not None and not self.secure_aggregation:
+            raise ValueError("secure_min_sites is stated only for a run with secure aggregation")
         return self
+
+
+#: Who is trusted for what, stated in every report (docs/privacy.md, "Threat model").
+TRUST_ASSUMPTIONS: tuple[str, ...] = (
+    "**Each hospital's node** (its host, the installed fedcare code and the OS entropy source) is "
+    "trusted: it checks the site's policy before every round, keeps the ledger, draws the DP noise "
+    "and runs only the app the hospital pinned. Nothing the coordinator sends sets a seed, a budget "
+    "or a policy.",
+    "**The coordinator** is trusted to run the rounds it announced and, where used, to add the "
+    "client-level noise; it is not trusted with patient data: it sees only DP-noised updates (or "
+    "their secure sum), noised counts and DP evaluation statistics.",
+    "**Other hospitals** are trusted to follow the SecAgg+ protocol (an honest majority of the "
+    "share-holders); each site refuses a secure round smaller than its `min_secure_cohort`.",
+    "**The network** is not trusted: TLS, node keys generated at each hospital, and a Control API "
+    "that listens on loopback behind a token.",
+)
 
 
 def _num(value: float | None, spec: str = ".4f") -> str:
@@ -181,9 +251,11 @@ NOT_GUARANTEED = (
     "site (several stays, beats, images) is protected only at about k·ε (group privacy).",
     "**Across sites and studies.** Each site's ε covers its own records in this study. The same "
     "patient at two sites, or in two studies, composes: the ε values add up.",
-    "**What is outside the accountant.** Hyper-parameter tuning on the private data, evaluation "
-    "metrics sent to the server, and any data-dependent choice of the training recipe are not "
-    "counted in ε. Opacus ran without `secure_mode` (no cryptographically secure noise source).",
+    "**What is outside the accountant.** Hyper-parameter tuning on the private data, exact "
+    "evaluations a site's policy opted in to (`evaluation = \"exact\"`), whether a site refused an "
+    "evaluation for a small test split, the training time and the number of DP-SGD steps (which "
+    "reveal the training-set size to within a batch), and any data-dependent choice of the "
+    "training recipe are not counted in ε. Opacus ran without `secure_mode` (no cryptographically secure noise source).",
     "**Policy checks.** They show each site's node refused rounds outside its policy, as the node "
     "software reported it; they are as trustworthy as that software.",
 )
@@ -196,7 +268,7 @@ CLIENT_LEVEL_CAVEAT = (
 )
 SECURE_METRICS_CAVEAT = (
     "**What SecAgg+ leaves visible.** Under secure aggregation the coordinator still sees each "
-    "site's plaintext metrics (example count, training loss, sample-level ε and δ) and per-site "
+    "site's plaintext metrics (noised example count, training loss, sample-level ε and δ) and per-site "
     "evaluation results."
 )
 
@@ -211,6 +283,26 @@ def _run_caveats(report: PrivacyReport) -> tuple[str, ...]:
     return tuple(caveats)
 
 
+def _mechanism_lines(report: PrivacyReport) -> list[str]:
+    """Return the table of ε per site and mechanism (training, count, evaluation) and exact evaluations."""
+    lines = [
+        "", "### ε per mechanism", "",
+        "| Site | Training (DP-SGD) | Count (Laplace, once) | Evaluation (Laplace) | DP evaluations | Exact evaluations | Total ε |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in report.sites:
+        lines.append(
+            f"| {s.site} | {_num(s.epsilon_training)} | {_num(s.epsilon_count)} | {_num(s.epsilon_evaluation)} | "
+            f"{'—' if s.evaluation_queries is None else s.evaluation_queries} | "
+            f"{'—' if s.exact_evaluations is None else s.exact_evaluations} | {_num(s.epsilon)} |"
+        )
+    exact = [s.site for s in report.sites if s.exact_evaluations]
+    if exact:
+        lines += ["", "**Warning:** exact evaluations (policy `evaluation = \"exact\"`) released metrics of the "
+                  f"test patients of {', '.join(exact)} outside ε: those patients have no guarantee."]
+    return lines
+
+
 def render_markdown(report: PrivacyReport) -> str:
     """Return the report as readable Markdown."""
     lines: list[str] = [f"# Privacy report — study `{report.study}`", ""]
@@ -222,8 +314,13 @@ def render_markdown(report: PrivacyReport) -> str:
         "## Sample-level differential privacy (per site)",
         "",
         "Each site trained with DP-SGD (Opacus) and kept its own privacy ledger. For a record held at "
-        "a site, the released model is (ε, δ)-differentially private with that site's ε and δ "
-        "below, as computed by the named accountant.",
+        "a site, everything the site released (the model updates, its noised example count and its "
+        "DP evaluations) is (ε, δ)-differentially private with that site's ε and δ below: the named "
+        "accountant's DP-SGD ε plus the ε of each other release (basic composition).",
+        "",
+        f"Neighbouring relation: **{report.neighbouring_relation}**. No site sends its exact example "
+        "count (the count is Laplace-noised once per study), so the add/remove ε below is the one that "
+        "holds; under replace-one (group privacy of 2) it would be (2ε, (1 + e^ε)δ).",
         "",
         "| Site | DP | ε | δ | Accountant | Noise multiplier | Clipping norm | Rounds |",
         "|---|---|---|---|---|---|---|---|",
@@ -237,6 +334,7 @@ def render_markdown(report: PrivacyReport) -> str:
     without = [s.site for s in report.sites if not s.dp_enabled]
     if without:
         lines += ["", f"**Warning:** no sample-level guarantee for the records of: {', '.join(without)}."]
+    lines += _mechanism_lines(report)
     lines += ["", "## Client-level differential privacy", ""]
     if report.client_level is None:
         lines.append("Not used: the server added no noise on aggregation.")
@@ -250,12 +348,23 @@ def render_markdown(report: PrivacyReport) -> str:
             f"{'' if c.rounds is None else f', {c.rounds} rounds'}); this bounds what the model "
             "reveals about any one site's whole contribution."
         )
+        if c.neighbouring or c.sampling:
+            lines += ["", f"- Neighbouring relation: {c.neighbouring or 'not stated'}",
+                      f"- Sampling assumption: {c.sampling or 'not stated'}"]  # fmt: skip
     lines += ["", "## Secure aggregation", ""]
     lines.append(
         "On (SecAgg+): the server saw only the sum of the sites' updates."
         if report.secure_aggregation
         else "**Off:** the server saw each site's individual update."
     )
+    if report.secure_aggregation and report.secure_min_sites is not None:
+        lines.append(
+            f"Fewest sites in one secure sum: {report.secure_min_sites}. Each site refused any secure "
+            "round below its own policy's `min_secure_cohort` (default 3) before a share left it."
+        )
+    if report.trust_assumptions:
+        lines += ["", "## Trust assumptions", ""]
+        lines += [f"- {item}" for item in report.trust_assumptions]
     lines += ["", "## Site policy checks", ""]
     if not report.policy_checks:
         lines.append("No policy check results were reported.")
@@ -269,19 +378,37 @@ def render_markdown(report: PrivacyReport) -> str:
     if report.membership is None:
         lines.append("Not run.")
     else:
-        lines += ["| Attack | AUC | Confidence interval | TPR at low FPR | Members / non-members | Shadows |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| Attack | AUC | Confidence interval | TPR at 0.1% FPR | TPR at 1% FPR | Members / non-members | Shadows |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for a in report.membership.attacks:
             level = round(a.confidence * 100)
+            tpr = {p.fpr: f"{p.tpr:.3f}" + ("" if p.resolvable else " (unresolved)") for p in a.tpr_at_fpr}
+            tpr.setdefault(a.low_fpr, f"{a.tpr_at_low_fpr:.3f}")
             lines.append(
                 f"| {a.attack} | {a.auc:.3f} | {level}%: {a.ci_low:.3f}–{a.ci_high:.3f} | "
-                f"{a.tpr_at_low_fpr:.3f} at {a.low_fpr:g} | {a.n_members} / {a.n_nonmembers} | "
+                f"{tpr.get(0.001, '—')} | {tpr.get(0.01, '—')} | {a.n_members} / {a.n_nonmembers} | "
                 f"{'—' if a.n_shadow is None else a.n_shadow} |"
             )
+        shadows = sorted({a.shadow_training for a in report.membership.attacks if a.shadow_training})
+        for text in shadows:
+            lines += ["", f"Shadow models: {text}."]
+        if any(not p.resolvable for a in report.membership.attacks for p in a.tpr_at_fpr):
+            lines += ["", '"Unresolved": fewer than 1 / FPR non-members; the value is the TPR at zero false positives.']
         if report.gate is not None:
-            basis = "upper confidence bound" if report.gate.basis == "upper" else "point estimate"
-            verdict = "passed" if report.gate.passed else "**BLOCKED**"
-            lines += ["", f"Release gate (max AUC {report.gate.max_auc:.3f} on the {basis}): {verdict}."]
+            g = report.gate
+            basis = "upper confidence bound" if g.basis == "upper" else "point estimate"
+            verdict = {"pass": "passed", "block": "**BLOCKED**", "inconclusive": "**INCONCLUSIVE**"}[
+                g.verdict or ("pass" if g.passed else "block")
+            ]
+            lines += ["", f"Release gate (max AUC {g.max_auc:.3f} on the {basis}): {verdict}."]
+            if g.min_detectable_excess is not None:
+                lines.append(
+                    f"The audit detects an AUC excess over 0.5 of {g.min_detectable_excess:.3f} "
+                    f"(at {g.power or 0.8:.0%} power); the limit allows {g.max_auc - 0.5:.3f}"
+                    + (": too small an audit to show the model below the limit." if g.verdict == "inconclusive" else ".")
+                )
+            if g.override_reason is not None:
+                lines.append(f"**Released by an explicit override of the inconclusive verdict:** {g.override_reason}")
     lines += ["", "## Audit log", ""]
     if report.audit_log_head is None:
         lines.append("No audit log head recorded.")

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Literal
 
 from opacus.accountants.registry import _ACCOUNTANTS as _OPACUS_ACCOUNTANTS
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import PrivacyWarning
+from .errors import PrivacyWarning, warn_privacy
 
 __all__ = [
     "DEFAULT_TARGET_EPSILON",
@@ -252,6 +251,5 @@ class PrivacySettings(BaseModel):
         """Warn loudly (``PrivacyWarning`` + a WARNING log) on each weakness; return the messages."""
         found = self.weaknesses(num_examples=num_examples)
         for message in found:
-            logger.warning("PRIVACY WARNING: %s", message)
-            warnings.warn(message, PrivacyWarning, stacklevel=2)
+            warn_privacy(message, logger=logger)
         return found

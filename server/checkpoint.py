@@ -9,15 +9,32 @@ added in one place.
 File format: one NumPy ``.npz`` (no pickle) holding ``model/<name>`` arrays,
 ``strategy/<attribute>/<name>`` arrays and ``meta``, a UTF-8 JSON document stored as a uint8
 array. Writes are atomic: a temporary file in the same folder, ``fsync``, ``os.replace``.
+
+Authentication, always. An encrypted checkpoint (``key`` given) is an AES-256-GCM artefact
+(``privacy.artefacts``). A plaintext one carries ``mac``: HMAC-SHA256 (``cryptography``) over
+every other entry (name, dtype, shape, bytes) under a per-folder key, ``.fedcare-state/
+checkpoint-mac.key`` beside the checkpoint, created with mode 0600 on the first save (folder
+0700) and never created while loading. A checkpoint whose tag does not verify, that has no tag,
+or whose key is gone is refused (:class:`CheckpointTamperedError`, :class:`CheckpointKeyError`).
+After each save, ``.fedcare-state/<file>.head.json`` records the round and SHA-256 of the file
+(authenticated with the same key); loading refuses a checkpoint of an earlier round than the head
+(an older authentic file put back), or of the same round with other content. Trust assumption:
+whoever can read the key (the coordinator's account) can forge a checkpoint; the MAC protects
+against anyone who can write the checkpoint folder's files but not read the 0600 key, and against
+copies restored from elsewhere.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -27,6 +44,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from torch import nn
 
 from .. import __version__
@@ -37,9 +57,12 @@ from ..privacy.artefacts import (
     ArtefactMetadata,
     ArtefactMismatch,
     ArtefactTampered,
+    KeyFileError,
     WrongKey,
     decrypt_bytes,
     encrypt_bytes,
+    read_private_file,
+    write_private_file,
 )
 
 __all__ = [
@@ -47,6 +70,8 @@ __all__ = [
     "ENCRYPTED_SUFFIX",
     "FINAL_MODEL_FILE",
     "HISTORY_FILE",
+    "MAC_KEY_FILE",
+    "STATE_DIR",
     "Checkpoint",
     "CheckpointError",
     "CheckpointKeyError",
@@ -68,6 +93,17 @@ FINAL_MODEL_FILE: Final = "final_model.npz"
 HISTORY_FILE: Final = "history.json"
 ENCRYPTED_SUFFIX: Final = ".enc"  # checkpoint.npz.enc, final_model.npz.enc: AES-GCM artefacts
 _FORMAT: Final = "fedcare-checkpoint/1"
+STATE_DIR: Final = ".fedcare-state"  # beside the checkpoint: its MAC key and head records (0700)
+MAC_KEY_FILE: Final = "checkpoint-mac.key"  # per-run HMAC-SHA256 key, base64, mode 0600
+_MAC_ENTRY: Final = "mac"
+_MAC_LABEL: Final = b"fedcare-checkpoint-mac/1\0"
+_HEAD_LABEL: Final = b"fedcare-checkpoint-head/1\0"
+_HEAD_KIND: Final = "fedcare-checkpoint-head/1"
+_MAC_KEY_BYTES: Final = 32
+_WHAT_TO_DO: Final = (
+    "Do not use it: restore the checkpoint folder (with its .fedcare-state/) from a trusted backup, "
+    "or start a new run in another checkpoint-dir (the sites' ledgers keep the ε already spent)"
+)
 _HISTORY_KIND: Final = "fedcare-metrics-history/1"
 
 
@@ -76,7 +112,8 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointTamperedError(CheckpointError):
-    """An encrypted checkpoint or model failed authentication, or is another run's file (swapped)."""
+    """A checkpoint or model failed authentication (AES-GCM tag, or HMAC of a plaintext checkpoint),
+    has no tag, is another run's file (swapped), or is older than the round last checkpointed."""
 
 
 class CheckpointKeyError(CheckpointError):
@@ -346,6 +383,132 @@ def _read_npz_bytes(
     return io.BytesIO(data)
 
 
+def _state_dir(checkpoint: Path) -> Path:
+    """Return the folder holding ``checkpoint``'s MAC key and head record."""
+    return checkpoint.parent / STATE_DIR
+
+
+def checkpoint_mac_key(checkpoint: Path | str, *, create: bool) -> bytes:
+    """Return the HMAC key authenticating plaintext checkpoints in ``checkpoint``'s folder.
+
+    With ``create`` a missing key is made (32 random bytes, base64, a new file of mode 0600 in a
+    0700 folder); without it a missing key raises :class:`CheckpointKeyError`. A key file that
+    group or others may read is refused.
+    """
+    checkpoint = Path(checkpoint)
+    folder = _state_dir(checkpoint)
+    path = folder / MAC_KEY_FILE
+    if not path.exists():
+        if not create:
+            raise CheckpointKeyError(
+                f"the key that authenticates {checkpoint} ({path}) is missing, so the checkpoint cannot "
+                f"be trusted. {_WHAT_TO_DO}"
+            )
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            write_private_file(path, base64.b64encode(os.urandom(_MAC_KEY_BYTES)) + b"\n")
+        except KeyFileError:  # another process created it first: use theirs
+            pass
+        else:
+            logger.info("created the checkpoint authentication key %s (mode 0600)", path)
+    try:
+        raw = base64.b64decode(read_private_file(path).strip(), validate=True)
+    except KeyFileError as exc:
+        raise CheckpointKeyError(f"{exc}; it authenticates {checkpoint}") from None
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != _MAC_KEY_BYTES:
+        raise CheckpointKeyError(
+            f"{path} holds no {_MAC_KEY_BYTES}-byte checkpoint key (base64). {_WHAT_TO_DO}"
+        )
+    return raw
+
+
+def _hmac(key: bytes, label: bytes, entries: Mapping[str, np.ndarray]) -> crypto_hmac.HMAC:
+    """Return HMAC-SHA256 under ``key`` fed with ``label`` and every entry's name, dtype, shape and bytes."""
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(label)
+    for name in sorted(entries):
+        value = np.ascontiguousarray(entries[name])
+        header = json.dumps([name, value.dtype.str, list(value.shape)], separators=(",", ":")).encode("utf-8")
+        data = value.tobytes()
+        mac.update(struct.pack(">Q", len(header)) + header + struct.pack(">Q", len(data)))
+        mac.update(data)
+    return mac
+
+
+def _mac(key: bytes, label: bytes, entries: Mapping[str, np.ndarray]) -> bytes:
+    """Return the HMAC-SHA256 tag of ``entries`` (see :func:`_hmac`)."""
+    return _hmac(key, label, entries).finalize()
+
+
+def _verify_mac(key: bytes, label: bytes, entries: Mapping[str, np.ndarray], tag: bytes) -> bool:
+    """Return whether ``tag`` is the HMAC of ``entries`` (constant-time comparison by cryptography)."""
+    try:
+        _hmac(key, label, entries).verify(tag)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _head_path(checkpoint: Path) -> Path:
+    """Return the head record of ``checkpoint`` (round and digest of the file last saved there)."""
+    return _state_dir(checkpoint) / f"{checkpoint.name}.head.json"
+
+
+def _head_entries(round_: int, sha256: str) -> dict[str, np.ndarray]:
+    """Return the head's fields as the entries its MAC covers."""
+    return {"round": np.asarray([round_], dtype=np.int64), "sha256": np.frombuffer(sha256.encode(), dtype=np.uint8)}
+
+
+def _write_head(checkpoint: Path, round_: int, mac_key: bytes) -> None:
+    """Record, after a save, the round and SHA-256 of ``checkpoint`` (HMAC-authenticated)."""
+    digest = _sha256(checkpoint)
+    tag = _mac(mac_key, _HEAD_LABEL, _head_entries(round_, digest))
+    write_json_atomic(_head_path(checkpoint), {"kind": _HEAD_KIND, "round": int(round_), "sha256": digest,
+                                                "mac": tag.hex()})
+
+
+def _sha256(path: Path) -> str:
+    """Return the SHA-256 (hex) of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_head(checkpoint: Path, round_: int) -> None:
+    """Refuse a checkpoint older than (or different from) the one last saved at this path.
+
+    Without a head record (a run written before heads existed, or a folder restored without it)
+    nothing is checked: the checkpoint's own authentication still applies.
+    """
+    head_path = _head_path(checkpoint)
+    if not head_path.is_file():
+        logger.warning("no head record %s: cannot tell whether %s is the latest checkpoint", head_path, checkpoint)
+        return
+    mac_key = checkpoint_mac_key(checkpoint, create=False)
+    try:
+        head = json.loads(head_path.read_text(encoding="utf-8"))
+        head_round, head_sha = int(head["round"]), str(head["sha256"])
+        tag = bytes.fromhex(str(head["mac"]))
+        ok = head.get("kind") == _HEAD_KIND and _verify_mac(mac_key, _HEAD_LABEL, _head_entries(head_round, head_sha), tag)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise CheckpointTamperedError(
+            f"the head record {head_path} of {checkpoint} failed authentication: it was modified. {_WHAT_TO_DO}"
+        )
+    if round_ < head_round or (round_ == head_round and _sha256(checkpoint) != head_sha):
+        raise CheckpointTamperedError(
+            f"checkpoint {checkpoint} is authentic but not the latest: it holds round {round_}, and round "
+            f"{head_round} was checkpointed here (an older or other checkpoint was put in its place). "
+            f"{_WHAT_TO_DO}. If you restored it on purpose from a trusted backup, also restore "
+            f"{head_path} from that backup"
+        )
+
+
 def save_checkpoint(
     path: Path | str,
     ckpt: Checkpoint,
@@ -378,7 +541,12 @@ def save_checkpoint(
     }
     blob = json.dumps(_clean(meta), allow_nan=False).encode("utf-8")
     payload["meta"] = np.frombuffer(blob, dtype=np.uint8)
-    _write_npz(Path(path), payload, key, metadata)
+    path = Path(path)
+    mac_key = checkpoint_mac_key(path, create=True)  # also keys the head record of encrypted runs
+    if key is None:  # plaintext: authenticated with the run's HMAC key
+        payload[_MAC_ENTRY] = np.frombuffer(_mac(mac_key, _MAC_LABEL, payload), dtype=np.uint8)
+    _write_npz(path, payload, key, metadata)
+    _write_head(path, int(ckpt.round), mac_key)  # after the file: a crash between leaves an older head
     logger.debug("checkpoint of round %d written to %s", ckpt.round, path)
 
 
@@ -392,9 +560,11 @@ def load_checkpoint(
     CheckpointError
         When the file is missing, unreadable or not a fedcare checkpoint.
     CheckpointTamperedError
-        When an encrypted checkpoint fails authentication or its metadata differs from ``expected``.
+        When the checkpoint fails authentication (AES-GCM tag, or the HMAC of a plaintext one), has
+        no tag, its metadata differs from ``expected``, or it is older than the head record.
     CheckpointKeyError
-        When the key is missing or wrong, or a plaintext file is given with a key.
+        When the key is missing or wrong (the artefact key, or the plaintext checkpoint's HMAC
+        key), or a plaintext file is given with a key.
     """
     path = Path(path)
     if not path.is_file():
@@ -407,6 +577,8 @@ def load_checkpoint(
                 raise CheckpointError(
                     f"{path} is not a {_FORMAT} checkpoint (format {meta.get('format')!r})"
                 )
+            if key is None:
+                _authenticate_plaintext(path, {name: npz[name] for name in npz.files})
             arrays = OrderedDict(
                 (name, np.array(npz[f"model/{name}"])) for name in meta["model_names"]
             )
@@ -421,6 +593,7 @@ def load_checkpoint(
             f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it is damaged: "
             "restore a backup or start the run again without resume"
         ) from None
+    _check_head(path, int(meta["round"]))
     strategy_state = dict(meta["strategy_state"])
     strategy_state["arrays"] = strategy_arrays
     return Checkpoint(
@@ -431,6 +604,21 @@ def load_checkpoint(
         run_config=meta["run_config"],
         rng_state=meta.get("rng_state"),
     )
+
+
+def _authenticate_plaintext(path: Path, entries: dict[str, np.ndarray]) -> None:
+    """Verify a plaintext checkpoint's HMAC tag with its folder's key; raise when it does not verify."""
+    tag = entries.pop(_MAC_ENTRY, None)
+    if tag is None:
+        raise CheckpointTamperedError(
+            f"checkpoint {path} carries no authentication tag (it was stripped, or the file was written "
+            f"outside fedcare or by an older version). {_WHAT_TO_DO}"
+        )
+    if not _verify_mac(checkpoint_mac_key(path, create=False), _MAC_LABEL, entries, bytes(np.asarray(tag, np.uint8))):
+        raise CheckpointTamperedError(
+            f"checkpoint {path} is not trustworthy: it failed authentication (HMAC-SHA256), so its model, "
+            f"round or state was modified after it was written, or it comes from another run. {_WHAT_TO_DO}"
+        )
 
 
 def save_model_file(

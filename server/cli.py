@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
-from ..privacy.certs import CertsError, generate_node_key, init_certificates
+from ..privacy.certs import CertsError, init_certificates, write_node_bundle
 from ..supervise import SuperviseError
 from .deploy import (
     DeployError,
@@ -48,7 +48,10 @@ logger = logging.getLogger(__name__)
 console = Console(stderr=True)
 out = Console()
 
-certs_app = typer.Typer(no_args_is_help=True, help="Create the federation's CA, server certificate and node keys.")
+certs_app = typer.Typer(
+    no_args_is_help=True,
+    help="Create the federation's CA and server certificate, and the bundle each hospital receives.",
+)
 server_app = typer.Typer(no_args_is_help=True, help="Run the coordinator's SuperLink.")
 
 _HANDLED = (
@@ -97,39 +100,33 @@ def certs_init(
     dns: Annotated[
         list[str] | None, typer.Option("--dns", help="More DNS SANs (repeat or comma-separate).")
     ] = None,
-    nodes: Annotated[
-        str, typer.Option("--nodes", help="Comma-separated node names, e.g. hospital-a,hospital-b.")
-    ] = "",
     force: Annotated[bool, typer.Option("--force", help="Replace existing keys and certificates.")] = False,
 ) -> None:
-    """Write a CA (EC P-384), a server certificate and one auth key pair per node."""
+    """Write a CA (EC P-384) and the SuperLink's certificate; node keys are made at the nodes."""
     with _errors():
         layout = init_certificates(
             out_dir,
             server_name=server_name,
             dns_names=_split(dns),
             ips=_split(ip),
-            nodes=_split([nodes]),
             force=force,
         )
-    out.print(f"CA certificate      {layout.ca_cert}  (give to every hospital)")
+    out.print(f"CA certificate      {layout.ca_cert}  (to every hospital: `fedcare certs node-bundle`)")
     out.print(f"CA key              {layout.ca_key}  (keep offline; mode 0600)")
     out.print(f"server certificate  {layout.server_cert}, key {layout.server_key}")
-    for name in _split([nodes]):
-        node = layout.node(name)
-        out.print(f"node {name}: private {node.private_key} (to the hospital), public {node.public_key}")
+    out.print("node keys: each hospital runs `fedcare node keygen` and sends only its .pub file")
 
 
-@certs_app.command("node-key")
-def certs_node_key(
-    out_dir: Annotated[Path, typer.Option("--out", help="Certificate folder (keys go to nodes/).")],
-    name: Annotated[str, typer.Option("--name", help="The node name, e.g. hospital-d.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
+@certs_app.command("node-bundle")
+def certs_node_bundle(
+    out_dir: Annotated[Path, typer.Option("--out", help="The bundle folder to send to a hospital.")],
+    certs: Annotated[Path, typer.Option("--certs", help="Folder from `fedcare certs init`.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
 ) -> None:
-    """Write one more node's auth key pair (a hospital can run this itself and send the .pub)."""
+    """Write what a hospital receives: the CA certificate only (no private key of anyone)."""
     with _errors():
-        paths = generate_node_key(out_dir, name, force=force)
-    out.print(f"private key {paths.private_key} (stays at the hospital), public key {paths.public_key}")
+        ca = write_node_bundle(certs, out_dir, force=force)
+    out.print(f"node bundle {out_dir}: {ca} (start the node with `fedcare node start --ca {ca.name}`)")
 
 
 @server_app.command("start")
@@ -147,9 +144,9 @@ def server_start(
         str | None,
         typer.Option(
             "--control-address",
-            help="Loopback HOST:PORT for the Control API (flwr run, register-node); the "
-            "--address port then serves the Fleet API only. Default when --address is not "
-            "loopback: 127.0.0.1:<port+1>.",
+            help="Loopback HOST:PORT for the Control API (flwr run, register-node; needs the "
+            "token STATE/control.token); the --address port serves the Fleet API only. "
+            "Default: 127.0.0.1:<port+1>.",
         ),
     ] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait until it listens.")] = 60.0,
@@ -167,17 +164,13 @@ def server_start(
     if insecure:
         console.print("[bold red]WARNING: the SuperLink runs WITHOUT TLS and without node authentication.[/]")
     control = settings.effective_control_address
-    if control is None:
-        out.print(
-            f"SuperLink PID {handle.pid} listening on {address} (Fleet, Control and Runtime "
-            f"APIs; loopback only); log {settings.log_file}"
-        )
-    else:
-        out.print(
-            f"SuperLink PID {handle.pid}: Fleet API (hospitals) on {address}; Control API "
-            f"(flwr run, register-node: --superlink {control}) on {control} only; "
-            f"log {settings.log_file}"
-        )
+    out.print(
+        f"SuperLink PID {handle.pid}: Fleet API (hospitals) on {address}; Control API on "
+        f"{control} only, with the token in {settings.control_token_file} (register-node / run: "
+        f"--superlink {control} --control-token {settings.control_token_file}); "
+        f"log {settings.log_file}",
+        highlight=False,
+    )
 
 
 @server_app.command("stop")
@@ -193,19 +186,30 @@ def server_stop(
 
 @server_app.command("register-node")
 def server_register_node(
-    public_key: Annotated[Path, typer.Argument(help="The node's public key (nodes/NAME.pub).")],
+    public_key: Annotated[
+        Path, typer.Argument(help="The node's public key (NAME.pub from `fedcare node keygen`).")
+    ],
     superlink: Annotated[
         str, typer.Option("--superlink", help="HOST:PORT of the SuperLink's Control API.")
     ],
     certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
+    control_token: Annotated[
+        Path | None,
+        typer.Option(
+            "--control-token",
+            help="The Control API token `fedcare server start` wrote (STATE/control.token).",
+        ),
+    ] = None,
     flwr_home: Annotated[
         Path | None, typer.Option("--flwr-home", help="FLWR_HOME for flwr (default: temporary).")
     ] = None,
 ) -> None:
     """Allow a hospital's node to connect: register its public key with the SuperLink."""
     with _errors():
-        conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
+        conn = FlowerConnection.from_certs_dir(
+            superlink, certs, insecure=insecure, control_token_file=control_token
+        )
         node_id = register_node(public_key, conn, flwr_home=flwr_home)
     out.print(f"registered {public_key} as node {node_id}")
 
@@ -217,6 +221,13 @@ def run_command(
     ],
     certs: Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")] = False,
+    control_token: Annotated[
+        Path | None,
+        typer.Option(
+            "--control-token",
+            help="The Control API token `fedcare server start` wrote (STATE/control.token).",
+        ),
+    ] = None,
     app_dir: Annotated[
         Path | None,
         typer.Option("--app-dir", help="Where to build the Flower App (default: temporary)."),
@@ -236,7 +247,9 @@ def run_command(
                 "create a key with `fedcare audit artefact-key KEYFILE` and set artefact-key in [run]",
                 highlight=False, soft_wrap=True,
             )
-        conn = FlowerConnection.from_certs_dir(superlink, certs, insecure=insecure)
+        conn = FlowerConnection.from_certs_dir(
+            superlink, certs, insecure=insecure, control_token_file=control_token
+        )
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
             folder = build_flower_app(study, app_dir or Path(tmp) / study.app_name)
             out.print(f"app {study.app_name} hash {app_hash(folder)}", highlight=False)
@@ -259,7 +272,7 @@ def server_app_hash(
     study_file: Annotated[Path, typer.Argument(help="The study TOML.")],
 ) -> None:
     """Print the SHA-256 of the app `fedcare run STUDY` submits: hospitals pin it with
-    `fedcare node start --trust-app HASH`."""
+    `fedcare node pin-app HASH --policy FILE`."""
     with _errors():
         study = load_study(study_file)
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:

@@ -2,9 +2,11 @@
 
 - :func:`start_superlink` / :func:`stop_superlink`: ``flower-superlink`` with TLS, SuperNode
   authentication on, runtime dependency installation off, telemetry and update check off, a
-  state database file and a PID file in the state folder. With a control address (always when
-  the Fleet address is not loopback) it runs through :mod:`fedcare.server.superlink_front`:
-  Fleet API only on the public address, Control and Runtime APIs on loopback only.
+  state database file and a PID file in the state folder. It always runs through
+  :mod:`fedcare.server.superlink_front`: the Fleet API only on ``address``, the Control and
+  Runtime APIs on a loopback control address (default ``127.0.0.1:<port + 1>``), and every
+  Control API request must carry the bearer token written to ``STATE/control.token`` (mode
+  0600, new at every start): the open-source SuperLink has no Control API authentication.
 - :func:`register_node`: ``flwr supernode register KEY.pub`` with a TLS connection.
 - :func:`submit_run`: ``flwr run APP CONN --stream``, then the run's real status from
   ``flwr ls CONN --run-id ID --format json`` (``flwr run`` exits 0 even when the run failed).
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -49,6 +53,8 @@ from ..supervise import (
 
 __all__ = [
     "CONNECTION_NAME",
+    "SUPERLINK_CONTROL_TOKEN",
+    "ControlTokenError",
     "ConflictingTlsOptionsError",
     "DeployError",
     "FlowerCommandError",
@@ -64,12 +70,14 @@ __all__ = [
     "UnsafeControlAddressError",
     "default_control_address",
     "parse_address",
+    "read_control_token",
     "register_node",
     "run_status",
     "start_superlink",
     "stop_superlink",
     "submit_run",
     "superlink_command",
+    "write_control_token",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +87,7 @@ SUPERLINK_PID = "superlink.pid"
 SUPERLINK_LOG = "superlink.log"
 SUPERLINK_DB = "superlink.db"
 SUPERLINK_FLWR_HOME = "flwr-home"
-_READY_LINE = r"Uvicorn running on https?://"
+SUPERLINK_CONTROL_TOKEN = "control.token"
 _FRONT_READY_LINE = "fedcare SuperLink front ready"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -99,6 +107,10 @@ class ConflictingTlsOptionsError(DeployError):
 
 class UnsafeControlAddressError(DeployError):
     """Raised when the Control API would listen on a non-loopback address or clash with Fleet."""
+
+
+class ControlTokenError(DeployError):
+    """Raised when the Control API token file is missing, empty or readable by others."""
 
 
 class FlowerCommandError(DeployError):
@@ -176,6 +188,10 @@ class FlowerConnection(BaseModel):
         The CA certificate (``ca.crt``) that signed the SuperLink's certificate.
     insecure : bool
         Plaintext; only when explicitly asked for.
+    control_token_file : pathlib.Path or None
+        The Control API token ``fedcare server start`` wrote (``STATE/control.token``); ``flwr``
+        sends it as ``Authorization: Bearer`` (through its account-auth credential store in
+        this connection's FLWR_HOME). None: no credential (a SuperLink fedcare did not start).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -183,6 +199,7 @@ class FlowerConnection(BaseModel):
     address: str
     root_certificates: Path | None = None
     insecure: bool = False
+    control_token_file: Path | None = None
 
     @field_validator("address")
     @classmethod
@@ -210,13 +227,38 @@ class FlowerConnection(BaseModel):
 
     @classmethod
     def from_certs_dir(
-        cls, address: str, certs_dir: Path | None, *, insecure: bool = False
+        cls,
+        address: str,
+        certs_dir: Path | None,
+        *,
+        insecure: bool = False,
+        control_token_file: Path | None = None,
     ) -> FlowerConnection:
         """Return a connection using ``certs_dir/ca.crt`` (or plaintext when ``insecure``)."""
         ca = None if certs_dir is None else CertificateLayout(Path(certs_dir)).ca_cert
         if ca is not None:
             ca = ca.resolve()
-        return cls(address=address, root_certificates=ca, insecure=insecure)
+        token = None if control_token_file is None else Path(control_token_file).resolve()
+        return cls(address=address, root_certificates=ca, insecure=insecure, control_token_file=token)
+
+    def _write_credentials(self, flwr_home: Path) -> None:
+        """Store the Control API token where ``flwr`` reads account-auth credentials (0600)."""
+        from flwr.cli.constant import (  # noqa: PLC0415 - flwr CLI internals, pinned <1.42
+            ACCESS_TOKEN_STORE_KEY,
+            AUTHN_TYPE_STORE_KEY,
+            REFRESH_TOKEN_STORE_KEY,
+        )
+        from flwr.common.constant import AuthnType  # noqa: PLC0415
+        from flwr.supercore.credential_store import FileCredentialStore  # noqa: PLC0415
+
+        token = read_control_token(Path(self.control_token_file or ""))
+        store = FileCredentialStore(flwr_home / "credentials.yaml")
+        # flwr's CLI sends the stored access token as `Authorization: Bearer` to this address;
+        # fedcare's SuperLink front checks it (there is nothing to refresh: the refresh entry
+        # only completes the pair flwr loads)
+        store.set(AUTHN_TYPE_STORE_KEY % self.address, AuthnType.OIDC.encode())
+        store.set(ACCESS_TOKEN_STORE_KEY % self.address, token.encode())
+        store.set(REFRESH_TOKEN_STORE_KEY % self.address, b"unused")
 
     def write(self, flwr_home: Path) -> Path:
         """Write this connection as ``[superlink.fedcare]`` into ``flwr_home/config.toml``.
@@ -244,7 +286,46 @@ class FlowerConnection(BaseModel):
         superlink.setdefault("default", CONNECTION_NAME)
         superlink[CONNECTION_NAME] = entry
         path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+        if self.control_token_file is not None:
+            self._write_credentials(flwr_home)
         return path
+
+
+def read_control_token(path: Path) -> str:
+    """Return the Control API token in ``path``; refuse a missing, empty or shared file.
+
+    Raises
+    ------
+    ControlTokenError
+        When the file is missing, empty, or readable by group or others.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ControlTokenError(
+            f"cannot read the Control API token {path} ({err.strerror}): pass --control-token "
+            "STATE/control.token, the file `fedcare server start --state STATE` wrote"
+        ) from None
+    if mode & 0o077:
+        raise ControlTokenError(
+            f"the Control API token {path} is readable by other users (mode {mode & 0o777:o}): "
+            f"run `chmod 600 {path}` or restart the SuperLink to make a new one"
+        )
+    if not token:
+        raise ControlTokenError(f"the Control API token {path} is empty: restart the SuperLink")
+    return token
+
+
+def write_control_token(path: Path) -> Path:
+    """Write a new random Control API token to ``path`` (mode 0600), replacing an old one."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 @contextmanager
@@ -264,13 +345,12 @@ class SuperLinkSettings(BaseModel):
     Attributes
     ----------
     address : str
-        ``HOST:PORT`` the hospitals' SuperNodes connect to (the Fleet API). Without a control
-        address, Fleet, Control and Runtime APIs share this port, which is allowed only on a
-        loopback address.
+        ``HOST:PORT`` the hospitals' SuperNodes connect to: the Fleet API only (Control and
+        Runtime paths get HTTP 403 there).
     control_address : str or None
         Loopback ``HOST:PORT`` for the Control and Runtime APIs (``flwr run``, node
-        registration, the ServerApp); the Fleet port then serves the Fleet API only. Defaults
-        to ``127.0.0.1:<port + 1>`` when ``address`` is not loopback.
+        registration, the ServerApp); default ``127.0.0.1:<port + 1>``. Control API requests
+        need the token in ``state_dir/control.token``.
     state_dir : pathlib.Path
         Holds the state database, PID file, log, and the SuperLink's FLWR_HOME (installed apps);
         the SuperLink (hence the ServerApp) runs with this folder as working directory.
@@ -311,7 +391,7 @@ class SuperLinkSettings(BaseModel):
     @model_validator(mode="after")
     def _split(self) -> SuperLinkSettings:
         control = self.effective_control_address
-        if control is not None and parse_address(control)[1] == self.port:
+        if parse_address(control)[1] == self.port:
             raise UnsafeControlAddressError(
                 f"the Control port and the Fleet port are both {self.port}: give "
                 "--control-address another port"
@@ -319,18 +399,21 @@ class SuperLinkSettings(BaseModel):
         return self
 
     @property
-    def effective_control_address(self) -> str | None:
-        """Return the Control API's address, or None when it shares the (loopback) Fleet port."""
+    def effective_control_address(self) -> str:
+        """Return the Control API's loopback address (never the Fleet port)."""
         if self.control_address is not None:
             return self.control_address
-        if is_loopback(self.host):
-            return None
         return default_control_address(self.address)
 
     @property
     def coordinator_address(self) -> str:
         """Return where ``flwr run`` / ``register-node`` connect (the Control API)."""
-        return self.effective_control_address or self.address
+        return self.effective_control_address
+
+    @property
+    def control_token_file(self) -> Path:
+        """Return the Control API token file (written at every start, mode 0600)."""
+        return self.state_dir / SUPERLINK_CONTROL_TOKEN
 
     @model_validator(mode="after")
     def _tls(self) -> SuperLinkSettings:
@@ -372,19 +455,15 @@ class SuperLinkSettings(BaseModel):
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
     """Return the SuperLink command line for ``settings`` (absolute paths).
 
-    ``flower-superlink`` itself when the APIs share one loopback port; else
-    ``python -m fedcare.server.superlink_front --fleet-address ADDRESS -- <flower-superlink
-    arguments with --host/--port = the control address>``.
+    ``python -m fedcare.server.superlink_front --fleet-address ADDRESS --control-token-file
+    STATE/control.token -- <flower-superlink arguments with --host/--port = the control
+    address>``: flwr's SuperLink with the Fleet API alone on ``address``.
     """
     state = settings.state_dir.resolve()
-    control = settings.effective_control_address
-    if control is None:
-        argv = [find_executable("flower-superlink")]
-        host, port = settings.host, settings.port
-    else:
-        argv = [sys.executable, "-m", "fedcare.server.superlink_front",
-                "--fleet-address", settings.address, "--"]  # fmt: skip
-        host, port = parse_address(control)
+    argv = [sys.executable, "-m", "fedcare.server.superlink_front",
+            "--fleet-address", settings.address,
+            "--control-token-file", str(settings.control_token_file.resolve()), "--"]  # fmt: skip
+    host, port = parse_address(settings.effective_control_address)
     if settings.insecure:
         argv.append("--insecure")
     else:
@@ -439,6 +518,7 @@ def start_superlink(
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
     (state / SUPERLINK_FLWR_HOME).mkdir(exist_ok=True)
+    write_control_token(settings.control_token_file)
     handle = spawn(
         superlink_command(settings),
         log_path=settings.log_file,
@@ -447,25 +527,20 @@ def start_superlink(
         cwd=state.resolve(),
     )
     control = settings.effective_control_address
-    ready = _READY_LINE if control is None else _FRONT_READY_LINE
     try:
-        wait_for_log(handle, ready, timeout=ready_timeout, what="flower-superlink")
+        wait_for_log(handle, _FRONT_READY_LINE, timeout=ready_timeout, what="flower-superlink")
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
         host = "::1" if host == "::" else host
         wait_for_port(handle, host, settings.port, timeout=ready_timeout, what="flower-superlink")
-        if control is not None:
-            c_host, c_port = parse_address(control)
-            wait_for_port(handle, c_host, c_port, timeout=ready_timeout, what="flower-superlink")
+        c_host, c_port = parse_address(control)
+        wait_for_port(handle, c_host, c_port, timeout=ready_timeout, what="flower-superlink")
     except BaseException:
         stop_process(handle)
         raise
-    if control is None:
-        logger.info("SuperLink PID %d listening on %s (all APIs)", handle.pid, settings.address)
-    else:
-        logger.info(
-            "SuperLink PID %d: Fleet API on %s, Control/Runtime APIs on %s",
-            handle.pid, settings.address, control,
-        )  # fmt: skip
+    logger.info(
+        "SuperLink PID %d: Fleet API on %s, Control/Runtime APIs on %s (token %s)",
+        handle.pid, settings.address, control, settings.control_token_file,
+    )  # fmt: skip
     return handle
 
 
@@ -534,7 +609,7 @@ def register_node(
     if not Path(public_key).is_file():
         raise FileNotFoundError(
             f"public key {public_key} not found: give the node's .pub file from "
-            "`fedcare certs init` (certs/nodes/NAME.pub)"
+            "the hospital's `fedcare node keygen` (NAME.pub)"
         )
     with _flwr_home(connection, flwr_home) as home:
         proc = _flwr(

@@ -15,12 +15,21 @@ The coordinator cannot audit membership itself (it holds no patient data). The f
    report with the gate verdict (from ``--report``, the run's report) and a ``release`` entry in
    the audit log (``--audit-key`` / ``--audit-log``). A blocked release writes no model, records
    ``gate_passed = false`` and exits 1.
+
+The gate has three verdicts (:meth:`~fedcare.privacy.membership.ReleaseGate.decide`): *pass*,
+*block*, and *inconclusive* when the audits hold too few non-members to test ``--max-auc`` at all
+(their minimum detectable AUC excess is larger than ``max-auc − 0.5``). An inconclusive audit
+blocks the export like a failed one, unless ``--override-inconclusive "REASON"`` is given: then
+the model is exported, with a warning, and the reason is written into the privacy report and the
+audit log's ``release`` entry (``gate_verdict = "inconclusive"``, ``override_reason``). A *block*
+cannot be overridden.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -30,7 +39,7 @@ from rich.console import Console
 
 from ..privacy.artefacts import KeyFileError, sha256_file
 from ..privacy.audit import AuditError, AuditLog, load_signing_key
-from ..privacy.membership import AttackResult, MembershipAuditResult, ReleaseBlocked, ReleaseGate
+from ..privacy.membership import AttackResult, MembershipAuditResult, ReleaseGate
 from ..privacy.report import GateSummary, load_report, write_report
 from .checkpoint import FINAL_MODEL_FILE, CheckpointError, load_model_file, save_model_file
 from .safekeeping import RunAudit, load_artefact_key
@@ -47,7 +56,7 @@ class ReleaseInputError(ValueError):
 
 
 class ReleaseResult(dict):  # type: ignore[type-arg]
-    """What :func:`release_model_file` decided: ``released``, ``model``, ``report``, ``reason``, ``auc``."""
+    """What :func:`release_model_file` decided: ``released``, ``model``, ``report``, ``reason``, ``auc``, ``verdict``, ``override_reason``."""
 
 
 def _read_audits(paths: list[Path], model_sha256: str) -> MembershipAuditResult:
@@ -85,8 +94,12 @@ def release_model_file(
     report: Path | None = None,
     audit_key: Path | None = None,
     audit_log: Path | None = None,
+    override_inconclusive: str | None = None,
 ) -> ReleaseResult:
     """Gate ``model`` on the membership audits; export it unencrypted to ``out_dir`` only if it passes.
+
+    ``override_inconclusive`` (a reason, logged) releases a model whose audit is inconclusive;
+    it never releases a blocked one. The result's ``verdict`` is the gate's.
 
     Raises
     ------
@@ -96,14 +109,21 @@ def release_model_file(
         When the model cannot be decrypted or authenticated.
     """
     gate = ReleaseGate(max_auc=max_auc, basis=basis)
+    if override_inconclusive is not None and not override_inconclusive.strip():
+        raise ReleaseInputError("--override-inconclusive needs a reason (it is written to the report and the audit log)")
     model_sha = sha256_file(model)
     membership = _read_audits(audits, model_sha)
     arrays, meta = load_model_file(model, key=load_artefact_key(key))
-    reason: str | None = None
-    try:
-        gate.check(membership)
-    except ReleaseBlocked as exc:
-        reason = str(exc)
+    decision = gate.decide(membership)
+    reason: str | None = None if decision.passed else decision.reason
+    override: str | None = None
+    if decision.verdict == "inconclusive" and override_inconclusive is not None:
+        override = override_inconclusive.strip()
+        message = (f"PRIVACY WARNING: releasing {model} although its membership audit is inconclusive, by "
+                   f"explicit override ({override}): {decision.reason}")  # fmt: skip
+        warnings.warn(message, stacklevel=2)
+        logger.warning("%s", message)
+        reason = None
     worst = membership.worst()
     value = worst.ci_high if basis == "upper" else worst.auc
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +147,7 @@ def release_model_file(
             updated = base.model_validate({
                 **base.model_dump(), "model_sha256": sha256_file(exported) if reason is None else model_sha,
                 "membership": membership.model_dump(),
-                "gate": GateSummary(max_auc=gate.max_auc, basis=gate.basis, passed=reason is None).model_dump(),
+                "gate": GateSummary.from_decision(decision, override_reason=override).model_dump(),
                 "audit_log_head": audit.head_hash, "audit_log_entries": audit.entries,
             })  # fmt: skip
             report_path, _ = write_report(updated, out_dir, overwrite=True)
@@ -135,12 +155,14 @@ def release_model_file(
             round_=round_,
             model_path=exported if reason is None else model,
             report_sha256=sha256_file(report_path) if report_path is not None else None,
-            membership_auc=min(max(value, 0.0), 1.0), gate_passed=reason is None,
+            membership_auc=min(max(value, 0.0), 1.0), gate_passed=decision.passed,
+            gate_verdict=decision.verdict, override_reason=override,
         )  # fmt: skip
     finally:
         audit.close()
     return ReleaseResult(released=reason is None, model=str(exported) if reason is None else None,
-                         report=None if report_path is None else str(report_path), reason=reason, auc=value)
+                         report=None if report_path is None else str(report_path), reason=reason, auc=value,
+                         verdict=decision.verdict, override_reason=override)  # fmt: skip
 
 
 def release_command(
@@ -159,18 +181,30 @@ def release_command(
     ] = None,
     audit_key: Annotated[Optional[Path], typer.Option("--audit-key", help="The coordinator's audit signing key.")] = None,
     audit_log: Annotated[Optional[Path], typer.Option("--audit-log", help="The run's audit log: gets a release entry.")] = None,
+    override_inconclusive: Annotated[
+        Optional[str], typer.Option("--override-inconclusive", help="Release despite an INCONCLUSIVE audit (too few "
+                                    "non-members for --max-auc); the reason given is logged. Never overrides a block.")
+    ] = None,
 ) -> None:
     """Release a model: export it unencrypted only if its membership-inference audits pass the gate."""
     try:
         if basis not in ("upper", "point"):
             raise ReleaseInputError(f"--basis must be 'upper' or 'point', got {basis!r}")
         result = release_model_file(model, key=key, audits=membership, max_auc=max_auc, out_dir=out,
-                                    basis=basis, report=report, audit_key=audit_key, audit_log=audit_log)  # type: ignore[arg-type]  # fmt: skip
+                                    basis=basis, report=report, audit_key=audit_key, audit_log=audit_log,
+                                    override_inconclusive=override_inconclusive)  # type: ignore[arg-type]  # fmt: skip
     except (ReleaseInputError, CheckpointError, KeyFileError, AuditError, ValidationError, ValueError, OSError) as exc:
         _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if not result["released"]:
         _err.print(f"[bold red]{result['reason']}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+    if result["override_reason"] is not None:
+        _err.print(f"[bold yellow]released although the membership audit is INCONCLUSIVE, by override: "
+                   f"{result['override_reason']}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+        _out.print(f"released {result['model']} (override of an inconclusive audit; worst attack AUC "
+                   f"{result['auc']:.3f})" + (f"; report {result['report']}" if result["report"] else ""),
+                   highlight=False, soft_wrap=True)  # fmt: skip
+        return
     _out.print(f"released {result['model']} (worst attack AUC {result['auc']:.3f} ≤ {max_auc:.3f})"
                + (f"; report {result['report']}" if result["report"] else ""), highlight=False, soft_wrap=True)

@@ -33,7 +33,14 @@ from ..models import wire
 from ..privacy.artefacts import DEFAULT_KEY_ENV, ArtefactKey, ArtefactMetadata, sha256_file
 from ..privacy.audit import GENESIS_HASH, AuditLog, load_signing_key
 from ..privacy.membership import MembershipAuditResult
-from ..privacy.report import ClientLevelPrivacy, GateSummary, PolicyCheck, PrivacyReport, SitePrivacy
+from ..privacy.report import (
+    TRUST_ASSUMPTIONS,
+    ClientLevelPrivacy,
+    GateSummary,
+    PolicyCheck,
+    PrivacyReport,
+    SitePrivacy,
+)
 from .checkpoint import ENCRYPTED_SUFFIX, MetricsHistory, RoundRecord
 from .config import RunConfig
 
@@ -292,13 +299,16 @@ class RunAudit:
         report_sha256: str | None,
         membership_auc: float | None,
         gate_passed: bool | None,
+        gate_verdict: str | None = None,
+        override_reason: str | None = None,
     ) -> None:
-        """Record a release decision: the exported model's digest, the report's, the audit AUC, the gate."""
+        """Record a release decision: the exported model's digest, the report's, the audit AUC, the gate and any override."""
         if self.log is None:
             return
+        extra = {k: v for k, v in (("gate_verdict", gate_verdict), ("override_reason", override_reason)) if v is not None}
         self.log.append(
             "release", round=round_, model_sha256=sha256_file(model_path), report_sha256=report_sha256,
-            membership_auc=membership_auc, gate_passed=gate_passed,
+            membership_auc=membership_auc, gate_passed=gate_passed, **extra,
         )
 
     def close(self) -> None:
@@ -332,10 +342,12 @@ def site_privacy(history: MetricsHistory) -> list[SitePrivacy]:
         for site, metrics in record.site_train.items():
             last[site] = (metrics, record.site_info.get(site, {}))
             rounds[site] = rounds.get(site, 0) + 1
+    latest = _latest_privacy(history)
     out = []
     for site in sorted(last):
         metrics, info = last[site]
-        epsilon, delta = _finite(metrics.get(wire.EPSILON)), _finite(metrics.get(wire.DELTA))
+        spent = latest.get(site, metrics)  # the ledger only grows: its latest reply, train or evaluate
+        epsilon, delta = _finite(spent.get(wire.EPSILON)), _finite(metrics.get(wire.DELTA))
         # a DP site reports a finite ε and 0 < δ < 1; a site without DP reports ε = inf, δ = 0
         dp = epsilon is not None and delta is not None and 0.0 < delta < 1.0
         accountant = safe_name(str(info["accountant"])) if info.get("accountant") else "unreported"
@@ -344,7 +356,33 @@ def site_privacy(history: MetricsHistory) -> list[SitePrivacy]:
             accountant=accountant if dp else None,
             noise_multiplier=_finite(metrics.get("noise-multiplier")) if dp else None,
             max_grad_norm=_finite(info.get("max_grad_norm")) if dp else None, rounds=rounds[site],
+            **_mechanism_fields(spent, dp),
         ))  # fmt: skip
+    return out
+
+
+def _latest_privacy(history: MetricsHistory) -> dict[str, dict[str, float]]:
+    """Return per site the reply (train or evaluate) reporting the most ε spent: its latest ledger state."""
+    out: dict[str, dict[str, float]] = {}
+    for record in history.completed:
+        for per_site in (record.site_train, record.site_evaluate):
+            for site, metrics in per_site.items():
+                eps = metrics.get(wire.EPSILON)
+                if eps is not None and (site not in out or float(eps) >= float(out[site][wire.EPSILON])):
+                    out[site] = metrics
+    return out
+
+
+def _mechanism_fields(metrics: dict[str, float], dp: bool) -> dict[str, Any]:
+    """Return the report's ε per mechanism and evaluation counts from a site's reply (when it sent them)."""
+    out: dict[str, Any] = {}
+    if dp:
+        for key, name in ((wire.EPSILON_TRAINING, "epsilon_training"), (wire.EPSILON_COUNT, "epsilon_count"),
+                          (wire.EPSILON_EVALUATION, "epsilon_evaluation")):
+            out[name] = _finite(metrics.get(key))
+    for key, name in ((wire.EVALUATION_QUERIES, "evaluation_queries"), (wire.EVALUATION_EXACT_QUERIES, "exact_evaluations")):
+        value = metrics.get(key)
+        out[name] = int(value) if value is not None and math.isfinite(float(value)) else None
     return out
 
 
@@ -389,10 +427,12 @@ def build_privacy_report(
     if not per_site:
         return None
     head = audit.head_hash if audit is not None else None
+    secure_sites = [len(r.site_train) for r in history.rounds if r.site_train] if secure_aggregation else []
     return PrivacyReport(
         study=safe_name(config.study), run_id=safe_name(run_id) if run_id else None, round=history.last_complete,
         model_sha256=model_sha256, config_sha256=config_sha256(config), sites=tuple(per_site),
         client_level=client_level, secure_aggregation=secure_aggregation,
+        secure_min_sites=min(secure_sites) if secure_sites else None, trust_assumptions=TRUST_ASSUMPTIONS,
         policy_checks=tuple(policy_checks(history, policy_label)), membership=membership, gate=gate,
         audit_log_head=head if head is not None and head != GENESIS_HASH else None,
         audit_log_entries=audit.entries if head is not None and head != GENESIS_HASH else None,

@@ -12,7 +12,8 @@ flwr 1.41 offers SecAgg+ only in its legacy workflow API, so this path runs a
   ``DifferentialPrivacyClientSideFixedClipping`` (sites clip their update with
   ``fixedclipping_mod``; the server adds N(0, (σ C / m)²) to the mean of the m clipped updates),
   and wrapped again in :class:`_LegacyRecorder`, which records each site's plaintext metrics,
-  refuses a round with any failure and reports the client-level ε of the Opacus RDP accountant;
+  refuses a round with any failure and reports the client-level ε (RDP accountant for fixed-size
+  sampling of sites without replacement, replace-one neighbours: :func:`client_level_epsilon`);
 - an evaluation step that reuses :class:`~fedcare.server.strategy.FedcareStrategy` (Message API,
   the same per-site evaluation, worst site and history as the plain path) and then checkpoints.
 
@@ -39,12 +40,15 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from fractions import Fraction
 from types import SimpleNamespace
 from typing import Any, Final, cast
 
+import dp_accounting
 import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
@@ -70,7 +74,6 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.supercore.run import RunNotRunningException
-from opacus.accountants import RDPAccountant
 
 from ..models import wire
 from ..privacy.report import ClientLevelPrivacy
@@ -107,6 +110,8 @@ logger = logging.getLogger(__name__)
 CLIENT_EPSILON: Final = "client-epsilon"  # train metric: client-level ε after this round
 CLIENT_DELTA: Final = "client-delta"
 CLIENT_SAMPLE_RATE: Final = "client-sample-rate"  # sampled sites / available sites this round
+CLIENT_SITES_SAMPLED: Final = "client-sites-sampled"  # m: sites sampled this round (fixed size)
+CLIENT_SITES_AVAILABLE: Final = "client-sites-available"  # n: sites available to sample from
 CLIENT_NOISE: Final = "client-noise-multiplier"
 _SECURE_STATE_KIND: Final = "fedcare-secagg/1"
 CLIENT_DP_MECHANISM: Final = (
@@ -138,39 +143,81 @@ class SecureAggregationError(RuntimeError):
         self.site_errors = tuple(site_errors)
 
 
-def client_level_epsilon(steps: list[tuple[float, float]], delta: float) -> float:
-    """Return the client-level ε of rounds ``[(noise_multiplier, sample_rate), ...]`` at ``delta``.
+CLIENT_DP_NEIGHBOURING: Final = (
+    "replace-one site (one site's data replaced by any other; number of sites public); "
+    "sum sensitivity 2C, so the accountant's noise multiplier is σ/2"
+)
+CLIENT_DP_SAMPLING: Final = (
+    "each round a fixed number m of the n available sites, uniformly without replacement "
+    "(flwr client_manager.sample); q = m/n"
+)
+CLIENT_DP_ACCOUNTANT: Final = "dp_accounting RDP, SampledWithoutReplacementDpEvent (Wang-Balle-Kasiviswanathan 2019), one event per round"
 
-    Opacus's RDP accountant with one step per round; σ = 0 in any round gives ε = inf.
+
+def _sample_counts(rate: float) -> tuple[int, int]:
+    """Return (m, n) with m / n == ``rate`` exactly (older histories recorded the rate only)."""
+    frac = Fraction(rate)
+    return frac.numerator, frac.denominator
+
+
+def client_level_epsilon(steps: list[tuple[float, float] | tuple[float, int, int]], delta: float) -> float:
+    """Return the client-level ε of rounds ``[(σ, m, n), ...]`` (or ``(σ, m / n)``) at ``delta``.
+
+    Each round the coordinator adds N(0, (σ C / m)²) to the unweighted mean of the m sampled sites'
+    updates, each clipped to C, i.e. noise of std σC on their sum; the m sites are a fixed-size
+    subset of the n available, drawn without replacement (flwr's sampling). That sampling is
+    analysed for **replace-one** neighbours (:data:`CLIENT_DP_NEIGHBOURING`), under which the sum's
+    L2 sensitivity is 2C: each round is a ``SampledWithoutReplacementDpEvent(n, m,
+    GaussianDpEvent(σ / 2))`` composed in dp_accounting's ``RdpAccountant(neighboring_relation=
+    REPLACE_ONE)`` (default orders). With m = n this is the Gaussian mechanism with noise multiplier
+    σ/2 composed over the rounds. σ = 0 in any round gives ε = inf; no rounds give 0.
     """
     if not steps:
         return 0.0
-    if any(sigma <= 0 for sigma, _ in steps):
-        return math.inf
-    accountant = RDPAccountant()
-    for sigma, rate in steps:
-        if accountant.history and accountant.history[-1][:2] == (sigma, rate):
-            s, q, n = accountant.history[-1]
-            accountant.history[-1] = (s, q, n + 1)
-        else:
-            accountant.history.append((sigma, rate, 1))
+    rounds: Counter[tuple[float, int, int]] = Counter()  # composition commutes: equal rounds composed once
+    for step in steps:
+        sigma = float(step[0])
+        sampled, available = (int(step[1]), int(step[2])) if len(step) == 3 else _sample_counts(float(step[1]))
+        if not 0 < sampled <= available:
+            raise ValueError(f"a round sampled {sampled} of {available} sites; need 0 < sampled ≤ available")
+        if sigma <= 0:
+            return math.inf
+        rounds[(sigma, sampled, available)] += 1
+    events = [
+        dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+            source_dataset_size=n, sample_size=m, event=dp_accounting.GaussianDpEvent(sigma / 2.0)), count)
+        for (sigma, m, n), count in rounds.items()
+    ]  # fmt: skip
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.ComposedDpEvent(events))
     return float(accountant.get_epsilon(delta))
+
+
+def _client_steps(records: list[Any]) -> list[tuple[float, int, int] | tuple[float, float]]:
+    """Return each round's (σ, m, n) from its train record (σ, q from records written before counts were)."""
+    steps: list[tuple[float, int, int] | tuple[float, float]] = []
+    for r in records:
+        if CLIENT_NOISE not in r.train:
+            continue
+        if CLIENT_SITES_SAMPLED in r.train and CLIENT_SITES_AVAILABLE in r.train:
+            steps.append((r.train[CLIENT_NOISE], int(r.train[CLIENT_SITES_SAMPLED]), int(r.train[CLIENT_SITES_AVAILABLE])))
+        elif CLIENT_SAMPLE_RATE in r.train:
+            steps.append((r.train[CLIENT_NOISE], r.train[CLIENT_SAMPLE_RATE]))
+    return steps
 
 
 def client_level_privacy(config: RunConfig, history: MetricsHistory) -> ClientLevelPrivacy | None:
     """Return the client-level DP of the run's complete rounds for the privacy report (None without it).
 
-    ε is recomputed with :func:`client_level_epsilon` (Opacus ``RDPAccountant``, one step per round)
-    from each complete round's σ and sampled fraction as ``history`` records them, so a resumed run
-    accounts every round. σ = 0 (clipping only) gives no guarantee: None, with a warning.
+    ε is recomputed with :func:`client_level_epsilon` (fixed-size sampling without replacement,
+    replace-one neighbours, one event per round) from each complete round's σ and sites sampled /
+    available as ``history`` records them, so a resumed run accounts every round. The report
+    states the relation and the sampling assumption. σ = 0 (clipping only) gives no guarantee:
+    None, with a warning.
     """
     if not config.client_dp:
         return None
-    steps = [
-        (r.train[CLIENT_NOISE], r.train[CLIENT_SAMPLE_RATE])
-        for r in history.completed
-        if CLIENT_NOISE in r.train and CLIENT_SAMPLE_RATE in r.train
-    ]
+    steps = _client_steps(list(history.completed))
     if not steps:
         return None
     epsilon = client_level_epsilon(steps, config.client_dp_delta)
@@ -183,7 +230,9 @@ def client_level_privacy(config: RunConfig, history: MetricsHistory) -> ClientLe
     return ClientLevelPrivacy(
         mechanism=CLIENT_DP_MECHANISM, epsilon=epsilon, delta=config.client_dp_delta,
         noise_multiplier=config.client_dp_noise_multiplier, clipping_norm=config.client_dp_clipping_norm,
-        accountant="rdp", sample_rate=max(rate for _, rate in steps), rounds=len(steps),
+        accountant=CLIENT_DP_ACCOUNTANT, rounds=len(steps),
+        sample_rate=max(st[1] / st[2] if len(st) == 3 else st[1] for st in steps),  # type: ignore[misc]
+        neighbouring=CLIENT_DP_NEIGHBOURING, sampling=CLIENT_DP_SAMPLING,
     )  # fmt: skip
 
 
@@ -271,6 +320,7 @@ class _LegacyRecorder(Strategy):
         self.round_offset = round_offset
         self.dp = dp
         self.sample_rate = 1.0
+        self.sampled, self.available = 1, 1  # set by configure_fit: sites sampled / available this round
 
     def __repr__(self) -> str:
         """Return the wrapped strategy's description."""
@@ -296,6 +346,7 @@ class _LegacyRecorder(Strategy):
             time.sleep(min(1.0, self.config.round_timeout_s))
         instructions = self.strategy.configure_fit(rnd, parameters, client_manager)
         self.sample_rate = len(instructions) / max(available, 1)
+        self.sampled, self.available = len(instructions), available
         if self.dp is not None:  # noise std σC/m must use this round's m
             self.dp.num_sampled_clients = max(len(instructions), 1)
         return instructions
@@ -345,16 +396,17 @@ class _LegacyRecorder(Strategy):
         if self.config.client_dp:
             train[CLIENT_NOISE] = self.config.client_dp_noise_multiplier
             train[CLIENT_SAMPLE_RATE] = self.sample_rate
-            steps = [
-                (r.train[CLIENT_NOISE], r.train[CLIENT_SAMPLE_RATE])
-                for r in self.history.rounds
-                if r.complete and r.round < rnd and CLIENT_NOISE in r.train
-            ] + [(self.config.client_dp_noise_multiplier, self.sample_rate)]
+            train[CLIENT_SITES_SAMPLED] = float(self.sampled)
+            train[CLIENT_SITES_AVAILABLE] = float(self.available)
+            steps = _client_steps([r for r in self.history.rounds if r.complete and r.round < rnd]) + [
+                (self.config.client_dp_noise_multiplier, self.sampled, self.available)
+            ]
             train[CLIENT_EPSILON] = client_level_epsilon(steps, self.config.client_dp_delta)
             train[CLIENT_DELTA] = self.config.client_dp_delta
-            logger.info("round %d: client-level ε = %.4g at δ = %g (Opacus RDP, σ = %g, q = %.3g)",
-                        rnd, train[CLIENT_EPSILON], self.config.client_dp_delta,
-                        self.config.client_dp_noise_multiplier, self.sample_rate)
+            logger.info("round %d: client-level ε = %.4g at δ = %g (RDP, fixed-size sampling without "
+                        "replacement, replace-one; σ = %g, %d of %d sites)", rnd, train[CLIENT_EPSILON],
+                        self.config.client_dp_delta, self.config.client_dp_noise_multiplier, self.sampled,
+                        self.available)  # fmt: skip
         record.train = train
         return params, {}
 

@@ -19,9 +19,16 @@ how flwr aggregates:
 - ``state_dict()`` / ``load_state_dict()`` of the strategy's own state (FedOpt's ``m_t`` and
   ``v_t``, FedAvgM's ``momentum_vector``) for checkpoints.
 
-Global metrics are flwr's example-weighted average (what ``aggregate_metricrecords`` computes),
-except that a metric a site reports as NaN leaves that site out of that metric's average
-(flwr's would turn NaN), and ``epsilon`` / ``delta`` in training metrics are the maximum over
+Global evaluation metrics are computed from the **sum of the sites' sufficient statistics**
+(``privacy.release_mechanisms``: Laplace-noised histograms / confusion matrices and clipped loss
+sums under a site's ``evaluation = "dp"`` policy, exact ones under ``"exact"``), i.e. the
+metrics of the pooled test patients, with AUROC / AUPRC approximated from the probability
+histograms. Each site's own evaluation metrics are its exact ones (``exact``) or computed here from
+its noisy statistics (``dp``); the statistics themselves are not kept in the history. Replies
+without statistics (older sites) fall back to flwr's example-weighted average (what
+``aggregate_metricrecords`` computes), except that a metric a site reports as NaN leaves that
+site out of that metric's average. Training metrics keep that weighted average (weights: each
+site's noised example count); ``epsilon`` / ``delta`` and the per-mechanism ε are the maximum over
 sites (the worst-off site's privacy, not a meaningless mean).
 """
 
@@ -50,6 +57,7 @@ from flwr.serverapp.strategy import (
 
 from ..models import Registry
 from ..models import wire
+from ..privacy.release_mechanisms import STAT_PREFIX, metrics_from_statistics, sum_statistics
 from .checkpoint import MetricsHistory
 from .config import RunConfig
 
@@ -61,6 +69,7 @@ __all__ = [
     "aggregate_evaluate_metrics",
     "aggregate_train_metrics",
     "build_strategy",
+    "site_evaluation",
     "worst_site",
 ]
 
@@ -72,7 +81,10 @@ STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
 
 _STATE_KIND: Final = "fedcare-strategy/1"
 _STATE_ATTRS: Final = ("m_t", "v_t", "momentum_vector")
-_MAX_OVER_SITES: Final = (wire.EPSILON, wire.DELTA)
+_MAX_OVER_SITES: Final = (wire.EPSILON, wire.DELTA, wire.EPSILON_TRAINING, wire.EPSILON_COUNT, wire.EPSILON_EVALUATION,
+                           wire.EVALUATION_QUERIES, wire.EVALUATION_EXACT_QUERIES)
+_PRIVACY_KEYS: Final = frozenset(_MAX_OVER_SITES)
+_METRIC_NAMES: Final = ("loss", "accuracy", "mae")  # present when a site sent its exact metrics
 _REFUSAL = re.compile(r"^site '(?P<site>[^']*)' refused")
 
 
@@ -103,20 +115,47 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     return out
 
 
-def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Average evaluation metrics weighted by examples, as flwr does, over the sites where each is finite.
+def site_evaluation(values: dict[str, float]) -> dict[str, float]:
+    """Return a site's evaluation as the history keeps it: its metrics, count and ε, without statistics.
 
-    flwr's ``aggregate_metricrecords`` turns the global value into NaN as soon as one site
-    reports NaN (e.g. AUROC on a test split holding one class); here such a site is left out
-    of that metric's average only. A metric no site can compute stays NaN.
+    A DP release carries only noisy statistics: its metrics are computed from them here
+    (post-processing); an exact release keeps the metrics the site computed.
     """
+    stats = {k: v for k, v in values.items() if k.startswith(STAT_PREFIX)}
+    out = {k: v for k, v in values.items() if not k.startswith(STAT_PREFIX)}
+    if stats and not any(m in out for m in _METRIC_NAMES):
+        derived = metrics_from_statistics(stats)
+        derived.pop("n")
+        out |= derived
+    return out
+
+
+def aggregate_evaluate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Return the global evaluation: metrics of the summed statistics, else the example-weighted average.
+
+    When every site sent sufficient statistics (``stat-*``), they are summed and the metrics of the
+    pooled test patients computed from the sum (:func:`~fedcare.privacy.release_mechanisms.metrics_from_statistics`).
+    Otherwise the metrics are averaged weighted by examples, as flwr does, over the sites where
+    each is finite: flwr's ``aggregate_metricrecords`` turns the global value into NaN as soon as
+    one site reports NaN (e.g. AUROC on a test split holding one class); here such a site is left
+    out of that metric's average only. A metric no site can compute stays NaN. Per-mechanism ε
+    and query counts are not averaged (the training aggregate reports their maximum).
+    """
+    scalars = [
+        {k: float(v) for k, v in m.items() if not isinstance(v, list)}
+        for r in records for m in r.metric_records.values()
+    ]
+    if scalars and all(any(k.startswith(STAT_PREFIX) for k in m) for m in scalars):
+        derived = metrics_from_statistics(sum_statistics(scalars))
+        derived.pop("n")
+        return MetricRecord(derived)  # type: ignore[arg-type]
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for record in records:
         for metrics in record.metric_records.values():
             weight = float(metrics[weighted_by_key])  # type: ignore[arg-type]
             for key, value in metrics.items():
-                if key == weighted_by_key or isinstance(value, list):
+                if key == weighted_by_key or isinstance(value, list) or key in _PRIVACY_KEYS or key.startswith(STAT_PREFIX):
                     continue
                 sums.setdefault(key, 0.0)
                 weights.setdefault(key, 0.0)
@@ -351,8 +390,8 @@ class FedcareStrategy(Strategy):
         return self.evaluate_with_train and self.num_rounds is not None and rnd < self.num_rounds
 
     def _record_evaluation(self, server_round: int, per_site: dict[str, dict[str, float]]) -> None:
-        """Record the sites' evaluation of round ``server_round``'s model, its average and worst site."""
-        self.history.round(server_round).site_evaluate.update(per_site)
+        """Record the sites' evaluation of round ``server_round``'s model, its aggregate and worst site."""
+        self.history.round(server_round).site_evaluate.update({s: site_evaluation(m) for s, m in per_site.items()})
         records = [RecordDict({"m": MetricRecord(m)}) for _, m in sorted(per_site.items())]  # type: ignore[arg-type]
         self._set_evaluation(server_round, aggregate_evaluate_metrics(records, wire.NUM_EXAMPLES) if records else None)
 
@@ -397,7 +436,7 @@ class FedcareStrategy(Strategy):
                                server_round, node, site)
                 site = f"{site}@node-{node}"
             self.history.node_sites[node] = site
-            per_site[site] = _metrics_of(msg)
+            per_site[site] = _metrics_of(msg) if stage == "train" else site_evaluation(_metrics_of(msg))
             if stage == "train":
                 record.site_info[site] = _info_of(msg)
         for msg in errors:

@@ -7,13 +7,15 @@ ServerApp's API) HTTP APIs on one uvicorn port; ``--control-api-address`` and
 (``FLWR_INTERNAL_GRPC_*``), so the HTTP Control API cannot be moved off the Fleet port with a
 flag, and the open-source Control API has no authentication.
 
-This module runs the *same* SuperLink (flwr's own argument parsing, FastAPI app and lifespan:
+``fedcare server start`` always runs the SuperLink through this module. It runs the *same* SuperLink (flwr's own argument parsing, FastAPI app and lifespan:
 ``flwr.superlink.cli.flower_superlink`` and ``flwr.superlink.main.create_app``) in one uvicorn
 server listening on two sockets:
 
 - the **control socket** (``--host``/``--port`` of the flower-superlink arguments; must be a
-  loopback address): every API, as in plain ``flower-superlink``; the SuperLink's own
-  SuperExec / ServerApp connect here;
+  loopback address): every API, as in plain ``flower-superlink``, except that each Control
+  API request (``/v1/control/...``) must carry ``Authorization: Bearer TOKEN`` with the token
+  in ``--control-token-file`` (HTTP 401 otherwise, before flwr sees it); the SuperLink's own
+  SuperExec / ServerApp connect here (Runtime API, flwr's own task tokens);
 - the **fleet socket** (``--fleet-address``, e.g. ``0.0.0.0:9300``): only the exact Fleet
   routes flwr registers (``flwr.superlink.routers.fleet.router``) and ``/health``; every other
   request gets HTTP 403 before it reaches flwr.
@@ -22,15 +24,22 @@ TLS is still terminated by uvicorn with the SuperLink's certificate (same ``--ss
 so the filter sees decrypted paths; which socket a request came in on is read from the ASGI
 ``server`` entry (the accepting socket's local address), never from a request header.
 
+flwr 1.41's open-source SuperLink has no Control API credential of its own (account
+authentication is OIDC in Flower Enterprise only: ``FLWR_OIDC_ENABLED``); its CLI, though,
+sends a stored access token as a bearer header, which is how ``fedcare`` passes the token
+(:class:`fedcare.server.deploy.FlowerConnection`).
+
 Usage (what ``fedcare server start`` runs)::
 
-    python -m fedcare.server.superlink_front --fleet-address 0.0.0.0:9300 -- \
+    python -m fedcare.server.superlink_front --fleet-address 0.0.0.0:9300 \
+        --control-token-file STATE/control.token -- \
         --ssl-ca-certfile ... --host 127.0.0.1 --port 9301 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import importlib
 import ipaddress
 import json
@@ -40,10 +49,23 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from logging import ERROR, INFO
 from typing import Any
 
-__all__ = ["FLEET_ONLY_EXTRA_PATHS", "READY_MESSAGE", "FleetOnlyGate", "fleet_paths", "is_loopback", "main"]
+__all__ = [
+    "CONTROL_PREFIX",
+    "FLEET_ONLY_EXTRA_PATHS",
+    "READY_MESSAGE",
+    "RUNTIME_PREFIX",
+    "FleetOnlyGate",
+    "fleet_paths",
+    "is_loopback",
+    "main",
+]
 
 #: paths besides the Fleet router's that the fleet socket serves
 FLEET_ONLY_EXTRA_PATHS = frozenset({"/health"})
+#: the Control API's paths: on the control socket they need the token
+CONTROL_PREFIX = "/v1/control/"
+#: the Runtime API's paths (flwr authenticates them with its own task tokens)
+RUNTIME_PREFIX = "/v1/runtime/"
 #: logged once both sockets listen (``server/deploy.py`` waits for it)
 READY_MESSAGE = "fedcare SuperLink front ready"
 
@@ -78,13 +100,35 @@ def fleet_paths() -> frozenset[str]:
 
 
 class FleetOnlyGate:
-    """ASGI wrapper: requests accepted on ``control_port`` pass; on any other port only
-    ``allowed_paths`` pass, the rest get HTTP 403 without reaching the wrapped app."""
+    """ASGI wrapper: on any port but ``control_port`` only ``allowed_paths`` pass (HTTP 403
+    otherwise); on ``control_port`` every path but the Runtime API and ``allowed_paths`` (the
+    Control API first) needs ``Authorization: Bearer control_token`` (HTTP 401 otherwise);
+    refused requests never reach the wrapped app."""
 
-    def __init__(self, app: ASGIApp, *, control_port: int, allowed_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        control_port: int,
+        allowed_paths: Iterable[str],
+        control_token: str | None = None,
+    ) -> None:
         self.app = app
         self.control_port = control_port
         self.allowed_paths = frozenset(allowed_paths)
+        self._expected = None if control_token is None else f"Bearer {control_token}".encode()
+
+    def _authorised(self, scope: Scope) -> bool:
+        path = str(scope.get("path", ""))
+        # without the token: the Runtime API (the SuperLink's own SuperExec and ServerApp,
+        # authenticated by flwr's task tokens), the Fleet routes and /health; anything else,
+        # the Control API first, needs it
+        if path.startswith(RUNTIME_PREFIX) or path in self.allowed_paths:
+            return True
+        if self._expected is None:
+            return False  # fail closed: a front without a token serves no Control API
+        headers = [v for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        return len(headers) == 1 and hmac.compare_digest(headers[0], self._expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward or refuse one ASGI connection."""
@@ -93,6 +137,9 @@ class FleetOnlyGate:
             return
         server = scope.get("server")
         if server is not None and len(server) >= 2 and server[1] == self.control_port:
+            if scope.get("root_path") or not self._authorised(scope):
+                await _refuse(scope, send, status=401)
+                return
             await self.app(scope, receive, send)
             return
         if (
@@ -105,25 +152,26 @@ class FleetOnlyGate:
         await _refuse(scope, send)
 
 
-async def _refuse(scope: Scope, send: Send) -> None:
+async def _refuse(scope: Scope, send: Send, *, status: int = 403) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = json.dumps(
-        {
-            "detail": (
-                f"{scope.get('path', '')} is not served on the Fleet port: the Control and "
-                "Runtime APIs listen on the coordinator's loopback control address only"
-            )
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    if status == 401:
+        detail = (
+            f"{scope.get('path', '')} needs the coordinator's Control API token: pass "
+            "--control-token STATE/control.token (written by `fedcare server start`)"
+        )
+    else:
+        detail = (
+            f"{scope.get('path', '')} is not served on the Fleet port: the Control and "
+            "Runtime APIs listen on the coordinator's loopback control address only"
+        )
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        # not flwr's bare "Bearer" challenge: flwr's CLI would then try an OIDC token refresh
+        headers.append((b"www-authenticate", b'Bearer realm="fedcare-control"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -141,9 +189,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _parse(argv: Sequence[str]) -> tuple[str, int, list[str]]:
+def _parse(argv: Sequence[str]) -> tuple[str, int, str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m fedcare.server.superlink_front")
     parser.add_argument("--fleet-address", required=True, help="HOST:PORT for the Fleet API only")
+    parser.add_argument(
+        "--control-token-file", required=True, help="file holding the Control API bearer token"
+    )
     parser.add_argument("superlink_args", nargs=argparse.REMAINDER, help="-- flower-superlink arguments")
     args = parser.parse_args(list(argv))
     rest = list(args.superlink_args)
@@ -152,12 +203,21 @@ def _parse(argv: Sequence[str]) -> tuple[str, int, list[str]]:
     host, sep, port_s = args.fleet_address.rpartition(":")
     if not sep or not host or not port_s.isdigit():
         parser.error(f"--fleet-address {args.fleet_address!r} must be HOST:PORT")
-    return host.strip("[]"), int(port_s), rest
+    return host.strip("[]"), int(port_s), args.control_token_file, rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the SuperLink with a fleet-only socket and a loopback control socket; blocks."""
-    fleet_host, fleet_port, superlink_args = _parse(sys.argv[1:] if argv is None else argv)
+    fleet_host, fleet_port, token_file, superlink_args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        with open(token_file, encoding="utf-8") as fh:
+            control_token = fh.read().strip()
+    except OSError as err:
+        sys.stderr.write(f"fedcare SuperLink front: cannot read {token_file}: {err.strerror}\n")
+        return 2
+    if len(control_token) < 32:
+        sys.stderr.write(f"fedcare SuperLink front: {token_file} holds no usable token\n")
+        return 2
 
     import uvicorn  # noqa: PLC0415 - heavy imports after argument checks
     from flwr.supercore import log
@@ -178,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     app = create_app(config, fs.SuperLinkLifespan)
-    gate = FleetOnlyGate(app, control_port=config.port, allowed_paths=fleet_paths())
+    gate = FleetOnlyGate(
+        app, control_port=config.port, allowed_paths=fleet_paths(), control_token=control_token
+    )
     scheme = "https" if config.ssl_certfile else "http"
 
     class _Server(uvicorn.Server):
@@ -187,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if self.started:
                 log(
                     INFO,
-                    "%s: Fleet API only on %s://%s:%d; Control, Runtime and Fleet APIs on "
-                    "%s://%s:%d (loopback)",
+                    "%s: Fleet API only on %s://%s:%d; Control (token required), Runtime and "
+                    "Fleet APIs on %s://%s:%d (loopback)",
                     READY_MESSAGE, scheme, fleet_host, fleet_port, scheme, config.host, config.port,
                 )  # fmt: skip
 

@@ -7,8 +7,18 @@ arrays plus the model spec, task and shape). ``privacy.membership.membership_aud
 loss-threshold attack and online LiRA; the LiRA shadows are trained from scratch with
 ``client.training.train_local`` and **the recipe given on the command line** (rounds × local
 epochs, batch size, learning rate, and the site's DP settings), which must be the one the model
-was trained with, or the shadows do not model it. With ``--max-auc`` the result goes through
-``ReleaseGate``: a blocked release exits with code 1 and says why.
+was trained with, or the shadows do not model it. One site holds only its own data, so these
+shadows are trained on that site alone, not federated like the target: the result says so
+(``shadow_training``). With ``--max-auc`` the result goes through ``ReleaseGate``: a blocked
+release exits with code 1, an *inconclusive* one (too few held-out patients for the limit) too,
+and both say why.
+
+The simulation path (``simulations.release``) has every hospital's data and trains its shadows
+as the target was trained: :func:`federated_membership_pool` draws the audit pool from all
+hospitals and :func:`make_federated_shadow_trainer` runs, for each shadow, a whole federation
+(the study's own ``RunConfig``, ServerApp strategy and ClientApp, in process) in which every
+hospital trains on its training patients outside the pool plus its pool patients in the
+shadow's half, under the scenario's DP settings and a throw-away ledger.
 
 Registered on the ``audit`` group from the root ``cli.py`` (``privacy/`` may not import ``client/``)::
 
@@ -17,9 +27,12 @@ Registered on the ``audit`` group from the root ``cli.py`` (``privacy/`` may not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import torch
@@ -35,15 +48,41 @@ from ..client.training import TrainSettings, train_local
 from ..models import ModelSpec, build_for_data, set_weights
 from ..privacy.artefacts import KeyFileError
 from ..privacy.ledger import PrivacyLedger
-from ..privacy.membership import MembershipAuditResult, ReleaseBlocked, ReleaseGate, TrainFn, membership_audit
+from ..privacy.membership import (
+    MembershipAuditResult,
+    ReleaseGate,
+    ShadowTrainer,
+    TrainFn,
+    membership_audit,
+)
 from ..privacy.settings import PrivacySettings
 from ..server.checkpoint import CheckpointError, load_model_file, write_json_atomic
 
-__all__ = ["MembershipAuditError", "audit_membership_file", "make_train_fn", "membership_command", "membership_splits"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..privacy.policy import SitePolicy
+    from ..server.checkpoint import MetricsHistory
+    from ..server.config import RunConfig
+
+__all__ = [
+    "FederatedPool",
+    "MembershipAuditError",
+    "audit_membership_file",
+    "federated_membership_pool",
+    "make_federated_shadow_trainer",
+    "make_train_fn",
+    "membership_command",
+    "membership_splits",
+]
 
 logger = logging.getLogger(__name__)
 _out = Console()
 _err = Console(stderr=True)
+
+
+SITE_SHADOWS = ("site-local: each shadow trained with the given recipe on its half of the audit pool of one "
+                "site's data (the target was federated: an approximation)")
 
 
 class MembershipAuditError(ValueError):
@@ -65,6 +104,134 @@ def membership_splits(data: SiteData, *, seed: int = 0) -> tuple[Split, Split]:
         return split if len(split) == n else split.subset(np.sort(rng.choice(len(split), n, replace=False)))
 
     return cut(data.train), cut(held_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedPool:
+    """A federation's membership-audit pool, with what each shadow federation trains on besides it.
+
+    Attributes
+    ----------
+    members, nonmembers : Split
+        The pool: training patients (members) and held-out patients (non-members), same size.
+    site_of : numpy.ndarray
+        Hospital index of each pool example (members first, then non-members).
+    background : list of Split
+        Per hospital, its training patients outside the pool: every shadow trains on them, as the
+        target did, so a shadow's federation has the target's size and sites.
+    """
+
+    members: Split
+    nonmembers: Split
+    site_of: np.ndarray
+    background: list[Split]
+
+
+def _concat_splits(splits: list[Split]) -> Split:
+    """Return splits concatenated (single-input data)."""
+    return Split(inputs=(torch.cat([s.inputs[0] for s in splits]),), targets=torch.cat([s.targets for s in splits]))
+
+
+def federated_membership_pool(hospitals: list[SiteData], *, seed: int = 0) -> FederatedPool:
+    """Return the audit pool of a federation: members from every training split, non-members from the held-out ones.
+
+    Non-members are each hospital's test split (validation when no hospital has one); the larger
+    side is cut at random (``seed``) to the size of the smaller, as :func:`membership_splits` does.
+    """
+    use_test = any(len(h.test) for h in hospitals)
+    held = [h.test if use_test else h.val for h in hospitals]
+    n_train, n_held = sum(len(h.train) for h in hospitals), sum(len(s) for s in held)
+    n = min(n_train, n_held)
+    if n < 2:
+        raise MembershipAuditError(
+            f"the hospitals hold {n_train} training and {n_held} held-out examples; a membership audit "
+            "needs at least 2 of each (give the hospitals a test split)"
+        )
+    rng = np.random.default_rng(seed)
+    train_site = np.concatenate([np.full(len(h.train), i) for i, h in enumerate(hospitals)])
+    train_row = np.concatenate([np.arange(len(h.train)) for h in hospitals])
+    held_site = np.concatenate([np.full(len(s), i) for i, s in enumerate(held)])
+    held_row = np.concatenate([np.arange(len(s)) for s in held])
+    pick_m = np.sort(rng.choice(n_train, n, replace=False)) if n < n_train else np.arange(n_train)
+    pick_n = np.sort(rng.choice(n_held, n, replace=False)) if n < n_held else np.arange(n_held)
+    # picks are sorted and sites are concatenated in order: per-site subsets keep the pool's order
+    members = _concat_splits([h.train.subset(train_row[pick_m][train_site[pick_m] == i]) for i, h in enumerate(hospitals)])
+    nonmembers = _concat_splits([s.subset(held_row[pick_n][held_site[pick_n] == i]) for i, s in enumerate(held)])
+    in_pool = np.zeros(n_train, dtype=bool)
+    in_pool[pick_m] = True
+    background = [h.train.subset(train_row[(train_site == i) & ~in_pool]) for i, h in enumerate(hospitals)]
+    return FederatedPool(members=members, nonmembers=nonmembers, background=background,
+                         site_of=np.concatenate([train_site[pick_m], held_site[pick_n]]))  # fmt: skip
+
+
+def make_federated_shadow_trainer(
+    config: RunConfig,
+    hospitals: list[SiteData],
+    pool: FederatedPool,
+    *,
+    privacy: PrivacySettings,
+    policy: SitePolicy | None,
+    on_history: Callable[[MetricsHistory], None] | None = None,
+) -> tuple[ShadowTrainer, str]:
+    """Return ``(shadow_trainer, description)``: each shadow is a whole federation run like the target.
+
+    ``shadow_trainer(pool_index, seed)`` gives every hospital its training patients outside the
+    pool plus its pool patients in ``pool_index``, and runs the study (``config``: strategy,
+    rounds, fraction of sites, local epochs, batch size, learning rate, model) through the real
+    ServerApp and ClientApp in process (``InProcessGrid``), each hospital under ``privacy`` (its
+    DP-SGD settings) and ``policy`` with a throw-away ledger; the seed changes the initial model,
+    the site sampling and the sites' shuffles and noise. Artefact encryption, the audit log and
+    resume are off. A secure-aggregation study's shadows run plain rounds: SecAgg+ does not change
+    the aggregate, but the coordinator's client-level DP noise is left out (the description says so,
+    with a warning): those shadows are less noisy than the target. ``on_history``, when given, is
+    called with each shadow federation's metrics history (per-site ε, rounds).
+    """
+    from ..client.app import LocalSite, make_client_app  # noqa: PLC0415 - heavy, simulation only
+    from ..server.app import run_server  # noqa: PLC0415
+    from ..server.checkpoint import FINAL_MODEL_FILE  # noqa: PLC0415
+    from .runner import InProcessGrid  # noqa: PLC0415 - runner imports release, which imports this
+
+    pool_x = torch.cat([pool.members.inputs[0], pool.nonmembers.inputs[0]])
+    pool_y = torch.cat([pool.members.targets, pool.nonmembers.targets])
+    update: dict[str, Any] = {"artefact_key": None, "audit_key": None, "resume": False}
+    description = (f"federated like the target: {config.strategy}, {len(hospitals)} sites, {config.num_rounds} rounds, "
+                   f"fraction-train {config.fraction_train:g}, sample-level DP {'on' if privacy.enabled else 'off'}")  # fmt: skip
+    if config.secure_aggregation:
+        update.update(secure_aggregation=False, client_dp_clipping_norm=0.0)
+        if policy is not None:
+            policy = policy.model_copy(update={"require_secure_aggregation": False})
+        if config.client_dp:
+            description += "; without the coordinator's client-level DP noise (shadows less noisy than the target)"
+            message = (f"study {config.study}: the LiRA shadow federations run without client-level DP noise "
+                       "(in-process shadows cannot run SecAgg+); they model a less noisy target, so LiRA is weaker")  # fmt: skip
+            warnings.warn(message, stacklevel=2)
+            logger.warning("%s", message)
+
+    def trainer(index: np.ndarray, seed: int) -> nn.Module:
+        chosen = np.zeros(len(pool.site_of), dtype=bool)
+        chosen[np.asarray(index, dtype=np.int64)] = True
+        sites = []
+        for i, h in enumerate(hospitals):
+            rows = torch.from_numpy(np.flatnonzero(chosen & (pool.site_of == i)))
+            extra = Split(inputs=(pool_x[rows],), targets=pool_y[rows])
+            sites.append(dataclasses.replace(h, train=_concat_splits([pool.background[i], extra])))
+        with tempfile.TemporaryDirectory(prefix="fedcare-shadow-") as tmp:
+            folder = Path(tmp)
+            local = [LocalSite(data=site, privacy=privacy, ledger_dir=folder / "ledgers", name=site.name,
+                               seed=seed * 1000 + i, policy=policy) for i, site in enumerate(sites)]  # fmt: skip
+            app = make_client_app(lambda context: local[int(context.node_config["partition-id"])])
+            shadow_config = config.model_copy(update={**update, "checkpoint_dir": folder / "run", "seed": seed})
+            history = run_server(InProcessGrid(app, num_nodes=len(local)), shadow_config)
+            if on_history is not None:
+                on_history(history)
+            arrays, meta = load_model_file(folder / "run" / FINAL_MODEL_FILE)
+        first = hospitals[0]
+        model = build_for_data(ModelSpec.model_validate(meta["model_spec"]), task=first.task,
+                               num_classes=first.num_classes, input_shape=first.input_shape, has_mask=False)  # fmt: skip
+        set_weights(model, arrays)
+        return model.eval()
+
+    return trainer, description
 
 
 def _pair(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +316,10 @@ def audit_membership_file(
     members, nonmembers = membership_splits(data, seed=seed)
     train_fn = make_train_fn(spec, data, train=train, privacy=privacy, rounds=rounds) if n_shadow else None
     result = membership_audit(model, members=_pair(members), nonmembers=_pair(nonmembers), train_fn=train_fn,
+                              shadow_training=SITE_SHADOWS if train_fn is not None else None,
                               n_shadow=n_shadow or 16, n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
     gate = ReleaseGate(max_auc=max_auc) if max_auc is not None else None
-    failures = gate.failures(result) if gate is not None else []
+    decision = gate.decide(result) if gate is not None else None
     record: dict[str, Any] = {
         "model": str(model_path),
         "model_sha256": sha256_file(model_path),
@@ -162,8 +330,8 @@ def audit_membership_file(
         "nonmember_split": "test" if len(data.test) > 0 else "val",
         "recipe": {"rounds": rounds, "train": train.model_dump(), "privacy": privacy.model_dump()},
         "attacks": [a.model_dump() for a in result.attacks],
-        "gate": None if gate is None else {"max_auc": gate.max_auc, "basis": gate.basis, "passed": not failures,
-                                           "failed_attacks": [a.attack for a in failures]},
+        "gate": None if decision is None else {**decision.model_dump(), "passed": decision.passed,
+                                               "failed_attacks": list(decision.blocking)},
     }  # fmt: skip
     target = Path(out) if out is not None else Path(model_path).parent / f"membership_{data.name}.json"
     write_json_atomic(target, record)
@@ -220,13 +388,11 @@ def membership_command(
     _out.print(f"membership audit of {model} on site {record['site']} "
                f"({record['members']} members, {record['nonmembers']} non-members):", highlight=False)  # fmt: skip
     for attack in result.attacks:
-        _out.print(f"  {attack.describe()}, TPR at {attack.low_fpr:.0%} FPR {attack.tpr_at_low_fpr:.3f}",
-                   highlight=False)  # fmt: skip
+        _out.print(f"  {attack.describe()}, {attack.describe_tpr()}", highlight=False)
     _out.print(f"written to {record['file']}", highlight=False, soft_wrap=True)
     if max_auc is not None:
-        try:
-            ReleaseGate(max_auc=max_auc).check(result)
-        except ReleaseBlocked as exc:
-            _err.print(f"[bold red]{exc}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        _out.print(f"release gate passed (max AUC {max_auc:.3f}, upper 95% bound)", highlight=False)
+        decision = ReleaseGate(max_auc=max_auc).decide(result)
+        if not decision.passed:  # block or inconclusive: exit 1, the reason says which
+            _err.print(f"[bold red]{decision.reason}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        _out.print(decision.reason, highlight=False)

@@ -15,32 +15,40 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 __all__ = ["app", "evaluate", "simulate"]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Simulations and external validation.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Simulations and external validation.",
+    pretty_exceptions_enable=False,  # rich's tracebacks with locals print data (cli.main prints one line)
+    pretty_exceptions_show_locals=False,
+)
 
 _console = Console()
-_errors = Console(stderr=True)
+_errors = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(exc: BaseException, code: int) -> typer.Exit:
+    """Print ``exc`` as one line on stderr (no markup, no wrapping) and return the exit to raise."""
+    _errors.print("[red]error:[/red] ", end="")
+    _errors.print(" ".join(str(exc).split()), markup=False, highlight=False)
+    return typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Log through rich: warnings (or everything with --verbose).
+    """Log warnings (or everything with --verbose) to stderr, one plain line per record.
 
-    Flower configures its own ``flwr`` logger and console handler when it is imported; call
-    this after the imports. Its records are not propagated as well (they would print twice).
+    The format is the logger's name and fedcare's message only (no traceback with locals, no
+    wrapping). Flower configures its own ``flwr`` logger and console handler when it is imported;
+    call this after the imports. Its records are not propagated as well (they would print twice).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=_errors, show_path=False)],
-        force=True,
-    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     flower = logging.getLogger("flwr")
     flower.setLevel(level)
     flower.propagate = False
@@ -77,11 +85,9 @@ def simulate(
         spec = load_scenario(scenario or DEFAULT_SCENARIO)
         summary = run_scenario(spec, out, resume=resume, console=_errors)
     except (InvalidScenarioError, DataValidationError, CheckpointExistsError, ResumeMismatchError) as exc:
-        _errors.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
     except (CheckpointError, KeyFileError, AuditError, LedgerMismatchError) as exc:
-        _errors.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
     table = Table(title=f"{summary.scenario}: {summary.status}, {summary.rounds_completed}/{summary.rounds_planned} rounds")
     table.add_column("model")
     metrics = sorted(summary.final_global)
@@ -103,7 +109,8 @@ def simulate(
     _console.print(f"wall time {summary.wall_time_s:.1f} s (federated part {summary.federated_time_s:.1f} s); "
                    f"results in {summary.out_dir}")
     if summary.status != "completed":
-        _errors.print(f"[red]{summary.status}:[/red] {summary.reason}", soft_wrap=True)
+        _errors.print(f"[red]{summary.status}:[/red] ", end="")
+        _errors.print(str(summary.reason), markup=False, highlight=False)
         raise typer.Exit(1)
 
 
@@ -128,8 +135,7 @@ def evaluate(
     try:
         result = evaluate_model_file(model, site, split=split, out=out, key=key)
     except (DataValidationError, CheckpointError, KeyFileError, ValueError) as exc:
-        _errors.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
     table = Table(title=f"{result['site']} ({result['split']}, {result['num_examples']} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")

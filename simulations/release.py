@@ -19,12 +19,18 @@ scenario file's folder)::
     shadows = 16                  # LiRA shadow models (even, >= 4)
     bootstrap = 1000              # bootstrap resamples of the AUC interval
     seed = 0
+    power = 0.8                   # an audit that cannot tell AUC 0.5 from the limit with this power
+                                  # is "inconclusive", which blocks like a failure unless:
+    override_inconclusive = "…"   # absent: no override; a reason: release an inconclusive model
+                                  # (warned; the reason goes into the report and the audit log)
 
 After a completed run, :func:`release_model` checks that every site's ε as reported equals its
 ledger file, runs the membership audit when a gate is set (members: every hospital's training
 split; non-members: their test splits, else validation; the larger cut at random to the size of
-the smaller; LiRA shadows trained centrally with the scenario's recipe: rounds × local epochs,
-batch size, learning rate, DP settings), and only if the gate passes (or none is set) writes the
+the smaller; each LiRA shadow is a whole federation trained as the target was, in process, with
+the study's RunConfig, strategy and DP settings: ``simulations.audit.make_federated_shadow_trainer``),
+and only if the gate's verdict is *pass* (or none is set, or an *inconclusive* verdict is
+overridden with a logged reason; a *block* never is) writes the
 **unencrypted exported model** ``out/final_model.npz``. It writes ``out/privacy_report.json`` /
 ``.md`` either way and appends a ``release`` entry (gate verdict, AUC, model and report digests)
 to the audit log. A blocked release leaves no exported model and says why.
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,11 +48,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..client.dataset import SiteData, Split
-from ..client.training import TrainSettings
 from ..models import ModelSpec, build_for_data, set_weights
 from ..privacy.artefacts import sha256_file
 from ..privacy.ledger import PrivacyLedger
-from ..privacy.membership import MembershipAuditResult, ReleaseBlocked, ReleaseGate, membership_audit
+from ..privacy.membership import MembershipAuditResult, ReleaseGate, membership_audit
 from ..privacy.report import JSON_NAME, GateSummary, SitePrivacy, write_report
 from ..server.checkpoint import FINAL_MODEL_FILE, MetricsHistory, load_model_file, save_model_file
 from ..server.config import RunConfig
@@ -121,6 +127,8 @@ class ReleaseSettings(_Frozen):
     shadows: int = Field(default=16, ge=4)
     bootstrap: int = Field(default=1000, ge=0)
     seed: int = 0
+    power: float = Field(default=0.8, ge=0.5, lt=1.0)
+    override_inconclusive: str | None = Field(default=None, min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f|]+$")
 
     @field_validator("shadows")
     @classmethod
@@ -193,7 +201,12 @@ def _membership(
     settings: ReleaseSettings, config: RunConfig, scenario: Any, hospitals: list[SiteData], arrays: Any, meta: dict
 ) -> MembershipAuditResult:
     """Run the membership audit of the final model on the hospitals' held-in and held-out patients."""
-    from .audit import MembershipAuditError, make_train_fn, membership_splits  # noqa: PLC0415 - heavy
+    from .audit import (  # noqa: PLC0415 - heavy
+        MembershipAuditError,
+        federated_membership_pool,
+        make_federated_shadow_trainer,
+    )
+    from .runner import _site_policy  # noqa: PLC0415 - runner imports this module
 
     data = _pooled(hospitals)
     if data.task == "regression" or data.has_mask:
@@ -207,15 +220,16 @@ def _membership(
                            has_mask=False)  # fmt: skip
     set_weights(model, arrays)
     model.eval()
-    members, nonmembers = membership_splits(data, seed=settings.seed)
-    train_fn = None
+    pool = federated_membership_pool(hospitals, seed=settings.seed)
+    trainer, description = None, None
     if settings.attack == "lira":
-        recipe = TrainSettings(local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-                               device="cpu")  # fmt: skip
-        train_fn = make_train_fn(spec, data, train=recipe, privacy=scenario.privacy, rounds=config.num_rounds)
+        trainer, description = make_federated_shadow_trainer(config, hospitals, pool, privacy=scenario.privacy,
+                                                             policy=_site_policy(scenario))  # fmt: skip
+    members, nonmembers = pool.members, pool.nonmembers
     return membership_audit(
         model, members=(members.inputs[0], members.targets), nonmembers=(nonmembers.inputs[0], nonmembers.targets),
-        train_fn=train_fn, n_shadow=settings.shadows, n_bootstrap=settings.bootstrap, seed=settings.seed,
+        shadow_trainer=trainer, shadow_training=description, n_shadow=settings.shadows,
+        n_bootstrap=settings.bootstrap, seed=settings.seed,
     )  # fmt: skip
 
 
@@ -270,16 +284,24 @@ def release_model(
     gate_summary: GateSummary | None = None
     reason: str | None = None
     worst_value: float | None = None
+    decision = None
     if settings.max_membership_auc is not None:
-        gate = ReleaseGate(max_auc=settings.max_membership_auc, basis=settings.basis)
+        gate = ReleaseGate(max_auc=settings.max_membership_auc, basis=settings.basis, power=settings.power)
         membership = _membership(settings, config, scenario, hospitals, arrays, meta)
         worst = membership.worst()
         worst_value = worst.ci_high if settings.basis == "upper" else worst.auc
-        try:
-            gate.check(membership)
-        except ReleaseBlocked as exc:
-            reason = str(exc)
-        gate_summary = GateSummary(max_auc=gate.max_auc, basis=gate.basis, passed=reason is None)
+        decision = gate.decide(membership)
+        reason = None if decision.passed else decision.reason
+        override = None
+        if decision.verdict == "inconclusive" and settings.override_inconclusive is not None:
+            override = settings.override_inconclusive
+            message = (f"PRIVACY WARNING: scenario {scenario.name!r}: releasing the model although its membership "
+                       f"audit is inconclusive, by the scenario's [release] override_inconclusive ({override}): "
+                       f"{decision.reason}")  # fmt: skip
+            warnings.warn(message, stacklevel=2)
+            logger.warning("%s", message)
+            reason = None
+        gate_summary = GateSummary.from_decision(decision, override_reason=override)
     released = reason is None
     exported = out / FINAL_MODEL_FILE
     if released:
@@ -304,6 +326,8 @@ def release_model(
             report_sha256=sha256_file(report_path) if report_path is not None else None,
             membership_auc=None if worst_value is None else min(max(worst_value, 0.0), 1.0),
             gate_passed=None if gate_summary is None else gate_summary.passed,
+            gate_verdict=None if gate_summary is None else gate_summary.verdict,
+            override_reason=None if gate_summary is None else gate_summary.override_reason,
         )  # fmt: skip
     finally:
         audit.close()

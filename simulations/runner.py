@@ -50,12 +50,12 @@ from ..client.app import LocalSite, make_client_app
 from ..client.dataset import SiteData, Split
 from ..client.loaders import load_site_file
 from ..client.metrics import evaluate
+from ..models import build_for_data
 from ..privacy.policy import SitePolicy, node_default_policy
 from ..server.app import CheckpointExistsError, make_server_app
 from ..server.checkpoint import (
     CHECKPOINT_FILE,
     ENCRYPTED_SUFFIX,
-    FINAL_MODEL_FILE,
     HISTORY_FILE,
     RoundRecord,
     build_saved_model,
@@ -290,6 +290,7 @@ def _refuse_plain_rounds_the_sites_refuse(scenario: Scenario) -> None:
     policy = _site_policy(scenario)
     for note in policy.weakening_settings():  # the scenario's [policy] table, every virtual hospital
         logger.warning("PRIVACY WARNING: scenario %r, every virtual hospital's policy: %s", scenario.name, note)
+    _refuse_privacy_the_sites_refuse(scenario, policy)
     if scenario.secure_aggregation.enabled or not policy.require_secure_aggregation:
         return
     raise InvalidScenarioError(
@@ -298,6 +299,54 @@ def _refuse_plain_rounds_the_sites_refuse(scenario: Scenario) -> None:
         "so every hospital would refuse every round: add [secure_aggregation] enabled = true, or, if the "
         "hospitals may show the server their individual updates, [policy] require_secure_aggregation = false"
     )
+
+
+def _refuse_privacy_the_sites_refuse(scenario: Scenario, policy: SitePolicy) -> None:
+    """Raise ``InvalidScenarioError`` (before Ray starts) for settings every virtual hospital's policy refuses.
+
+    The same rules the node's ``check_round`` applies each round, on what the scenario states up
+    front: DP on when required, target ε / budget against the per-study and total ceilings, δ, the
+    clipping norm, a fixed σ, and the model family.
+    """
+    privacy = scenario.privacy
+    where = f"scenario {scenario.name!r}: every virtual hospital's policy"
+    problems: list[str] = []
+    if scenario.model.family not in policy.allowed_model_families:
+        problems.append(f"model family {scenario.model.family!r} is not allowed (allowed: "
+                        f"{', '.join(policy.allowed_model_families)}): change [model] family")
+    if not privacy.enabled:
+        if policy.require_dp:
+            problems.append("requires DP-SGD but [privacy] enabled = false: enable privacy, or set "
+                            "[policy] require_dp = false for a non-DP reference arm")
+    else:
+        epsilon = privacy.budget
+        if epsilon > policy.max_epsilon_per_study:
+            problems.append(f"allows ε ≤ {policy.max_epsilon_per_study:g} per study but [privacy] asks for "
+                            f"ε = {epsilon:g} (target_epsilon / epsilon_budget): lower it, or raise [policy] "
+                            "max_epsilon_per_study")
+        if epsilon > policy.max_epsilon_total:
+            problems.append(f"allows ε ≤ {policy.max_epsilon_total:g} in total but [privacy] asks for ε = "
+                            f"{epsilon:g}: lower it, or raise [policy] max_epsilon_total")
+        if privacy.delta > policy.max_delta:
+            problems.append(f"allows δ ≤ {policy.max_delta:.3g} but [privacy] delta = {privacy.delta:.3g}: lower it")
+        if privacy.max_grad_norm > policy.max_grad_norm:
+            problems.append(f"allows a clipping norm ≤ {policy.max_grad_norm:g} but [privacy] max_grad_norm = "
+                            f"{privacy.max_grad_norm:g}: lower it")
+        if privacy.noise_multiplier is not None and privacy.noise_multiplier < policy.min_noise_multiplier:
+            problems.append(f"requires σ ≥ {policy.min_noise_multiplier:g} but [privacy] noise_multiplier = "
+                            f"{privacy.noise_multiplier:g}: raise it")
+    if problems:
+        raise InvalidScenarioError(f"{where} would refuse every round: " + "; ".join(problems))
+
+
+def _refuse_data_the_model_or_sites_refuse(scenario: Scenario, hospitals: list[SiteData]) -> None:
+    """Raise ``InvalidScenarioError`` (before Ray starts) when the model cannot be built for the data."""
+    first = hospitals[0]
+    try:
+        build_for_data(scenario.model, task=first.task, num_classes=first.num_classes,
+                       input_shape=tuple(first.input_shape), has_mask=first.has_mask)
+    except ValueError as exc:  # models/ messages name the family, task and shape, never values
+        raise InvalidScenarioError(f"scenario {scenario.name!r}: [model] does not fit the data: {exc}") from None
 
 
 def _policy_label(scenario: Scenario) -> str:
@@ -433,6 +482,7 @@ def run_scenario(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     hospitals = build_hospitals(scenario)
+    _refuse_data_the_model_or_sites_refuse(scenario, hospitals)
     config = run_config_for(scenario, hospitals, out, resume=resume)
     existing = config.checkpoint_dir / CHECKPOINT_FILE  # type: ignore[operator]
     if not existing.exists():

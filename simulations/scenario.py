@@ -71,9 +71,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..models import ModelSpec
+from ..models.families import FAMILIES
 from ..privacy.policy import SitePolicy
 from ..privacy.settings import PrivacySettings
 from ..server.config import RunConfig
+from .builtin import BUILTIN_SOURCES
 from .partition import PartitionScheme
 from .secure import ClientDpSpec, SecureAggregationSpec, secure_run_fields
 from .release import ArtefactSettings, AuditSettings, ReleaseSettings
@@ -119,6 +121,14 @@ class SklearnSource(_Frozen):
     name: str = "breast_cancer"
     val: float = Field(default=0.15, ge=0.0, lt=1.0)
     test: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        """Refuse an unknown built-in data set when the scenario loads (before any data or Ray)."""
+        if value not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown built-in data set {value!r}; known: {', '.join(BUILTIN_SOURCES.names())}")
+        return value
 
 
 class ManifestsSource(_Frozen):
@@ -238,6 +248,14 @@ class Scenario(_Frozen):
     audit: AuditSettings = AuditSettings()
     release: ReleaseSettings = ReleaseSettings()
 
+    @field_validator("model")
+    @classmethod
+    def _known_family(cls, value: ModelSpec) -> ModelSpec:
+        """Refuse an unknown model family when the scenario loads (before any data or Ray)."""
+        if value.family not in FAMILIES:
+            raise ValueError(f"unknown model family {value.family!r}; known: {', '.join(FAMILIES.names())}")
+        return value
+
     @model_validator(mode="after")
     def _partition_fits_source(self) -> Scenario:
         """Require a partition for partitioned sources and refuse one for natural manifests."""
@@ -293,9 +311,9 @@ def load_scenario(path: Path | str) -> Scenario:
     try:
         return Scenario.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
-        lines = "\n".join(
-            f"  - {'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
+        problems = "; ".join(  # never the input value: a scenario may quote data
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
             f"{str(e['msg']).removeprefix('Value error, ')}"
             for e in exc.errors()
         )
-        raise InvalidScenarioError(f"invalid scenario {path}:\n{lines}") from None
+        raise InvalidScenarioError(f"invalid scenario {path}: {problems}; fix the scenario file") from None

@@ -1,4 +1,8 @@
-"""Certificates and node keys: SANs, signatures, key formats flwr loads, file modes, refusals."""
+"""Certificates and node keys: SANs, signatures, key formats flwr loads, file modes, refusals.
+
+The coordinator's folder holds the CA and server keys only; node keys are made at the hospital
+(``generate_node_key``, ``fedcare node keygen``).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from fedcare.privacy.certs import (
     InvalidSubjectAltNameError,
     KeyFileExistsError,
     MissingCertificateError,
+    NodeKeyPaths,
     generate_node_key,
     init_certificates,
     load_certificate,
@@ -35,10 +40,14 @@ NODES = ["hospital-a", "hospital-b"]
 
 @pytest.fixture()
 def layout(tmp_path: Path) -> CertificateLayout:
-    """A certificate folder with a public name, one extra IP and two nodes."""
-    return init_certificates(
-        tmp_path / "certs", server_name="fl.example.org", ips=["10.1.2.3"], nodes=NODES
-    )
+    """A certificate folder with a public name and one extra IP."""
+    return init_certificates(tmp_path / "certs", server_name="fl.example.org", ips=["10.1.2.3"])
+
+
+@pytest.fixture()
+def node_keys(tmp_path: Path) -> dict[str, NodeKeyPaths]:
+    """Two hospitals' key pairs, each made in the hospital's own folder."""
+    return {n: generate_node_key(tmp_path / "hospitals" / n, n) for n in NODES}
 
 
 def _sans(layout: CertificateLayout) -> x509.SubjectAlternativeName:
@@ -94,10 +103,12 @@ def test_a_foreign_ca_does_not_verify_the_server_certificate(
         verify_server_certificate(other.ca_cert, layout.server_cert)
 
 
-def test_private_keys_are_0600_and_public_files_readable(layout: CertificateLayout) -> None:
+def test_private_keys_are_0600_and_public_files_readable(
+    layout: CertificateLayout, node_keys: dict[str, NodeKeyPaths]
+) -> None:
     # Prepare
-    private = [layout.ca_key, layout.server_key] + [layout.node(n).private_key for n in NODES]
-    public = [layout.ca_cert, layout.server_cert] + [layout.node(n).public_key for n in NODES]
+    private = [layout.ca_key, layout.server_key] + [node_keys[n].private_key for n in NODES]
+    public = [layout.ca_cert, layout.server_cert] + [node_keys[n].public_key for n in NODES]
 
     # Assert
     for path in private:
@@ -107,9 +118,9 @@ def test_private_keys_are_0600_and_public_files_readable(layout: CertificateLayo
         assert stat.S_IMODE(path.stat().st_mode) & 0o600 == 0o600
 
 
-def test_node_keys_are_p384_openssh_as_flwr_loads_them(layout: CertificateLayout) -> None:
+def test_node_keys_are_p384_openssh_as_flwr_loads_them(node_keys: dict[str, NodeKeyPaths]) -> None:
     # Prepare
-    node = layout.node("hospital-a")
+    node = node_keys["hospital-a"]
 
     # Execute: the loaders flower-supernode and `flwr supernode register` use
     private = load_ssh_private_key(node.private_key.read_bytes(), None)
@@ -132,29 +143,37 @@ def test_server_key_matches_server_certificate(layout: CertificateLayout) -> Non
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
-def test_refuses_to_overwrite_without_force(layout: CertificateLayout) -> None:
+def test_refuses_to_overwrite_without_force(
+    layout: CertificateLayout, node_keys: dict[str, NodeKeyPaths]
+) -> None:
     # Prepare
-    before = {p: p.read_bytes() for p in layout.root.rglob("*") if p.is_file()}
+    folders = [layout.root, node_keys["hospital-a"].private_key.parent]
+    before = {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()}
 
     # Execute / Assert
     with pytest.raises(KeyFileExistsError, match="--force"):
-        init_certificates(layout.root, server_name="fl.example.org", nodes=NODES)
+        init_certificates(layout.root, server_name="fl.example.org")
     with pytest.raises(KeyFileExistsError):
-        generate_node_key(layout.root, "hospital-a")
+        generate_node_key(node_keys["hospital-a"].private_key.parent, "hospital-a")
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_force_replaces_keys_with_mode_0600(layout: CertificateLayout) -> None:
+def test_force_replaces_keys_with_mode_0600(
+    layout: CertificateLayout, node_keys: dict[str, NodeKeyPaths]
+) -> None:
     # Prepare
-    old_key = layout.node("hospital-a").private_key.read_bytes()
+    old_ca = layout.ca_key.read_bytes()
+    old_key = node_keys["hospital-a"].private_key.read_bytes()
 
     # Execute
-    init_certificates(layout.root, server_name="fl.example.org", nodes=NODES, force=True)
+    init_certificates(layout.root, server_name="fl.example.org", force=True)
+    new = generate_node_key(node_keys["hospital-a"].private_key.parent, "hospital-a", force=True)
 
     # Assert
-    new = layout.node("hospital-a").private_key
-    assert new.read_bytes() != old_key
-    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    assert layout.ca_key.read_bytes() != old_ca
+    assert new.private_key.read_bytes() != old_key
+    for path in (layout.ca_key, new.private_key):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_bad_names_and_addresses_are_refused(tmp_path: Path) -> None:
@@ -164,9 +183,7 @@ def test_bad_names_and_addresses_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidSubjectAltNameError, match="DNS name"):
         init_certificates(tmp_path, server_name="bad name")
     with pytest.raises(InvalidNodeNameError, match="hospital-a"):
-        init_certificates(tmp_path, server_name="fl.example.org", nodes=["../hospital-a"])
-    with pytest.raises(InvalidNodeNameError, match="repeat"):
-        init_certificates(tmp_path, server_name="fl.example.org", nodes=["a1", "a1"])
+        generate_node_key(tmp_path, "../hospital-a")
     assert not any(tmp_path.iterdir())
 
 
@@ -183,7 +200,7 @@ def test_cli_init_and_refusal(tmp_path: Path) -> None:
     # Prepare
     runner = CliRunner()
     args = ["init", "--out", str(tmp_path / "c"), "--server-name", "fl.example.org",
-            "--ip", "10.0.0.1,10.0.0.2", "--nodes", "hospital-a,hospital-b"]  # fmt: skip
+            "--ip", "10.0.0.1,10.0.0.2"]  # fmt: skip
 
     # Execute
     first = runner.invoke(certs_app, args)
@@ -193,6 +210,6 @@ def test_cli_init_and_refusal(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     layout = CertificateLayout(tmp_path / "c")
     assert len(_sans(layout).get_values_for_type(x509.IPAddress)) == 3
-    assert layout.node("hospital-b").public_key.is_file()
+    assert sorted(p.name for p in layout.root.iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem"]
     assert second.exit_code == 1
     assert "--force" in second.output

@@ -107,7 +107,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp
 
     # Assert
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fedcare-state", "checkpoint.npz"]
     assert load_checkpoint(path).round == 3
 
 
@@ -128,7 +128,7 @@ def test_an_interrupted_write_never_replaces_the_checkpoint(tmp_path: Path, monk
 
     # Assert
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fedcare-state", "checkpoint.npz"]
 
 
 def test_damaged_or_foreign_files_raise_checkpoint_error(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from deploy_support import TINY_APP, federation, heart_manifest  # noqa: E402
+from deploy_support import NO_APP_PIN, TINY_APP, federation, heart_manifest  # noqa: E402
 
 from fedcare.privacy.certs import generate_node_key  # noqa: E402
 from fedcare.server.deploy import (  # noqa: E402
@@ -54,14 +54,16 @@ def test_public_fleet_address_gets_a_loopback_control_port(tmp_path: Path) -> No
         address="127.0.0.1:9300", control_address="127.0.0.1:9500", state_dir=tmp_path, insecure=True
     )
 
-    # Assert: a public Fleet address never carries the Control API
+    # Assert: no Fleet address, public or loopback, ever carries the Control API
     assert public.effective_control_address == "127.0.0.1:9301"
     argv = superlink_command(public)
-    assert argv[1:6] == ["-m", "fedcare.server.superlink_front", "--fleet-address", "0.0.0.0:9300", "--"]
+    assert argv[1:5] == ["-m", "fedcare.server.superlink_front", "--fleet-address", "0.0.0.0:9300"]
+    assert argv[argv.index("--control-token-file") + 1] == str((tmp_path / "control.token").resolve())
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "9301"
-    assert local.effective_control_address is None
-    assert Path(superlink_command(local)[0]).name == "flower-superlink"
+    assert local.effective_control_address == "127.0.0.1:9301"
+    assert superlink_command(local)[1:5] == ["-m", "fedcare.server.superlink_front", "--fleet-address",
+                                             "127.0.0.1:9300"]  # fmt: skip
     assert explicit.coordinator_address == "127.0.0.1:9500"
 
 
@@ -77,7 +79,9 @@ def test_control_address_must_be_loopback_and_its_own_port(tmp_path: Path) -> No
         )
 
 
-def _call(gate: FleetOnlyGate, path: str, local_port: int) -> tuple[int, list[str]]:
+def _call(
+    gate: FleetOnlyGate, path: str, local_port: int, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, list[str]]:
     reached: list[str] = []
     sent: list[dict[str, Any]] = []
 
@@ -93,7 +97,8 @@ def _call(gate: FleetOnlyGate, path: str, local_port: int) -> tuple[int, list[st
         sent.append(message)
 
     gate.app = app
-    scope = {"type": "http", "path": path, "root_path": "", "server": ("127.0.0.1", local_port)}
+    scope = {"type": "http", "path": path, "root_path": "", "server": ("127.0.0.1", local_port),
+             "headers": headers or []}  # fmt: skip
     asyncio.run(gate(scope, receive, send))
     return sent[0]["status"], reached
 
@@ -101,7 +106,10 @@ def _call(gate: FleetOnlyGate, path: str, local_port: int) -> tuple[int, list[st
 def test_gate_lets_only_fleet_routes_through_the_fleet_port() -> None:
     # Prepare
     paths = fleet_paths()
-    gate = FleetOnlyGate(lambda *a: None, control_port=9301, allowed_paths=paths)  # type: ignore[arg-type]
+    token = "t" * 43
+    gate = FleetOnlyGate(lambda *a: None, control_port=9301, allowed_paths=paths,  # type: ignore[arg-type]
+                         control_token=token)  # fmt: skip
+    bearer = [(b"authorization", f"Bearer {token}".encode())]
 
     # Execute / Assert: fleet socket (local port 9300)
     assert "/v1/fleet/pull-messages" in paths and not any("control" in p for p in paths)
@@ -109,8 +117,13 @@ def test_gate_lets_only_fleet_routes_through_the_fleet_port() -> None:
     for refused in ("/v1/control/start-run", "/v1/control/register-node",
                     "/v1/runtime/pull-task-input", "/v1/fleet/../control/start-run", "/docs"):  # fmt: skip
         assert _call(gate, refused, 9300) == (403, []), refused
-    # control socket (local port 9301): everything reaches flwr
-    assert _call(gate, "/v1/control/start-run", 9301) == (200, ["/v1/control/start-run"])
+        assert _call(gate, refused, 9300, bearer) == (403, []), refused
+    # control socket (local port 9301): Control API only with the token; Runtime and Fleet pass
+    assert _call(gate, "/v1/control/start-run", 9301, bearer) == (200, ["/v1/control/start-run"])
+    for wrong in ([], [(b"authorization", b"Bearer nope")], bearer + bearer):
+        assert _call(gate, "/v1/control/list-runs", 9301, wrong) == (401, [])
+    assert _call(gate, "/docs", 9301) == (401, [])
+    assert _call(gate, "/v1/runtime/pull-task-input", 9301) == (200, ["/v1/runtime/pull-task-input"])
 
 
 # --- real processes -------------------------------------------------------------------------
@@ -135,12 +148,13 @@ def test_fleet_address_refuses_runs_and_registrations_control_address_accepts(
         nodes=[site],
         register=[],
         extra_env={"PYTHONPATH": str(TINY_APP)},
-        split_control=True,
     ) as fed:
-        assert fed.control_address is not None
-        from_node = FlowerConnection.from_certs_dir(fed.address, fed.certs.root)
+        # even with the coordinator's token, the fleet address serves no Control API
+        from_node = FlowerConnection.from_certs_dir(
+            fed.address, fed.certs.root, control_token_file=fed.control_token
+        )
         from_coordinator = fed.connection
-        late_key = generate_node_key(fed.certs.root, "late").public_key
+        late_key = generate_node_key(tmp_path / "hospital-late", "late").public_key
 
         # Execute / Assert: a node's network position can neither submit nor register
         with pytest.raises(RunSubmissionError, match="not served on the Fleet port"):
@@ -149,13 +163,13 @@ def test_fleet_address_refuses_runs_and_registrations_control_address_accepts(
             register_node(late_key, from_node, timeout=60.0)
 
         # the coordinator on the loopback control address can do both
-        node_id = register_node(fed.certs.node(site).public_key, from_coordinator, timeout=60.0)
+        node_id = register_node(fed.node_keys[site].public_key, from_coordinator, timeout=60.0)
         outcome = submit_run(app_dir, from_coordinator, timeout=120.0)
         assert outcome.status == "finished:failed"
         assert "failing on purpose" in outcome.details
 
         # and a registered node joins through the fleet address
-        node = fed.start_node(site, manifest, ready_timeout=60.0)
+        node = fed.start_node(site, manifest, ready_timeout=60.0, trusted_app_hashes=(NO_APP_PIN,))
         assert node.node_id == node_id
         superlink_log = fed.superlink.log_text() if fed.superlink else ""
 

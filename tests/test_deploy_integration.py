@@ -28,7 +28,9 @@ from deploy_support import federation, heart_manifest  # noqa: E402
 
 from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE  # noqa: E402
 from fedcare.server.cli import run_command  # noqa: E402
+from fedcare.client.deploy import pin_app_in_policy  # noqa: E402
 from fedcare.server.deploy import run_status  # noqa: E402
+from fedcare.server.flower_app import app_hash, build_flower_app, load_study  # noqa: E402
 
 SITES = ["cleveland", "hungarian", "va"]
 
@@ -78,6 +80,14 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
     # (without one a node requires SecAgg+ and would refuse the first, plain study)
     policy = tmp_path / "policy.toml"
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
+    secure_dir = tmp_path / "secure-model"
+    secure_study = tmp_path / "secure-study.toml"
+    secure_study.write_text(SECURE_STUDY.format(checkpoint_dir=secure_dir), encoding="utf-8")
+    # the coordinator publishes each study's app hash (`fedcare server app-hash`); the hospital
+    # pins both (`fedcare node pin-app HASH --policy FILE`)
+    for name, path in (("plain", study), ("secure", secure_study)):
+        digest = app_hash(build_flower_app(load_study(path), tmp_path / f"app-{name}"))
+        assert pin_app_in_policy(policy, digest)
 
     with federation(tmp_path / "fed", nodes=SITES) as fed:
         ready = {}
@@ -90,8 +100,8 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
         run_started = time.monotonic()
         result = CliRunner().invoke(
             cli,
-            [str(study), "--superlink", fed.address, "--certs", str(fed.certs.root),
-             "--timeout", "480"],
+            [str(study), "--superlink", fed.coordinator_address, "--certs", str(fed.certs.root),
+             "--control-token", str(fed.control_token), "--timeout", "480"],
         )  # fmt: skip
         run_s = time.monotonic() - run_started
 
@@ -106,14 +116,11 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
             assert node.handle.running(), node.handle.log_tail()
 
         # Execute (2): a SecAgg+ study with client-level DP on the same federation
-        secure_dir = tmp_path / "secure-model"
-        secure_study = tmp_path / "secure-study.toml"
-        secure_study.write_text(SECURE_STUDY.format(checkpoint_dir=secure_dir), encoding="utf-8")
         secure_started = time.monotonic()
         secure = CliRunner().invoke(
             cli,
-            [str(secure_study), "--superlink", fed.address, "--certs", str(fed.certs.root),
-             "--timeout", "480"],
+            [str(secure_study), "--superlink", fed.coordinator_address, "--certs", str(fed.certs.root),
+             "--control-token", str(fed.control_token), "--timeout", "480"],
         )  # fmt: skip
         secure_s = time.monotonic() - secure_started
 
@@ -125,7 +132,10 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
         assert secure_history["status"] == "completed"
         last = secure_history["rounds"][-1]
         assert last["train"]["secure-aggregation"] == 1.0 and last["train"]["client-epsilon"] > 0
-        assert len(last["site_train"]) == len(last["site_evaluate"]) == len(SITES)
+        assert len(last["site_train"]) == len(SITES)
+        # heart-va's 19 test patients are below the default min_evaluation_cohort (20): it refuses evaluation
+        assert len(last["site_evaluate"]) == len(SITES) - 1
+        assert any(r["stage"] == "evaluate" and "[evaluation_cohort]" in r["reason"] for r in last["refusals"])
         assert (secure_dir / FINAL_MODEL_FILE).is_file()
 
     assert (model_dir / FINAL_MODEL_FILE).is_file()

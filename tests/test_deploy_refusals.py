@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from deploy_support import TINY_APP, Federation, federation, free_port, heart_manifest  # noqa: E402
+from deploy_support import (  # noqa: E402
+    NO_APP_PIN,
+    TINY_APP,
+    Federation,
+    federation,
+    free_port,
+    heart_manifest,
+)
 
 from fedcare.client.deploy import (  # noqa: E402
     ConflictingNodeTlsError,
@@ -197,7 +204,7 @@ def test_unregistered_node_is_refused(fed: Federation, shared_data: Path) -> Non
 
     # Execute
     with pytest.raises(ProcessExitedError) as info:
-        fed.start_node(UNREGISTERED, manifest, ready_timeout=60.0)
+        fed.start_node(UNREGISTERED, manifest, ready_timeout=60.0, trusted_app_hashes=(NO_APP_PIN,))
 
     # Assert: the SuperLink answered HTTP 412 "Failed to activate SuperNode"; flwr exits 305
     assert info.value.returncode not in (None, 0)
@@ -210,7 +217,7 @@ def test_unregistered_node_is_refused(fed: Federation, shared_data: Path) -> Non
 def test_registering_a_key_twice_is_refused(fed: Federation) -> None:
     # Execute / Assert
     with pytest.raises(NodeRegistrationError, match="already in use"):
-        register_node(fed.certs.node(REGISTERED).public_key, fed.connection)
+        register_node(fed.node_keys[REGISTERED].public_key, fed.connection)
 
 
 @pytest.mark.integration
@@ -227,6 +234,7 @@ def test_plaintext_node_cannot_connect_to_tls_superlink(
         state_dir=tmp_path / "plain",
         insecure=True,
         max_wait_time=5.0,
+        trusted_app_hashes=(NO_APP_PIN,),
     )
     # Execute
     with pytest.warns(NodePlaintextWarning), pytest.raises((ProcessExitedError, ReadyTimeoutError)) as info:
@@ -259,8 +267,8 @@ def test_fedcare_run_exits_nonzero_when_the_serverapp_raises(
     # Execute
     result = CliRunner().invoke(
         cli,
-        [str(study), "--superlink", fed.address, "--certs", str(fed.certs.root),
-         "--timeout", "240"],
+        [str(study), "--superlink", fed.coordinator_address, "--certs", str(fed.certs.root),
+         "--control-token", str(fed.control_token), "--timeout", "240"],
     )  # fmt: skip
 
     # Assert

@@ -134,7 +134,7 @@ def test_node_command_runs_the_tuned_loop_only_below_flwrs_poll(tmp_path: Path) 
 
     def command(**kwargs: Any) -> list[str]:
         settings = NodeSettings(site_manifest=manifest, superlink="127.0.0.1:9300", port=9401,
-                                state_dir=tmp_path, certs_dir=tmp_path, auth_key=key, **kwargs)  # fmt: skip
+                                state_dir=tmp_path, ca_cert=tmp_path / "ca.crt", auth_key=key, **kwargs)  # fmt: skip
         return supernode_command(settings, site_name="va")
 
     # Execute

@@ -173,15 +173,16 @@ def test_logit_confidence_binary_and_multiclass() -> None:
     np.testing.assert_allclose(phi_multi, np.log(p[[0, 2]] / (1 - p[[0, 2]])), rtol=1e-9)
 
 
-def _attack(auc: float, low: float, high: float) -> AttackResult:
+def _attack(auc: float, low: float, high: float, n: int = 50) -> AttackResult:
     return AttackResult(attack="loss_threshold", auc=auc, ci_low=low, ci_high=high, confidence=0.95,
-                        low_fpr=0.01, tpr_at_low_fpr=0.0, n_members=50, n_nonmembers=50,
+                        low_fpr=0.01, tpr_at_low_fpr=0.0, n_members=n, n_nonmembers=n,
                         n_bootstrap=100, seed=0)  # fmt: skip
 
 
 def test_gate_basis_upper_blocks_wide_interval_point_basis_does_not() -> None:
-    # Prepare: point estimate under the limit, upper bound above it
-    result = MembershipAuditResult(attacks=(_attack(0.55, 0.45, 0.65),))
+    # Prepare: point estimate under the limit, upper bound above it; 400 + 400 examples, enough to
+    # test the limit (a smaller audit is inconclusive: tests/attacks/test_membership_gate.py)
+    result = MembershipAuditResult(attacks=(_attack(0.55, 0.45, 0.65, n=400),))
 
     # Execute / Assert
     with pytest.raises(ReleaseBlocked, match="larger held-in and held-out splits"):

@@ -123,3 +123,25 @@ def test_write_report_does_not_overwrite(tmp_path: Path) -> None:
         write_report(_report(), tmp_path)
     write_report(_report(round=11), tmp_path, overwrite=True)
     assert load_report(tmp_path / "privacy_report.json").round == 11
+
+
+def test_report_states_secure_cohort_and_trust_assumptions() -> None:
+    # Prepare
+    from fedcare.privacy.report import TRUST_ASSUMPTIONS, render_markdown
+
+    report = _report(secure_min_sites=3, trust_assumptions=TRUST_ASSUMPTIONS)
+
+    # Execute
+    text = render_markdown(report)
+
+    # Assert
+    assert "Fewest sites in one secure sum: 3." in text
+    assert "## Trust assumptions" in text
+    assert all(item in text for item in TRUST_ASSUMPTIONS)
+    assert "Neighbouring relation: **" in text
+
+
+def test_a_secure_cohort_without_secure_aggregation_is_refused() -> None:
+    # Execute / Assert
+    with pytest.raises(ValidationError, match="secure_min_sites"):
+        _report(secure_aggregation=False, secure_min_sites=3)

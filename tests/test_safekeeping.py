@@ -111,7 +111,10 @@ def test_an_encrypted_run_keeps_no_plaintext_and_a_flipped_byte_stops_the_resume
     with pytest.raises(_Stop):
         run_server(_grid(tmp_path), config, on_round=_stop_after(1))
     ckpt = tmp_path / "ckpt" / "checkpoint.npz.enc"
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint.npz.enc"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".fedcare-state", "checkpoint.npz.enc"]
+    # the state folder holds the checkpoint's head record and its HMAC key only, no model
+    assert sorted(p.name for p in (tmp_path / "ckpt" / ".fedcare-state").iterdir()) == [
+        "checkpoint-mac.key", "checkpoint.npz.enc.head.json"]
     assert load_checkpoint(ckpt, key=ArtefactKey.from_file(keys["artefact"])).round == 1
     spent_before = _epsilons(tmp_path)
     _flip(ckpt)
@@ -199,7 +202,8 @@ def test_the_audit_log_chains_across_a_resume_and_names_a_flipped_entry(
     spent = _epsilons(tmp_path)
     for site in last_round["sites"]:
         assert len(site["manifest_sha256"]) == 64 and site["manifest_sha256"] != "0" * 64
-        assert site["epsilon_spent"] == pytest.approx(spent[site["site"]], rel=1e-12)
+        # the round entry holds the ε of the round's training reply; round 2's evaluation (ε 0.1) came after
+        assert site["epsilon_spent"] + 0.1 == pytest.approx(spent[site["site"]], rel=1e-12)
     key = load_artefact_key(str(keys["artefact"]))
     round1 = load_checkpoint(tmp_path / "ckpt" / "checkpoint.npz.enc", key=key)  # now round 2's
     assert round1.round == 2

@@ -71,7 +71,9 @@ def _sites(tmp_path: Path, n: int, *, privacy: PrivacySettings, require_secagg: 
     data = partition(load_builtin("breast_cancer"), scheme=scheme or PartitionScheme(kind="iid"), num_sites=n, seed=0)
     policy = node_default_policy().model_copy(
         update={"require_dp": privacy.enabled, "require_secure_aggregation": require_secagg,
-                "max_epsilon_per_study": 50.0, "max_epsilon_total": 50.0}
+                "max_epsilon_per_study": 50.0, "max_epsilon_total": 50.0,
+                # small test splits evaluated; non-DP sites (ε unbounded) can only release exact ones
+                "min_evaluation_cohort": 1, "evaluation": "dp" if privacy.enabled else "exact"}
     )
     return tuple(
         LocalSite(data=d, privacy=privacy, ledger_dir=tmp_path / "ledgers", name=d.name, seed=i, policy=policy)
@@ -133,7 +135,10 @@ def test_secure_aggregate_is_the_unweighted_mean_of_the_clipped_updates(tmp_path
     record = history.rounds[0]
     assert set(record.site_train) == {s.name for s in sites}
     assert all(m["secure-aggregation"] == 1.0 for m in record.site_train.values())
-    assert {m["num-examples"] for m in record.site_train.values()} == {float(len(s.data.train)) for s in sites}
+    # the count in the plaintext metrics is each site's Laplace-noised release (issue 11), never the exact one
+    stored = {s.name: [r["value"] for r in PrivacyLedger.open(s.ledger_dir, site=s.name, study=config.study).releases
+                       if r["mechanism"] == "count"] for s in sites}
+    assert {n: [m["num-examples"]] for n, m in record.site_train.items()} == stored
     assert set(record.site_evaluate) == {s.name for s in sites}
     assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "completed"
 
@@ -158,13 +163,12 @@ def test_a_secure_run_repeats_exactly_for_the_same_seed(tmp_path: Path) -> None:
         np.testing.assert_array_equal(finals[0][k], finals[1][k])
 
 
-def test_client_level_epsilon_is_opacus_rdp() -> None:
+def test_client_level_epsilon_is_not_the_poisson_add_remove_figure() -> None:
+    # exact values: tests/attacks/test_client_level_accounting.py (fixed-size sampling, replace-one)
     accountant = RDPAccountant()
     accountant.history = [(0.8, 0.5, 2), (1.1, 1.0, 1)]
 
-    assert client_level_epsilon([(0.8, 0.5), (0.8, 0.5), (1.1, 1.0)], 1e-5) == pytest.approx(
-        accountant.get_epsilon(1e-5)
-    )
+    assert client_level_epsilon([(0.8, 1, 2), (0.8, 1, 2), (1.1, 2, 2)], 1e-5) > accountant.get_epsilon(1e-5)
     assert client_level_epsilon([(0.0, 1.0)], 1e-5) == float("inf")
 
 
@@ -215,15 +219,15 @@ def test_a_parameter_beyond_the_quantisation_range_is_refused_not_clipped(tmp_pa
 def test_a_site_requiring_secagg_refuses_a_plain_round_and_accepts_a_secure_one(tmp_path: Path) -> None:
     # Prepare
     dp = PrivacySettings.with_target(epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
-    sites = _sites(tmp_path, 2, privacy=dp, require_secagg=True)
+    sites = _sites(tmp_path, 3, privacy=dp, require_secagg=True)  # 3: the policy's min_secure_cohort
     app = make_client_app(_Sites(sites))
-    plain = RunConfig(input_shape=(30,), num_rounds=1, min_sites=2, lr=0.5, checkpoint_dir=tmp_path / "plain")
-    secure = _config(tmp_path / "secure", 2, client_dp_noise_multiplier=1.0)
+    plain = RunConfig(input_shape=(30,), num_rounds=1, min_sites=3, lr=0.5, checkpoint_dir=tmp_path / "plain")
+    secure = _config(tmp_path / "secure", 3, client_dp_noise_multiplier=1.0)
 
     # Execute / Assert: plain round refused on the secure_aggregation rule
     with pytest.raises(TooFewSitesError, match=r"secure_aggregation"):
-        run_server(_WireGrid(app, 2), plain)
-    history = run_server(_WireGrid(app, 2), secure)
+        run_server(_WireGrid(app, 3), plain)
+    history = run_server(_WireGrid(app, 3), secure)
 
     record = history.rounds[0]
     assert record.complete and set(record.site_train) == {s.name for s in sites}
@@ -263,9 +267,9 @@ def test_secagg_scenario_with_client_dp_completes_in_simulation(tmp_path: Path) 
     assert summary.status == "completed" and summary.rounds_completed == scenario.rounds
     secure = summary.secure_aggregation
     assert secure is not None and secure["enabled"] and secure["client_dp"]
-    accountant = RDPAccountant()
-    accountant.history = [(scenario.client_dp.noise_multiplier, 1.0, scenario.rounds)]  # type: ignore[union-attr]
-    assert secure["client_epsilon"] == pytest.approx(accountant.get_epsilon(scenario.client_dp.delta))  # type: ignore[union-attr]
+    n = scenario.num_hospitals  # every site sampled every round: fixed-size sampling with m = n
+    steps = [(scenario.client_dp.noise_multiplier, n, n)] * scenario.rounds  # type: ignore[union-attr]
+    assert secure["client_epsilon"] == pytest.approx(client_level_epsilon(steps, scenario.client_dp.delta))  # type: ignore[union-attr]
     assert secure["client_delta"] == scenario.client_dp.delta  # type: ignore[union-attr]
     report = json.loads((tmp_path / "out" / "privacy_report.json").read_text())
     assert report["secure_aggregation"] is True
@@ -367,21 +371,25 @@ def test_an_encrypted_audited_secure_run_resumes_and_reports_client_and_site_eps
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["secure_aggregation"] is True and r["aggregate_update_norm"] > 0 for r in rounds)
     assert all(s["manifest_sha256"] != "0" * 64 for r in rounds for s in r["sites"])
-    # Assert: the report states SecAgg+, the client-level ε of a fresh RDP accountant, each ledger's ε
+    # Assert: the report states SecAgg+, the client-level ε (fixed-size sampling, replace-one), each ledger's ε
     report = json.loads((folder / "privacy_report.json").read_text())
-    accountant = RDPAccountant()
-    accountant.history = [(1.0, 1.0, 2)]  # σ = 1, every site sampled, two rounds
     client = report["client_level"]
     assert report["secure_aggregation"] is True
-    assert client["epsilon"] == pytest.approx(accountant.get_epsilon(config.client_dp_delta), rel=1e-12)
-    assert (client["delta"], client["noise_multiplier"], client["clipping_norm"], client["accountant"]) == (
-        config.client_dp_delta, 1.0, config.client_dp_clipping_norm, "rdp"
+    sampled = len(sites)  # σ = 1, every site sampled, two rounds
+    assert client["epsilon"] == pytest.approx(
+        client_level_epsilon([(1.0, sampled, sampled)] * 2, config.client_dp_delta), rel=1e-12
     )
+    assert (client["delta"], client["noise_multiplier"], client["clipping_norm"]) == (
+        config.client_dp_delta, 1.0, config.client_dp_clipping_norm
+    )
+    assert client["accountant"].startswith("dp_accounting RDP, SampledWithoutReplacementDpEvent")
+    assert client["neighbouring"].startswith("replace-one site") and "without replacement" in client["sampling"]
     assert (client["sample_rate"], client["rounds"]) == (1.0, 2)
     spent = _spent(tmp_path, sites)
     assert {s["site"]: s["epsilon"] for s in report["sites"]} == pytest.approx(spent, rel=1e-12)
     assert {(s["accountant"], s["max_grad_norm"], s["rounds"]) for s in report["sites"]} == {("rdp", 1.0, 2)}
-    assert {r["site"]: r["epsilon_spent"] for r in rounds[-1]["sites"]} == pytest.approx(spent, rel=1e-12)
+    # the audit log's round entry holds the ε of the training replies; the final evaluation (ε 0.1) came after
+    assert {r["site"]: r["epsilon_spent"] + 0.1 for r in rounds[-1]["sites"]} == pytest.approx(spent, rel=1e-12)
     markdown = (folder / "privacy_report.md").read_text()
     assert "On (SecAgg+)" in markdown and "not against the coordinator" in markdown
 

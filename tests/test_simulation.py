@@ -61,6 +61,7 @@ epsilon_budget = 20.0
 max_epsilon_per_study = 20.0
 max_epsilon_total = 20.0
 require_secure_aggregation = false  # and plain rounds: this tests the runner's outputs on the plain path
+evaluation = "exact"          # exact federated evaluation (the default releases Laplace-noised statistics)
 """
 
 

@@ -145,7 +145,7 @@ def test_node_runs_the_pinned_app_and_refuses_another(
     manifest = heart_manifest(shared_data, site, tmp_path / "manifests")
 
     with federation(
-        tmp_path / "fed", nodes=[site], extra_env={"PYTHONPATH": str(TINY_APP)}, split_control=True
+        tmp_path / "fed", nodes=[site], extra_env={"PYTHONPATH": str(TINY_APP)}
     ) as fed:
         node = fed.start_node(site, manifest, ready_timeout=60.0, trusted_app_hashes=(trusted_hash,))
 
@@ -167,3 +167,37 @@ def test_node_runs_the_pinned_app_and_refuses_another(
     assert not any(name.endswith(other_hash[:8]) for name in installed), installed
     print(f"\npinned app: {trusted.status} in {trusted.elapsed_s:.1f} s; "
           f"other app: {other.status} in {other.elapsed_s:.1f} s")  # fmt: skip
+
+
+def test_pin_app_adds_the_hash_to_the_policy_and_keeps_everything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a hospital's policy with comments, a table-free layout, and one pin already
+    from typer.testing import CliRunner
+
+    from fedcare.client.cli import node_app
+    from fedcare.client.deploy import pin_app_in_policy
+    from fedcare.privacy.policy import load_policy
+
+    monkeypatch.syspath_prepend(str(TINY_APP))
+    app_dir, _ = _tiny_app(tmp_path, "trusted")
+    digest = app_hash(app_dir)
+    first = "ab" * 32
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'# reviewed 2024-05\nmax_epsilon_per_study = 2.0  # board decision\n'
+                      f'allowed_app_hashes = ["{first}"]\n', encoding="utf-8")  # fmt: skip
+    fresh = tmp_path / "new" / "policy.toml"
+
+    # Execute
+    result = CliRunner().invoke(node_app, ["pin-app", str(app_dir), "--policy", str(policy)])
+    again = pin_app_in_policy(policy, digest)
+    created = pin_app_in_policy(fresh, first)
+
+    # Assert: the folder's hash is the one `fedcare run` submits; nothing else changed
+    assert result.exit_code == 0, result.output
+    loaded = load_policy(policy)
+    assert loaded.allowed_app_hashes == (first, digest)
+    assert loaded.max_epsilon_per_study == 2.0 and not loaded.allow_unpinned_apps
+    assert "# board decision" in policy.read_text() and "# reviewed 2024-05" in policy.read_text()
+    assert again is False and created is True
+    assert load_policy(fresh).allowed_app_hashes == (first,)
