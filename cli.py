@@ -1,12 +1,13 @@
-"""The ``fedcare`` command: thin; parses arguments and calls one function per command.
+"""The ``fedcare`` command: wiring only; each role's commands live in that role's ``cli`` module.
 
-Roles and their command groups:
+Roles, their command groups and where the commands are:
 
-- researcher: ``fedcare simulate``, ``fedcare evaluate``
-- hospital IT: ``fedcare node check|start|stop``
-- coordinator: ``fedcare certs init``, ``fedcare server start|stop|register-node``, ``fedcare run``,
-  ``fedcare release``
-- everyone: ``fedcare audit verify|membership|keygen|artefact-key|rotate``
+- researcher (``simulations/cli.py``): ``fedcare simulate``, ``fedcare evaluate``,
+  ``fedcare audit membership``
+- hospital IT (``client/cli.py``): ``fedcare node check|keygen|pin-app|start|stop``
+- coordinator (``server/cli.py``): ``fedcare certs init|node-bundle``,
+  ``fedcare server start|stop|register-node|app-hash``, ``fedcare run``, ``fedcare release``
+- everyone (``privacy/cli.py``): ``fedcare audit verify|keygen|artefact-key|rotate``
 
 Errors never print data values. Any exception a command does not handle itself ends as ONE line
 on stderr (``error: <Type>: <message>``, exit code 1; usage errors keep click's exit code 2); the
@@ -31,16 +32,12 @@ import typer
 from pydantic import ValidationError
 
 from .client.cli import node_app
-from .client.node_cli import node_start, node_stop
 from .privacy.cli import audit_app
-from .server.cli import certs_app, run_command, server_app
-from .server.release import release_command
-from .simulations.audit import membership_command
-from .simulations.cli import evaluate, simulate
+from .server.cli import certs_app, release_command, run_command, server_app
+from .simulations.cli import evaluate, membership_command, simulate
+from .supervise import quiet_flower
 
-# Flower phones home unless told not to; a hospital's processes never do.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+quiet_flower()  # Flower phones home unless told not to; a hospital's processes never do.
 
 DEBUG_ENV: Final = "FEDCARE_DEBUG"
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
@@ -56,8 +53,6 @@ app = typer.Typer(
 )
 app.command("simulate")(simulate)
 app.command("evaluate")(evaluate)
-node_app.command("start")(node_start)
-node_app.command("stop")(node_stop)
 app.add_typer(node_app, name="node")
 app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "flower_env",
     "is_running",
     "process_age_s",
+    "quiet_flower",
     "read_pid_file",
     "spawn",
     "stop_pid",
@@ -183,6 +184,21 @@ def find_executable(name: str) -> str:
     return found
 
 
+def quiet_flower(environ: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """Turn Flower's telemetry and update check off in ``environ`` (default: this process's environment).
+
+    The one place fedcare sets :data:`FLOWER_QUIET_ENV`: every entry point that runs Flower in
+    its own process (the ``fedcare`` command, the ServerApp and ClientApp modules, the
+    simulation runner) calls it with no argument, and every child environment fedcare builds
+    (:func:`flower_env`, :func:`spawn`) goes through it. The values are forced, not defaulted:
+    a hospital's processes never phone home, whatever the surrounding environment says.
+    Returns ``environ``.
+    """
+    env = os.environ if environ is None else environ
+    env.update(FLOWER_QUIET_ENV)
+    return env
+
+
 def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return the environment for a Flower process: telemetry and update check off.
 
@@ -191,7 +207,7 @@ def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = dict(os.environ)
     env.update(extra or {})
-    env.update(FLOWER_QUIET_ENV)
+    quiet_flower(env)
     bindir = str(Path(sys.executable).parent)
     parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
     env["PATH"] = os.pathsep.join([bindir, *parts])
@@ -292,6 +308,9 @@ def spawn(
 ) -> ProcessHandle:
     """Start ``argv`` in its own session, output appended to ``log_path``; write the PID file.
 
+    The child gets ``env`` (default: this process's environment) with Flower's telemetry and
+    update check off (:func:`quiet_flower`).
+
     Raises
     ------
     AlreadyRunningError
@@ -315,7 +334,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             stdout=log_fh,
             stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
+            env=quiet_flower(dict(os.environ if env is None else env)),
             cwd=cwd,
             start_new_session=True,
             close_fds=True,

@@ -1,7 +1,8 @@
 """How much slower is a DP-SGD step than a plain one, per model family and Opacus path?
 
 For each family (CNN on 1x28x28 images, 2 classes; ClinicalLSTM on 48 steps x 36 features +
-mask; logistic regression on 13 features; linear regression on 10 features) and batch size,
+mask; logistic regression on 13 features; linear regression on 10 features; ``text_bag`` and
+``text_lstm`` on 256 hashed tokens of 4096 buckets, embedding 64, 5 classes) and batch size,
 this times one training step -- ``zero_grad`` + forward + backward + ``optimizer.step()``,
 including Opacus's clipping, noise and accountant step -- for the non-private model and for
 every DP path, interleaved round by round so that load from other processes on the machine
@@ -64,7 +65,15 @@ from opacus.accountants import IAccountant, RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcare.models import ClinicalLSTM, LinearRegression, LogisticRegression, MedicalCNN
+from fedcare.models import (
+    ClinicalLSTM,
+    HashingTokenizer,
+    LinearRegression,
+    LogisticRegression,
+    MedicalCNN,
+    TextBagOfEmbeddings,
+    TextLSTM,
+)
 from fedcare.privacy import engine as product_engine
 from fedcare.privacy.fast_grad import make_private_fast, supports_fast_grad
 
@@ -76,6 +85,7 @@ MAX_GRAD_NORM = 1.0
 LR = 0.05
 DATASET_BATCHES = 8  # dataset = 8 batches, so Poisson sampling rate 1/8
 OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+_LSTM_FAMILIES = ("lstm", "text_lstm")  # their non-DP baseline is the nn.LSTM twin
 Batch = tuple[torch.Tensor, ...]
 
 
@@ -101,6 +111,31 @@ def _lstm_nn(hidden: int) -> ClinicalLSTM:
     model = _lstm(hidden)
     model.forward_lstm = nn.LSTM(72, hidden, batch_first=True)  # type: ignore[assignment]
     return model
+
+
+TEXT_TOKENIZER = HashingTokenizer(buckets=4096, max_length=256)
+"""The Medical Abstracts scenario's tokeniser (simulations/scenarios/medical_text.toml)."""
+
+
+def _text_lstm(hidden: int) -> TextLSTM:
+    """Return the text LSTM: 4096 + 1 buckets x 64, DPLSTM over 256 tokens, 5 classes."""
+    return TextLSTM(5, embedding_dim=64, hidden_size=hidden, tokenizer=TEXT_TOKENIZER)
+
+
+def _text_lstm_nn(hidden: int) -> TextLSTM:
+    """Return the same text model with ``torch.nn.LSTM`` in place of DPLSTM (non-private baseline)."""
+    model = _text_lstm(hidden)
+    model.encoder.forward_lstm = nn.LSTM(64, hidden, batch_first=True)  # type: ignore[assignment]
+    return model
+
+
+def _texts(n: int, g: torch.Generator) -> TensorDataset:
+    """Return ``n`` random texts of 100..256 tokens (ids, lengths, tags) and 5-class labels."""
+    lengths = torch.randint(100, 257, (n,), generator=g)
+    ids = torch.randint(1, TEXT_TOKENIZER.buckets + 1, (n, TEXT_TOKENIZER.max_length), generator=g)
+    ids[torch.arange(TEXT_TOKENIZER.max_length).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    tags = torch.full((n,), TEXT_TOKENIZER.tag, dtype=torch.long)
+    return TensorDataset(ids, lengths, tags, torch.randint(0, 5, (n,), generator=g))
 
 
 def families(hidden: int) -> dict[str, Family]:
@@ -141,6 +176,19 @@ def families(hidden: int) -> dict[str, Family]:
             "logistic", lambda: LogisticRegression(13), table(13, False), nn.BCEWithLogitsLoss
         ),
         "linear": Family("linear", lambda: LinearRegression(10), table(10, True), nn.MSELoss),
+        "text_bag": Family(
+            "text_bag",
+            lambda: TextBagOfEmbeddings(5, embedding_dim=64, tokenizer=TEXT_TOKENIZER),
+            _texts,
+            nn.CrossEntropyLoss,
+        ),
+        "text_lstm": Family(
+            "text_lstm",
+            lambda: _text_lstm(hidden),
+            _texts,
+            nn.CrossEntropyLoss,
+            baselines={"nn.LSTM": lambda: _text_lstm_nn(hidden)},
+        ),
     }
 
 
@@ -263,7 +311,7 @@ def build_variants(
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=g)
         batches = [b for _, b in zip(range(n_batches), loader)]
-        label = "DPLSTM" if (fam.name == "lstm" and name == "torch") else name
+        label = "DPLSTM" if (fam.name in _LSTM_FAMILIES and name == "torch") else name
         variants.append(Variant(label, False, _make_step(model, opt, fam.criterion()), batches))
     for mode in modes:
         torch.manual_seed(seed)
@@ -370,7 +418,7 @@ def run_case(
         for v in order:
             times[v.name].append(v.run(inner))
     rows: dict[str, dict[str, Any]] = {}
-    baseline_name = "nn.LSTM" if fam.name == "lstm" else "torch"
+    baseline_name = "nn.LSTM" if fam.name in _LSTM_FAMILIES else "torch"
     medians = {k: statistics.median(v) for k, v in times.items()}
     for v in variants:
         row: dict[str, Any] = {
@@ -381,7 +429,7 @@ def run_case(
             "ratio": medians[v.name] / medians[baseline_name],
             "peak_mb": peak_step_memory(v),
         }
-        if fam.name == "lstm":
+        if fam.name in _LSTM_FAMILIES:
             row["ratio_vs_dplstm"] = medians[v.name] / medians["DPLSTM"]
         if v.dp:
             row["max_rel_err"] = check_clipping(fam, batch, v.name, seed)

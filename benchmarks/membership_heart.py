@@ -68,10 +68,6 @@ def _accuracy(model: nn.Module, split: Split) -> float:
         return float(((model(split.inputs[0]).reshape(-1) > 0).long() == split.targets).float().mean())
 
 
-def _concat(splits: list[Split]) -> Split:
-    return Split(inputs=(torch.cat([s.inputs[0] for s in splits]),), targets=torch.cat([s.targets for s in splits]))
-
-
 def main() -> None:
     """Train with and without DP, audit both with federated shadows, print and write the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -89,7 +85,7 @@ def main() -> None:
     sites = [load_site_file(p) for p in SITES]
     first = sites[0]
     gate = ReleaseGate(max_auc=args.max_auc)
-    all_train, all_test = _concat([s.train for s in sites]), _concat([s.test for s in sites])
+    all_train, all_test = Split.concat([s.train for s in sites]), Split.concat([s.test for s in sites])
     rows = []
     for seed in args.seeds:
         pool = federated_membership_pool(sites, seed=seed)

@@ -110,6 +110,7 @@ from ..privacy.release_mechanisms import (
     statistics_sensitivity,
 )
 from ..privacy.settings import PrivacySettings
+from ..supervise import quiet_flower
 from .dataset import SiteData, Split
 from .errors import DataValidationError
 from .loaders import load_site_file
@@ -835,8 +836,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
     return client_app
 
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+quiet_flower()  # Flower's telemetry and update check off (fedcare.supervise)
 
 app = make_client_app()
 """The ClientApp deployments load (``fedcare.client.app:app``)."""

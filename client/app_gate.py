@@ -1,6 +1,6 @@
 """A hospital's gate on which Flower Apps its SuperNode may run: pinned by SHA-256.
 
-flwr 1.41's own mechanism, ``flower-supernode --trusted-entities FILE`` (ed25519 publisher
+flwr's own mechanism, ``flower-supernode --trusted-entities FILE`` (ed25519 publisher
 keys), does not work for apps a consortium builds itself: the SuperNode accepts a FAB only if
 the SuperLink attached Flower Hub verification records (``valid_license`` + signatures), and
 the SuperLink attaches them only to apps it downloads from Flower Hub
@@ -11,11 +11,13 @@ So fedcare pins apps by hash, at the node, **before any of the app's code is loa
 ``fedcare node start`` starts ``flower-supernode`` with a folder of executables first on
 ``PATH`` (there is no ungated node: an app nobody pinned is refused unless the site's policy
 says ``allow_unpinned_apps = true``). flwr's SuperExec starts every task by command name
-(``flwr-clientapp``, ``flwr-agentapp``, ... from ``TASK_TYPE_TO_COMMAND``), so:
+(``flwr-clientapp``, ``flwr-agentapp``, ... from flwr's ``TASK_TYPE_TO_COMMAND``, read through
+:func:`fedcare.flower_bridge.gated_task_commands`), so:
 
 - ``flwr-clientapp`` runs :func:`clientapp_main`: flwr's own ``flwr-clientapp`` with its FAB
-  installation step wrapped. The FAB's SHA-256 is computed from the bytes the SuperNode
-  received (not from the hash the SuperLink claims); an unpinned FAB raises
+  installation step wrapped (:func:`fedcare.flower_bridge.run_gated_clientapp`). The FAB's
+  SHA-256 is computed from the bytes the SuperNode received (not from the hash the SuperLink
+  claims); an unpinned FAB raises
   :class:`UntrustedAppError` before it is unpacked, which flwr turns into an error reply to
   the ServerApp. A pinned FAB's hash is put in ``FEDCARE_APP_HASH`` for the ClientApp (same
   process) to record or check.
@@ -28,6 +30,12 @@ policy file named in ``FEDCARE_GATE_POLICY`` (``node start --policy``; ``fedcare
 adds to it, effective from the next task). With no pin at all the gate refuses everything
 (fails closed); an unreadable or invalid policy file refuses everything too. Only the policy
 key ``allow_unpinned_apps = true`` lets an unpinned app through (warned as weakening).
+
+The gate reaches into flwr (its task table, its FAB installation step); that patch is a
+security control, so on a flwr whose version or code :mod:`fedcare.flower_bridge` does not
+recognise the gate fails closed: ``node start`` refuses to start
+(:class:`~fedcare.flower_bridge.UnsupportedFlowerError` from :func:`write_gate_bin`) and a
+gated task refuses to run.
 """
 
 from __future__ import annotations
@@ -39,16 +47,17 @@ import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+
+from ..flower_bridge import UnsupportedFlowerError, gated_task_commands, run_gated_clientapp
 
 __all__ = [
     "APP_HASH_ENV",
     "GATE_POLICY_ENV",
-    "GATED_COMMANDS",
     "TRUSTED_APPS_ENV",
     "UntrustedAppError",
     "app_allowed",
     "clientapp_main",
+    "gated_commands",
     "main",
     "parse_app_hash",
     "trusted_hashes_from_env",
@@ -61,15 +70,8 @@ TRUSTED_APPS_ENV = "FEDCARE_TRUSTED_APP_HASHES"
 GATE_POLICY_ENV = "FEDCARE_GATE_POLICY"
 #: the verified FAB hash, set in the ``flwr-clientapp`` process before the ClientApp loads
 APP_HASH_ENV = "FEDCARE_APP_HASH"
-#: the task commands flwr 1.41 starts by name (``flwr.supercore.constant.TASK_TYPE_TO_COMMAND``)
-GATED_COMMANDS = (
-    "flwr-clientapp",
-    "flwr-agentapp",
-    "flwr-connector",
-    "flwr-model",
-    "flwr-serverapp",
-    "flwr-simulation",
-)
+#: the only task command a hospital node runs
+_CLIENTAPP = "flwr-clientapp"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -94,11 +96,33 @@ def trusted_hashes_from_env(environ: dict[str, str] | None = None) -> frozenset[
     return frozenset(parse_app_hash(h) for h in raw.split(",") if h.strip())
 
 
+def gated_commands() -> tuple[str, ...]:
+    """Return every task command flwr starts by name (each gets a gate executable).
+
+    Raises
+    ------
+    fedcare.flower_bridge.UnsupportedFlowerError
+        When the installed flwr is not one whose task table and FAB installation the gate
+        knows (the node must not start).
+    """
+    commands = gated_task_commands()
+    if _CLIENTAPP not in commands:  # pragma: no cover - guarded by the fingerprint
+        raise UnsupportedFlowerError(f"flwr starts no {_CLIENTAPP} task: fedcare cannot gate this flwr")
+    return commands
+
+
 def write_gate_bin(folder: Path, python: str | None = None) -> Path:
-    """Write the gate's executables (one per task command) into ``folder``; return it."""
+    """Write the gate's executables (one per task command) into ``folder``; return it.
+
+    Raises
+    ------
+    fedcare.flower_bridge.UnsupportedFlowerError
+        When the gate does not recognise the installed flwr (fails closed: nothing is written).
+    """
+    commands = gated_commands()
     folder.mkdir(parents=True, exist_ok=True)
     interpreter = shlex.quote(python or sys.executable)
-    for command in GATED_COMMANDS:
+    for command in commands:
         path = folder / command
         path.write_text(
             "#!/bin/sh\n"
@@ -155,6 +179,9 @@ def app_allowed(digest: str, trusted: Iterable[str], policy_path: str | None) ->
 def clientapp_main(argv: Sequence[str], trusted: Iterable[str], *, policy_path: str | None = None) -> None:
     """Run flwr's ``flwr-clientapp`` with ``argv``, refusing FABs the site did not pin.
 
+    Raises :class:`~fedcare.flower_bridge.UnsupportedFlowerError` (runs nothing) on a flwr
+    the gate does not recognise.
+
     Parameters
     ----------
     argv : sequence of str
@@ -166,32 +193,30 @@ def clientapp_main(argv: Sequence[str], trusted: Iterable[str], *, policy_path: 
         ``allow_unpinned_apps`` is honoured; read when the FAB arrives.
     """
     allowed = frozenset(trusted)
-    import flwr.supernode.runtime.run_clientapp as runtime  # noqa: PLC0415 - heavy import
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: PLC0415
 
-    install = runtime.install_from_fab
-
-    def checked_install(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
-        digest = _fab_digest(fab_file)
+    def check_fab(content: bytes) -> None:
+        digest = _fab_digest(content)
         if app_allowed(digest, allowed, policy_path):
             os.environ[APP_HASH_ENV] = digest
         else:
             os.environ.pop(APP_HASH_ENV, None)
-        return install(fab_file, *args, **kwargs)
 
-    runtime.install_from_fab = checked_install
-    sys.argv = ["flwr-clientapp", *argv]
-    flwr_clientapp()
+    run_gated_clientapp(argv, check_fab)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the gate executables: ``python -m fedcare.client.app_gate COMMAND ...``."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args else ""
-    if command not in GATED_COMMANDS:
+    try:
+        commands = gated_commands()
+    except UnsupportedFlowerError as err:  # fail closed: no task runs on an unknown flwr
+        sys.stderr.write(f"fedcare app gate: refused `{command}`: {err}\n")
+        return 1
+    if command not in commands:
         sys.stderr.write(f"fedcare app gate: unknown command {command!r}\n")
         return 2
-    if command != "flwr-clientapp":
+    if command != _CLIENTAPP:
         sys.stderr.write(
             f"fedcare app gate: refused `{command}`: a hospital node runs pinned ClientApps only\n"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from ..models import Task
 
-DataKind = Literal["table", "image", "sequence", "signal"]
+DataKind = Literal["table", "image", "sequence", "signal", "text"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,38 @@ class Split:
             targets=self.targets[idx],
             groups=None if self.groups is None else self.groups[np.asarray(index)],
         )
+
+    @classmethod
+    def concat(cls, splits: Sequence[Split], *, names: Sequence[str] | None = None) -> Split:
+        """Return ``splits`` one after the other (pooling sites, or a site's splits for validation).
+
+        Parameters
+        ----------
+        splits : sequence of Split
+            At least one; all with the same number of inputs and the same shapes past the first
+            dimension. Empty splits add nothing (a split of zero rows may have any shape).
+        names : sequence of str, optional
+            One name per split (the sites'). When given and every split has ``groups``, the
+            result's groups are ``"<name>:<group>"`` (two sites may reuse a patient id);
+            otherwise the result has no groups.
+
+        Raises
+        ------
+        ValueError
+            When ``splits`` is empty or ``names`` has another length: pass one name per split.
+        """
+        if not splits:
+            raise ValueError("no splits to concatenate: pass at least one")
+        if names is not None and len(names) != len(splits):
+            raise ValueError(f"{len(names)} names for {len(splits)} splits: pass one name per split")
+        rows = [s for s in splits if len(s)] or list(splits[:1])
+        inputs = tuple(torch.cat([s.inputs[i] for s in rows]) for i in range(len(rows[0].inputs)))
+        groups = None
+        if names is not None and all(s.groups is not None for s in splits):
+            groups = np.concatenate(
+                [np.char.add(f"{name}:", np.asarray(s.groups).astype(str)) for s, name in zip(splits, names, strict=True)]
+            )
+        return cls(inputs=inputs, targets=torch.cat([s.targets for s in rows]), groups=groups)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..flower_bridge import SUPERNODE_ID_LOG
 from ..privacy.policy import SitePolicy, load_policy
 from ..supervise import (
     ProcessHandle,
@@ -84,7 +85,9 @@ NODE_GATE_BIN = "app-gate"
 NODE_WARM_BIN = "warm-superexec"
 #: SuperExec task polling (flwr's default is 1 s) when the node runs warm
 WARM_TASK_POLL_INTERVAL_S = "0.1"
-_READY = r"SuperNode ID: (\d+)"
+#: readiness: the node id flwr logs once the SuperLink accepted the node (no API tells the
+#: node's operator its id; the pattern lives with flwr's other internals in the bridge)
+_READY = SUPERNODE_ID_LOG
 
 # node-config keys the ClientApp reads (client/app.py)
 SITE_MANIFEST_KEY = "site-manifest"

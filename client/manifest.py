@@ -30,7 +30,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -38,7 +37,9 @@ from pydantic import (
     model_validator,
 )
 
+from ..config_base import FrozenModel
 from ..models import Task
+from ..models.text import MAX_BUCKETS, MAX_TEXT_LENGTH, HashingTokenizer
 from .errors import ManifestError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ __all__ = [
     "SiteManifest",
     "SplitSpec",
     "TableData",
+    "TextData",
     "TimeseriesLongData",
     "WfdbData",
     "load_manifest",
@@ -104,11 +106,7 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SplitSpec(_Frozen):
+class SplitSpec(FrozenModel):
     """How a site's examples are divided into train / validation / test.
 
     Attributes
@@ -144,7 +142,7 @@ class SplitSpec(_Frozen):
         return self
 
 
-class TableData(_Frozen):
+class TableData(FrozenModel):
     """A CSV or Parquet table: one row per patient.
 
     Attributes
@@ -253,7 +251,7 @@ class TableData(_Frozen):
         return "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "csv"
 
 
-class ImagesNpzData(_Frozen):
+class ImagesNpzData(FrozenModel):
     """A MedMNIST-style NPZ with ``train_images``, ``train_labels``, ``val_*`` and ``test_*``.
 
     The file's own train / validation / test splits are used (a manifest with ``[split]`` is
@@ -275,7 +273,7 @@ class ImagesNpzData(_Frozen):
     _resolve_path = field_validator("path")(_resolve)
 
 
-class ImagesPngData(_Frozen):
+class ImagesPngData(FrozenModel):
     """A folder of PNG images plus a labels CSV naming each file and its label.
 
     Attributes
@@ -300,7 +298,7 @@ class ImagesPngData(_Frozen):
     _resolve_paths = field_validator("folder", "labels")(_resolve)
 
 
-class TimeseriesLongData(_Frozen):
+class TimeseriesLongData(FrozenModel):
     """PhysioNet-2012-style long files (``Time,Parameter,Value``), one per patient.
 
     Observations are binned into ``steps`` bins of ``step_minutes`` (mean per bin; an observation
@@ -382,7 +380,7 @@ class TimeseriesLongData(_Frozen):
         return self.steps * self.step_minutes
 
 
-class _Windowing(_Frozen):
+class _Windowing(FrozenModel):
     """Settings shared by the signal kinds: how windows are cut around events and scaled."""
 
     window_seconds: float = Field(default=0.7, gt=0)
@@ -500,7 +498,7 @@ class WfdbData(_Windowing):
         return self
 
 
-class DicomData(_Frozen):
+class DicomData(FrozenModel):
     """A folder of DICOM images read with ``pydicom``, labelled by a CSV.
 
     Pixels go through the modality LUT (``RescaleSlope`` / ``RescaleIntercept``, e.g. CT
@@ -560,6 +558,65 @@ class DicomData(_Frozen):
         return self
 
 
+class TextData(FrozenModel):
+    """A CSV or Parquet table of free text: one row per record, a text column and a label column.
+
+    The text is tokenised at the site by :class:`fedcare.models.text.HashingTokenizer` (NFKC,
+    lower-cased, ``\\w+`` tokens, BLAKE2b-hashed into ``buckets``, cut to ``max_length``): no
+    vocabulary is built from the site's text, so none can leave it. The three settings must
+    equal the study's ``[model]`` ones (``buckets``, ``max_length``, ``lowercase``); the model
+    refuses ids made otherwise. Split by patient or record with ``split.by = "<id column>"``.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The table, relative to the manifest's folder.
+    format : {"csv", "parquet"}, optional
+        Taken from the suffix when omitted (``.parquet`` / ``.pq`` is Parquet, anything else CSV).
+    delimiter : str
+        CSV field separator (one character); fields may be quoted and span lines.
+    text_column, label_column : str
+        Columns holding the text and its label (the header names them).
+    buckets, max_length, lowercase :
+        The hashing tokeniser's settings (defaults: fedcare's, the same as ``ModelSpec``'s).
+    empty_text : {"error", "drop_rows"}
+        A row whose text is empty or holds no token: refuse the file, or drop the row.
+    """
+
+    kind: Literal["text"]
+    path: Path
+    format: Literal["csv", "parquet"] | None = None
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    text_column: str = "text"
+    label_column: str = "label"
+    buckets: int = Field(default=HashingTokenizer.model_fields["buckets"].default, ge=2, le=MAX_BUCKETS)
+    max_length: int = Field(
+        default=HashingTokenizer.model_fields["max_length"].default, ge=1, le=MAX_TEXT_LENGTH
+    )
+    lowercase: bool = True
+    empty_text: Literal["error", "drop_rows"] = "error"
+
+    _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> TextData:
+        """Refuse one column named as both text and label."""
+        if self.text_column == self.label_column:
+            raise ValueError("text_column and label_column name the same column; name two columns")
+        return self
+
+    @property
+    def file_format(self) -> Literal["csv", "parquet"]:
+        """Return the explicit format, else the one the suffix implies."""
+        if self.format is not None:
+            return self.format
+        return "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "csv"
+
+    def tokenizer(self) -> HashingTokenizer:
+        """Return the hashing tokeniser these settings describe."""
+        return HashingTokenizer(buckets=self.buckets, max_length=self.max_length, lowercase=self.lowercase)
+
+
 DataSpec = Annotated[
     Union[
         TableData,
@@ -569,6 +626,7 @@ DataSpec = Annotated[
         SignalWindowsData,
         WfdbData,
         DicomData,
+        TextData,
     ],
     Field(discriminator="kind"),
 ]
@@ -581,11 +639,12 @@ DATA_KINDS: dict[str, type[BaseModel]] = {
     "signal_windows": SignalWindowsData,
     "wfdb": WfdbData,
     "dicom": DicomData,
+    "text": TextData,
 }
 """Every ``[data].kind`` and the model that validates it."""
 
 
-class SiteManifest(_Frozen):
+class SiteManifest(FrozenModel):
     """A hospital's description of its data: what is predicted, how to split, where the data is.
 
     Attributes
@@ -638,6 +697,8 @@ class SiteManifest(_Frozen):
                 )
         if self.task == "regression" and self.data.kind in ("images_npz", "images_png", "dicom"):
             raise ValueError("image sites are classification sites; use 'binary' or 'multiclass'")
+        if self.data.kind == "text" and self.task == "regression":
+            raise ValueError("text sites classify: use task = 'binary' or 'multiclass'")
         if self.data.kind in ("signal_windows", "wfdb") and self.task != "binary":
             raise ValueError("signal windows are labelled 0/1: use task = 'binary'")
         if self.data.kind == "images_npz" and "split" in self.model_fields_set:

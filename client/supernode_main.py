@@ -1,66 +1,43 @@
-"""``flower-supernode`` with a shorter idle poll: flwr 1.41 waits a fixed 3 s between pulls.
+"""``flower-supernode`` with a shorter idle poll: flwr waits a fixed 3 s between pulls.
 
-flwr 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) asks the SuperLink for a
-message, and when there is none sleeps ``time.sleep(3)`` before asking again; while a ClientApp
-runs it checks for the reply every 0.5 s. Neither is configurable, and the 3 s wait comes
-twice per round (train, evaluate): on average 3 s of every round is spent waiting.
+flwr's SuperNode loop asks the SuperLink for a message, and when there is none sleeps 3 s
+before asking again; while a ClientApp runs it checks for the reply every 0.5 s. Neither is
+configurable, and the 3 s wait comes twice per round (train, evaluate): on average 3 s of every
+round is spent waiting.
 
 ``fedcare node start`` (``NodeSettings.poll_interval``) runs the SuperNode as
 ``python -m fedcare.client.supernode_main --fedcare-poll-interval S -- <flower-supernode
-arguments>``: flwr's own ``flower-supernode`` entry point, unchanged except that the loop's
-module sees a ``time`` whose ``sleep`` waits at most ``S`` seconds when idle (the 3 s wait) and
-at most 0.1 s while waiting for a local reply. Each idle pull is one small authenticated HTTPS
-request to the SuperLink. Only flwr 1.41 is patched (the version fedcare pins); with another
-version the SuperNode runs unpatched and says so. The node also retries objects of a message
-that are not on the SuperLink yet after 0.05 s rather than flwr's 1 s (:mod:`fedcare.pull_backoff`).
+arguments>``: flwr's own ``flower-supernode`` entry point, unchanged except that the loop waits
+at most ``S`` seconds when idle and at most 0.1 s for a local reply
+(:func:`fedcare.flower_bridge.shorten_supernode_poll`). Each idle pull is one small
+authenticated HTTPS request to the SuperLink. The patch is guarded
+(:mod:`fedcare.flower_bridge`): on a flwr it does not recognise the SuperNode polls as flwr
+does and says so in one log line. The node also retries objects of a message that are not on
+the SuperLink yet after 0.05 s rather than flwr's 1 s
+(:func:`fedcare.flower_bridge.shorten_pull_backoff`), guarded the same way.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
-from ..pull_backoff import shorten_pull_backoff
+from ..flower_bridge import (
+    FLWR_IDLE_POLL_S,
+    run_flower_supernode,
+    shorten_pull_backoff,
+    shorten_supernode_poll,
+)
 
 __all__ = ["IDLE_POLL_S", "POLL_OPTION", "main", "patch_poll_interval"]
 
 POLL_OPTION = "--fedcare-poll-interval"
-IDLE_POLL_S = 3.0  # flwr 1.41: start_client_internal's sleep when no message was pulled
-_REPLY_WAIT_S = 0.1
-
-
-class _ShortSleeps:
-    """Stands in for the ``time`` module inside flwr's SuperNode loop."""
-
-    def __init__(self, idle_s: float) -> None:
-        self._idle_s = idle_s
-
-    def sleep(self, seconds: float) -> None:
-        if seconds >= IDLE_POLL_S:
-            time.sleep(min(seconds, self._idle_s))
-        else:
-            time.sleep(min(seconds, _REPLY_WAIT_S))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
+IDLE_POLL_S = FLWR_IDLE_POLL_S  # flwr's wait in the SuperNode loop when no message was pulled
 
 
 def patch_poll_interval(idle_s: float) -> bool:
-    """Make flwr 1.41's SuperNode loop poll every ``idle_s`` s when idle; return whether patched."""
-    import flwr  # noqa: PLC0415
-    import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
-
-    version = getattr(flwr, "__version__", "")
-    if not version.startswith("1.41.") or getattr(loop, "time", None) is not time:
-        sys.stderr.write(
-            f"fedcare: flwr {version or '?'} is not the version whose SuperNode loop fedcare "
-            "tunes (1.41): polling every 3 s as flwr does\n"
-        )
-        return False
-    loop.time = _ShortSleeps(idle_s)  # type: ignore[assignment]
-    return True
+    """Make flwr's SuperNode loop poll every ``idle_s`` s when idle; return whether patched."""
+    return shorten_supernode_poll(idle_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -77,10 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if idle_s < IDLE_POLL_S:
         patch_poll_interval(idle_s)
     shorten_pull_backoff()  # the server's message: its objects are pulled as soon as they arrive
-    from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
-
-    sys.argv = ["flower-supernode", *args]
-    flower_supernode()
+    run_flower_supernode(args)
 
 
 if __name__ == "__main__":

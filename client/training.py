@@ -39,11 +39,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ..config_base import FiniteFrozenModel
 from ..models import Task
 from ..privacy.engine import (
     PrivateTraining,
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 _NOISE_SEED_OFFSET = 0x5EED
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(FiniteFrozenModel):
     """Local training settings of one round (frozen; unknown fields refused).
 
     Attributes
@@ -97,8 +98,6 @@ class TrainSettings(BaseModel):
     device : str
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:N"``.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)

@@ -1,6 +1,6 @@
 """A warm SuperExec for a hospital's SuperNode: each ClientApp task forks from a pre-loaded process.
 
-flwr 1.41 runs every message a node receives in a fresh ``flwr-clientapp`` process, started by
+flwr runs every message a node receives in a fresh ``flwr-clientapp`` process, started by
 the SuperNode's SuperExec (``flower-superexec``, itself started by name from ``PATH``). On a
 busy hospital machine that process spends seconds importing torch, flwr and fedcare and reading
 the site's data before it trains, twice per round (train and evaluate).
@@ -24,7 +24,13 @@ own first on the SuperNode's ``PATH``; it runs :func:`main`:
 
 A task forks within ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` of the message's arrival, usually
 before the SuperNode has pulled the message's objects from the SuperLink; its pulls from the
-SuperNode retry after 0.05 s, not flwr's 1 s, 2 s, ... (:mod:`fedcare.pull_backoff`).
+SuperNode retry after 0.05 s, not flwr's 1 s, 2 s, ... (:func:`fedcare.flower_bridge.shorten_pull_backoff`).
+
+Both changes to flwr are guarded speed patches (:mod:`fedcare.flower_bridge`, ``warm-executor``
+and ``pull-backoff``): on a flwr they do not recognise, the SuperExec runs every task as flwr
+does, a fresh process started by name from ``PATH``, which for a ClientApp is the app gate's
+``flwr-clientapp`` (:func:`fedcare.client.app_gate.write_gate_bin`); so the gate checks every
+task either way, and the gate itself fails closed on a flwr it does not recognise.
 
 Any other task type goes through flwr's subprocess executor as before (and the app gate
 refuses it on a pinned node). The SuperExec polls for tasks every
@@ -41,7 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..pull_backoff import shorten_pull_backoff
+from .. import flower_bridge
 
 __all__ = ["WARM_MANIFEST_ENV", "ForkingExecutor", "main", "preload"]
 
@@ -56,8 +62,8 @@ def preload(manifest: str | None) -> float:
     started = time.perf_counter()
     from ..privacy import randomness  # noqa: F401, PLC0415 - every forked task reseeds its generators
     import torch  # noqa: F401, PLC0415 - the point is to import it once
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401, PLC0415
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401, PLC0415
+
+    flower_bridge.preload_clientapp_runtime()
 
     from . import app as client_app  # noqa: PLC0415
     from . import app_gate  # noqa: F401, PLC0415
@@ -75,26 +81,12 @@ def preload(manifest: str | None) -> float:
     return time.perf_counter() - started
 
 
-def _clientapp_argv(spec: Any) -> list[str]:
-    """Return ``flwr-clientapp``'s arguments for ``spec`` (as flwr's SubprocessExecutor does)."""
-    args = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
-    if spec.insecure:
-        args.append("--insecure")
-    elif spec.root_certificates_path is not None:
-        args += ["--root-certificates", spec.root_certificates_path]
-    if spec.parent_pid is not None:
-        args += ["--parent-pid", str(spec.parent_pid)]
-    if spec.runtime_dependency_install:
-        args.append("--allow-runtime-dependency-installation")
-    return args
-
-
 def _run_child(argv: list[str]) -> int:
     """In the forked child: run ``flwr-clientapp`` behind the app gate; return the code."""
     from . import app_gate  # noqa: PLC0415 - already imported by preload
 
     # always exactly what the gate runs: no pin (and no allow_unpinned_apps) refuses every app
-    return app_gate.main(["flwr-clientapp", *argv])
+    return app_gate.main([flower_bridge.clientapp_command(), *argv])
 
 
 class ForkingExecutor:
@@ -114,12 +106,9 @@ class ForkingExecutor:
 
     def launch(self, spec: Any) -> Any:
         """Fork a ClientApp task; hand every other task type to flwr's subprocess executor."""
-        from flwr.supercore.constant import TaskType  # noqa: PLC0415
-        from flwr.supercore.superexec.executor.types import LaunchResult  # noqa: PLC0415
-
-        if spec.task_type != TaskType.CLIENT_APP:
+        if not flower_bridge.is_clientapp_task(spec):
             return self._fallback.launch(spec)
-        argv = _clientapp_argv(spec)
+        argv = flower_bridge.clientapp_argv(spec)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -146,7 +135,7 @@ class ForkingExecutor:
                 finally:
                     os._exit(code)
         self._children.add(pid)
-        return LaunchResult.accepted()
+        return flower_bridge.launch_accepted()
 
     def reconcile(self) -> None:
         """Reap finished task processes."""
@@ -171,24 +160,12 @@ class ForkingExecutor:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the warm ``flower-superexec``: same arguments as flwr's."""
-    import flwr.supercore.superexec.run_superexec as runner  # noqa: PLC0415
-    from flwr.supercore.cli.flower_superexec import flower_superexec  # noqa: PLC0415
-    from flwr.supercore.constant import ExecutorType  # noqa: PLC0415
-
-    seconds = preload(os.environ.get(WARM_MANIFEST_ENV))
-    sys.stderr.write(f"fedcare warm SuperExec ready (PID {os.getpid()}, preload {seconds:.1f} s)\n")
-    original = runner.get_executor
-
-    def get_executor(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
-        executor = original(executor_type, *args, **kwargs)
-        if executor_type == ExecutorType.SUBPROCESS:
-            return ForkingExecutor(executor)
-        return executor
-
-    runner.get_executor = get_executor
-    shorten_pull_backoff()  # tasks fork before their SuperNode holds the message's objects
-    sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
-    flower_superexec()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if flower_bridge.wrap_superexec_executor(ForkingExecutor):
+        seconds = preload(os.environ.get(WARM_MANIFEST_ENV))
+        sys.stderr.write(f"fedcare warm SuperExec ready (PID {os.getpid()}, preload {seconds:.1f} s)\n")
+        flower_bridge.shorten_pull_backoff()  # tasks fork before their SuperNode holds the objects
+    flower_bridge.run_flower_superexec(args)
 
 
 if __name__ == "__main__":

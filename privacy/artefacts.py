@@ -20,7 +20,7 @@ makes key rotation possible (``rotate``). Nothing here is home-made crypto: AES-
 
 Keys: 32 random bytes, from a file of mode 0600 or stricter (raw 32 bytes, or base64 / hex text)
 or from an environment variable (base64 or hex). ``generate_key`` writes a new key file with
-``os.open(..., 0o600)``.
+mode 0600 from the start (:func:`fedcare.files.write_new`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
+
+from ..config_base import FiniteFrozenModel
+from ..files import atomic_write, write_new
 
 __all__ = [
     "ALGORITHM",
@@ -55,7 +57,6 @@ __all__ = [
     "ArtefactTampered",
     "KeyFileError",
     "WrongKey",
-    "atomic_write",
     "decrypt_bytes",
     "encrypt_bytes",
     "generate_key",
@@ -109,7 +110,7 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class ArtefactMetadata(BaseModel):
+class ArtefactMetadata(FiniteFrozenModel):
     """Run metadata bound to an artefact as associated data (frozen; unknown keys refused).
 
     Attributes
@@ -127,8 +128,6 @@ class ArtefactMetadata(BaseModel):
     created_at : datetime
         When it was written (UTC).
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     study: _Name
     kind: _Name
@@ -243,20 +242,14 @@ def read_private_file(path: Path | str) -> bytes:
 
 
 def write_private_file(path: Path | str, data: bytes, *, force: bool = False) -> Path:
-    """Write ``data`` to a new file created with mode 0600 (``os.open``); refuse to overwrite."""
+    """Write ``data`` to a new file created with mode 0600 (:func:`fedcare.files.write_new`); refuse to overwrite."""
     path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     if force and path.exists():
         path.unlink()
     try:
-        fd = os.open(path, flags, 0o600)
+        return write_new(path, data, mode=0o600)
     except FileExistsError:
         raise KeyFileError(f"{path} exists; refusing to overwrite a key (remove it or pass force=True)") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
 
 
 def generate_key(path: Path | str, *, force: bool = False) -> ArtefactKey:
@@ -265,31 +258,6 @@ def generate_key(path: Path | str, *, force: bool = False) -> ArtefactKey:
     write_private_file(path, base64.b64encode(key._raw) + b"\n", force=force)
     logger.info("wrote artefact key %s (key id %s)", path, key.key_id)
     return key
-
-
-def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o600) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return path
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def sha256_file(path: Path | str) -> str:

@@ -37,8 +37,9 @@ from typing import Annotated, Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 
+from ..config_base import FiniteFrozenModel
 from .artefacts import KeyFileError, read_private_file, write_private_file
 
 __all__ = [
@@ -90,8 +91,8 @@ class AuditLogBusy(AuditError):
     """Raised when another process holds the log open for appending."""
 
 
-class _Fields(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+class _Fields(FiniteFrozenModel):
+    """The fields of one kind of audit entry (frozen, no unknown keys, finite numbers)."""
 
 
 class RunStartFields(_Fields):

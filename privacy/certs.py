@@ -13,7 +13,7 @@ in OpenSSH format without passphrase (what ``flower-supernode --auth-supernode-p
 loads with ``load_ssh_private_key``), public key as one OpenSSH line (what ``flwr supernode
 register`` loads with ``load_ssh_public_key``). Only the ``.pub`` file goes to the coordinator.
 
-Private keys are created with mode 0600 (``os.open(..., 0o600)``), never chmod-ed afterwards.
+Private keys are created with mode 0600 (:func:`fedcare.files.write_new`), never chmod-ed afterwards.
 Nothing is written when any target file exists, unless ``force=True``.
 
 Who gets what: the coordinator keeps ``ca.key`` and ``server.key``; each hospital gets the node
@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..files import write_new
 
 __all__ = [
     "CA_CERT",
@@ -205,16 +206,12 @@ def _parse_ips(ips: Sequence[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 and write ``data``; it must not exist."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    write_new(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0644 and write ``data``; it must not exist."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    write_new(path, data, mode=0o644)
 
 
 def _refuse_or_clear(paths: Sequence[Path], *, force: bool) -> None:

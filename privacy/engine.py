@@ -1,8 +1,11 @@
 """Opacus glue: DP-SGD with the ledger's own accountant, noise calibrated for the whole study.
 
-:func:`make_private` is the one entry point: an ``opacus.PrivacyEngine`` whose ``accountant`` is
-replaced by the site's :class:`~fedcare.privacy.ledger.PrivacyLedger` accountant, so Opacus's
-optimizer hook charges the persistent ledger, never a fresh per-round accountant. Sampling is
+:func:`make_private` is the one entry point: an ``opacus.PrivacyEngine`` whose DP optimizer's
+step hook is the site's :class:`~fedcare.privacy.ledger.PrivacyLedger` accountant's
+(``DPOptimizer.attach_step_hook(accountant.get_optimizer_hook_fn(...))``, Opacus's public API),
+so every step charges the persistent ledger, never a fresh per-round accountant. Opacus is used
+through its public API; the few uses beyond it are guarded in
+:mod:`fedcare.privacy.opacus_bridge`. Sampling is
 Opacus's Poisson sampling (``DPDataLoader``); clipping and noise are Opacus's ``DPOptimizer``.
 
 Noise calibration (target-ε settings)
@@ -56,7 +59,6 @@ from opacus import PrivacyEngine
 from opacus.accountants import IAccountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 from opacus.grad_sample import AbstractGradSampleModule
-from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from opacus.layers.dp_rnn import DPRNNBase, DPRNNCellBase
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
@@ -67,6 +69,7 @@ from ..models.exchange import unwrap
 from .errors import BudgetExceededError, UnsupportedModuleError
 from .fast_grad import FastGradSampleModule, make_private_fast, supports_fast_grad
 from .ledger import epsilon_of, merge_steps
+from .opacus_bridge import fast_clipped_sum_supported, strip_per_sample_leftovers
 
 if TYPE_CHECKING:
     from .ledger import PrivacyLedger
@@ -142,7 +145,7 @@ def resolve_grad_sample_mode(mode: str, *, module: nn.Module | None = None) -> s
     if mode == "auto":
         if module is None:
             raise ValueError("grad_sample_mode 'auto' depends on the model: pass module=")
-        if supports_fast_grad(module):
+        if supports_fast_grad(module) and fast_clipped_sum_supported():
             return "fast"
         if _is_recurrent(module):
             return "hooks"
@@ -368,17 +371,11 @@ class PrivateTraining:
             return
         self.closed = True
         if isinstance(self.module, FastGradSampleModule):  # no hooks; drop per-sample leftovers
-            for p in self.module._module.parameters():
-                for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+            strip_per_sample_leftovers(unwrap(self.module).modules())
             return
         if isinstance(self.module, AbstractGradSampleModule):
-            inner = self.module._module
-            self.module._close()
-            for sub in inner.modules():
-                if hasattr(sub, "ft_compute_sample_grad"):
-                    del sub.ft_compute_sample_grad
+            inner = self.module.to_standard_module()  # Opacus's own: hooks and attributes removed
+            strip_per_sample_leftovers(inner.modules())
 
 
 def make_private(
@@ -432,7 +429,6 @@ def make_private(
             "DPLSTMs): use 'auto', 'hooks' or 'ew'"
         )
     engine = PrivacyEngine(accountant=accountant.mechanism(), secure_mode=False)
-    engine.accountant = accountant  # the ledger's: Opacus's step hook charges the persistent ledger
     common: dict[str, Any] = dict(
         module=module,
         optimizer=optimizer,
@@ -452,6 +448,9 @@ def make_private(
         )
     else:
         private_module, dp_optimizer, dp_loader = engine.make_private(grad_sample_mode=mode, **common)
+    # the ledger's accountant takes every step (Opacus's public hook, as make_private attaches
+    # its own engine's): the engine's throwaway accountant is never charged
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=1 / len(dp_loader)))
     return _private_training(private_module, dp_optimizer, dp_loader, dp_criterion,
                              noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              mode=mode, requested=grad_sample_mode, accountant=accountant)

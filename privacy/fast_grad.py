@@ -10,7 +10,9 @@ Opacus computes per-sample gradients with per-layer hooks; for fedcare's smalles
   Poisson data loader, Opacus's ``DPOptimizerFastGradientClipping`` (it adds Gaussian noise of
   std ``noise_multiplier * max_grad_norm`` to ``p.grad``, divides by the expected batch size and
   takes the accountant's step) and the accountant hook, removes Opacus's ghost-clipping hooks,
-  and wraps the model in :class:`FastGradSampleModule`.
+  and wraps the model in :class:`FastGradSampleModule`. That reliance on Opacus's optimizer is
+  guarded (:mod:`fedcare.privacy.opacus_bridge`, ``fast-clipped-sum``, fails closed): on an
+  Opacus whose optimizer fedcare does not recognise, this path refuses to run.
 * :class:`FastGradSampleModule`'s forward records what the backward pass needs; an ordinary
   ``loss.backward()`` then computes every example's gradient, clips it to ``max_grad_norm``
   exactly as Opacus's flat clipping does (``min(1, C / (||g_i|| + 1e-6))`` over the whole
@@ -49,6 +51,7 @@ from torch.nn import functional as F
 from ..models.exchange import unwrap
 from ..models.lstm import ClinicalLSTM, reverse_within_length
 from ..models.regression import LinearRegression, LogisticRegression
+from .opacus_bridge import lean_fast_clipping_optimizer, require_fast_clipped_sum
 
 logger = logging.getLogger(__name__)
 
@@ -364,24 +367,6 @@ def _fused_dplstm(
     return out
 
 
-class _LeanFastGradientClippingOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's ``DPOptimizerFastGradientClipping`` with a cheaper copy of the clipped sum.
-
-    Opacus copies ``p.grad`` into ``p.summed_grad`` with ``copy.deepcopy`` (about 50 us a
-    tensor on this CPU, the largest DP overhead for the regression models); ``clone()`` makes
-    the same copy. Noise, scaling, step skipping and the accountant hook are inherited
-    unchanged.
-    """
-
-    def accumulate(self) -> None:
-        """Store ``p.grad`` (the clipped sum) into ``p.summed_grad``, adding when present."""
-        for p in self.params:
-            if p.summed_grad is not None:
-                p.summed_grad.add_(p.grad)
-            else:
-                p.summed_grad = p.grad.detach().clone()
-
-
 class _SumCriterion(nn.Module):
     """A placeholder criterion for ``make_private(grad_sample_mode="ghost")``; never called."""
 
@@ -413,6 +398,14 @@ def make_private_fast(
     max_grad_norm``, the accountant's step hook), removes the ghost-clipping hooks it attached
     to ``module``, and returns :class:`FastGradSampleModule` in their place.
 
+    Raises
+    ------
+    UnsupportedModelError
+        When ``module`` has no fast path.
+    fedcare.privacy.opacus_bridge.UnsupportedOpacusError
+        When the installed Opacus is not one whose fast-gradient-clipping optimizer fedcare
+        knows (the noise of this path relies on it).
+
     Returns
     -------
     tuple
@@ -425,6 +418,7 @@ def make_private_fast(
             f"no fast per-sample gradient path for {type(unwrap(module)).__name__}: use "
             "Opacus's grad_sample_mode 'hooks', 'ghost' or 'ew' for this model"
         )
+    require_fast_clipped_sum()
     inner = unwrap(module)
     hooks, dp_optimizer, _criterion, dp_loader = engine.make_private(
         module=inner,
@@ -445,9 +439,9 @@ def make_private_fast(
             f"expected Opacus's DPOptimizerFastGradientClipping, got {type(dp_optimizer)}: "
             "check the installed Opacus version"
         )
-    # same object, same state (noise multiplier, generator, expected batch size, accountant
-    # hook) -- only ``accumulate`` differs
-    dp_optimizer.__class__ = _LeanFastGradientClippingOptimizer
+    # same settings (noise multiplier, generator, expected batch size, accountant hook), built
+    # with Opacus's public constructor -- only ``accumulate`` differs (guarded; else Opacus's own)
+    dp_optimizer = lean_fast_clipping_optimizer(dp_optimizer)
     fast = FastGradSampleModule(inner, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
     logger.info(
         "fast per-sample gradients for %s; Opacus adds noise and accounts", type(inner).__name__

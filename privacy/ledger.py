@@ -47,7 +47,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -57,6 +56,7 @@ from typing import Any, Final
 
 from opacus.accountants import IAccountant, create_accountant
 
+from ..files import atomic_write
 from .errors import (
     BudgetExceededError,
     LedgerCorruptError,
@@ -70,7 +70,7 @@ try:  # POSIX; elsewhere ledgers work without the inter-process lock (logged)
 except ImportError:  # pragma: no cover - not on the supported platforms
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "PrivacyLedger", "epsilon_of", "merge_steps"]
+__all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "PrivacyLedger", "epsilon_of", "merge_steps", "verify_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,25 +145,8 @@ def _checksum(payload: dict[str, Any]) -> str:
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, replace, fsync dir."""
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``data`` as JSON to ``path`` atomically (:func:`fedcare.files.atomic_write`, mode 0600)."""
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))
 
 
 class _FileLock:
@@ -960,3 +943,32 @@ class PrivacyLedger:
             f"PrivacyLedger(site={self._site!r}, study={self._study!r}, path={self._path}, "
             f"rounds={len(self._rounds)}, pending={self._pending is not None})"
         )
+
+
+def verify_site(directory: Path | str, *, site: str) -> dict[str, float]:
+    """Verify a site's ledgers against its spend record before the node starts; return ε per study.
+
+    Every study the record names must have its ledger with at least the recorded ε (else
+    :class:`~fedcare.privacy.errors.LedgerRollbackError`); ledgers of the site that the record does
+    not name yet (written before the record existed) are adopted: their current ε is appended.
+    """
+    directory = Path(directory)
+    record = SpendRecord(directory, site=site)
+    known = record.last_by_study()
+    spent: dict[str, float] = {}
+    for path in PrivacyLedger.candidate_paths(directory, site=site):
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            owner, study = str(state["site"]), str(state["study"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # not this site's, or corrupt: opening it for a round refuses it
+        if owner != site or study in known:
+            continue
+        ledger = PrivacyLedger.open(directory, site=site, study=study)
+        spent[study] = ledger.spent_epsilon()
+        state = ledger.state_dict()
+        record.append(study=study, epsilon=spent[study], ledger_sha256=str(state["checksum"]))
+        logger.info("spend record of site %r: adopted the existing ledger of study %r", site, study)
+    for study in record.last_by_study():
+        spent[study] = PrivacyLedger.open(directory, site=site, study=study).spent_epsilon()
+    return spent

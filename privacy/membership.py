@@ -50,10 +50,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
+
+from ..config_base import FrozenModel
 
 __all__ = [
     "LOW_FPRS",
@@ -105,7 +107,7 @@ class ReleaseInconclusive(ReleaseBlocked):
     """
 
 
-class TprAtFpr(BaseModel):
+class TprAtFpr(FrozenModel):
     """The attack's true-positive rate at one false-positive rate of its ROC curve (frozen).
 
     Attributes
@@ -119,14 +121,12 @@ class TprAtFpr(BaseModel):
         false, ``tpr`` is the TPR at zero false positives (the finest rate the audit resolves).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     fpr: float = Field(gt=0, lt=1)
     tpr: float = Field(ge=0, le=1)
     resolvable: bool
 
 
-class AttackResult(BaseModel):
+class AttackResult(FrozenModel):
     """One attack's outcome (frozen).
 
     Attributes
@@ -150,8 +150,6 @@ class AttackResult(BaseModel):
     shadow_training : str or None
         How the LiRA shadows were trained (federated like the target, or pooled).
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     attack: AttackName
     auc: float = Field(ge=0, le=1)
@@ -180,10 +178,8 @@ class AttackResult(BaseModel):
         return "TPR " + ", ".join(parts) if parts else f"TPR {self.tpr_at_low_fpr:.3f} at {self.low_fpr:.1%} FPR"
 
 
-class MembershipAuditResult(BaseModel):
+class MembershipAuditResult(FrozenModel):
     """The attacks run in one audit (frozen)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     attacks: tuple[AttackResult, ...] = Field(min_length=1)
 
@@ -482,7 +478,7 @@ def min_detectable_auc_excess(
     return z * auc_standard_error(0.5, n_members, n_nonmembers)
 
 
-class GateDecision(BaseModel):
+class GateDecision(FrozenModel):
     """The release gate's verdict on one audit (frozen).
 
     Attributes
@@ -499,8 +495,6 @@ class GateDecision(BaseModel):
     reason : str
         One sentence saying why, and what to do next.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     verdict: Verdict
     max_auc: float = Field(gt=0.5, le=1)

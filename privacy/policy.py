@@ -35,7 +35,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import Field, StringConstraints, ValidationError, model_validator
+
+from ..config_base import FiniteFrozenModel
 
 __all__ = [
     "NO_SECURE_AGGREGATION_WARNING",
@@ -120,7 +122,7 @@ class PolicyFileError(Exception):
     """Raised when a policy file is missing, not TOML, or holds unknown or invalid keys."""
 
 
-class SitePolicy(BaseModel):
+class SitePolicy(FiniteFrozenModel):
     """What a site allows any round to ask of it (frozen; unknown keys refused).
 
     Attributes
@@ -168,8 +170,6 @@ class SitePolicy(BaseModel):
         app that skips the policy, the ledger and DP would run). By default a node refuses
         every app that is not pinned, before its code is loaded.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_epsilon_per_study: float = Field(default=STRICT_DEFAULTS["max_epsilon_per_study"], gt=0)
     max_epsilon_total: float = Field(default=STRICT_DEFAULTS["max_epsilon_total"], gt=0)
@@ -242,7 +242,7 @@ class SitePolicy(BaseModel):
         return notes
 
 
-class RoundRequest(BaseModel):
+class RoundRequest(FiniteFrozenModel):
     """What one round asks of the site, as the node states it before training (frozen).
 
     Attributes
@@ -270,8 +270,6 @@ class RoundRequest(BaseModel):
     epsilon_spent_study, epsilon_spent_total : float
         ε already spent in this study and over all studies (from the site's ledger).
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     study: _Name
     model_family: _Name

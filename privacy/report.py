@@ -14,10 +14,11 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from .. import __version__
-from .artefacts import atomic_write
+from ..config_base import FiniteFrozenModel
+from ..files import atomic_write
 from .membership import GateDecision, MembershipAuditResult
 from .release_mechanisms import NEIGHBOURING_RELATION
 
@@ -45,11 +46,7 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f|]+$")]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class SitePrivacy(_Frozen):
+class SitePrivacy(FiniteFrozenModel):
     """Sample-level DP of one site, as its ledger records it for this study.
 
     Attributes
@@ -101,7 +98,7 @@ class SitePrivacy(_Frozen):
         return self
 
 
-class ClientLevelPrivacy(_Frozen):
+class ClientLevelPrivacy(FiniteFrozenModel):
     """Client-level (site-level) DP applied by the server on aggregation, where used.
 
     Attributes
@@ -137,7 +134,7 @@ class ClientLevelPrivacy(_Frozen):
     sampling: Label | None = None
 
 
-class PolicyCheck(_Frozen):
+class PolicyCheck(FiniteFrozenModel):
     """The outcome of a site's policy checks over the run."""
 
     site: Name
@@ -151,7 +148,7 @@ class PolicyCheck(_Frozen):
         return self.refusals == 0
 
 
-class GateSummary(_Frozen):
+class GateSummary(FiniteFrozenModel):
     """The release gate's settings and verdict.
 
     ``passed`` is true only for the verdict ``"pass"``. ``verdict`` (absent in older reports) is
@@ -184,7 +181,7 @@ class GateSummary(_Frozen):
         return self
 
 
-class PrivacyReport(_Frozen):
+class PrivacyReport(FiniteFrozenModel):
     """Everything said about the privacy of one released model (frozen)."""
 
     study: Name

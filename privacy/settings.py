@@ -30,8 +30,9 @@ import math
 from typing import Any, Literal
 
 from opacus.accountants.registry import _ACCOUNTANTS as _OPACUS_ACCOUNTANTS
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..config_base import FiniteFrozenModel
 from .errors import PrivacyWarning, warn_privacy
 
 __all__ = [
@@ -64,7 +65,7 @@ def known_accountants() -> list[str]:
     return sorted(_OPACUS_ACCOUNTANTS)
 
 
-class PrivacySettings(BaseModel):
+class PrivacySettings(FiniteFrozenModel):
     """A site's DP-SGD settings for one study (frozen; unknown fields refused).
 
     Attributes
@@ -98,8 +99,6 @@ class PrivacySettings(BaseModel):
     Build with the keyword-only helpers :meth:`with_target`, :meth:`with_noise`,
     :meth:`disabled`, or validate a policy dict with ``model_validate``.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     target_epsilon: float | None = Field(default=None, gt=0)

@@ -59,7 +59,6 @@ __all__ = [
     "RECORD_SUFFIX",
     "SpendRecord",
     "record_path",
-    "verify_site",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,34 +269,3 @@ class SpendRecord:
 def _show(epsilon: float) -> str:
     """Format an ε for a message."""
     return "infinite (a model was released without DP)" if math.isinf(epsilon) else f"{epsilon:.4f}"
-
-
-def verify_site(directory: Path | str, *, site: str) -> dict[str, float]:
-    """Verify a site's ledgers against its spend record before the node starts; return ε per study.
-
-    Every study the record names must have its ledger with at least the recorded ε (else
-    :class:`~fedcare.privacy.errors.LedgerRollbackError`); ledgers of the site that the record does
-    not name yet (written before the record existed) are adopted: their current ε is appended.
-    """
-    from .ledger import PrivacyLedger  # noqa: PLC0415 - the ledger module imports this one
-
-    directory = Path(directory)
-    record = SpendRecord(directory, site=site)
-    known = record.last_by_study()
-    spent: dict[str, float] = {}
-    for path in PrivacyLedger.candidate_paths(directory, site=site):
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            owner, study = str(state["site"]), str(state["study"])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            continue  # not this site's, or corrupt: opening it for a round refuses it
-        if owner != site or study in known:
-            continue
-        ledger = PrivacyLedger.open(directory, site=site, study=study)
-        spent[study] = ledger.spent_epsilon()
-        state = ledger.state_dict()
-        record.append(study=study, epsilon=spent[study], ledger_sha256=str(state["checksum"]))
-        logger.info("spend record of site %r: adopted the existing ledger of study %r", site, study)
-    for study in record.last_by_study():
-        spent[study] = PrivacyLedger.open(directory, site=site, study=study).spent_epsilon()
-    return spent

@@ -8,7 +8,8 @@ added in one place.
 
 File format: one NumPy ``.npz`` (no pickle) holding ``model/<name>`` arrays,
 ``strategy/<attribute>/<name>`` arrays and ``meta``, a UTF-8 JSON document stored as a uint8
-array. Writes are atomic: a temporary file in the same folder, ``fsync``, ``os.replace``.
+array. Writes are atomic (:func:`fedcare.files.atomic_write`): a temporary file in the same
+folder, ``fsync``, ``os.replace``, ``fsync`` of the folder.
 
 Authentication, always. An encrypted checkpoint (``key`` given) is an AES-256-GCM artefact
 (``privacy.artefacts``). A plaintext one carries ``mac``: HMAC-SHA256 (``cryptography``) over
@@ -35,7 +36,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from collections import OrderedDict
@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from torch import nn
 
 from .. import __version__
+from ..files import atomic_open, atomic_write
 from ..models import ModelSpec, build_for_data, set_weights
 from ..privacy.artefacts import (
     MAGIC,
@@ -284,40 +285,10 @@ class Checkpoint:
     rng_state: list[Any] | None = None
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry table (so a rename survives a crash); best effort off POSIX."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not POSIX
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it and rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically (NaN written as null)."""
     text = json.dumps(_clean(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _write_atomic(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, text.encode("utf-8"), make_parents=True)
 
 
 def _check_key(name: str) -> str:
@@ -332,14 +303,15 @@ def _write_npz(
 ) -> None:
     """Write ``payload`` as one npz atomically; encrypted (AES-GCM, ``metadata`` bound) with a key."""
     if key is None:
-        _write_atomic(path, lambda fh: np.savez(fh, **payload))
+        with atomic_open(path, make_parents=True) as handle:
+            np.savez(handle, **payload)
         return
     if metadata is None:
         raise ValueError("an encrypted artefact needs its ArtefactMetadata (study, kind, round, config hash)")
     buffer = io.BytesIO()
     np.savez(buffer, **payload)
     blob = encrypt_bytes(buffer.getvalue(), key=key, metadata=metadata)
-    _write_atomic(path, lambda fh: fh.write(blob))
+    atomic_write(path, blob, make_parents=True)
 
 
 def _read_npz_bytes(

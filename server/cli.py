@@ -1,12 +1,14 @@
-"""Coordinator commands: ``fedcare certs ...``, ``fedcare server ...`` and ``fedcare run``.
+"""Coordinator commands: ``fedcare certs ...``, ``fedcare server ...``, ``fedcare run`` and ``fedcare release``.
 
-Thin: each command parses its options, calls one function, and prints through rich. Wiring
-into the root command (``cli.py``)::
+Thin: each command parses its options, calls one function, and prints through rich
+(``release_command`` is defined beside the release it runs, :mod:`fedcare.server.release`).
+Wiring into the root command (``cli.py``)::
 
-    from .server.cli import certs_app, run_command, server_app
+    from .server.cli import certs_app, release_command, run_command, server_app
     app.add_typer(certs_app, name="certs")
     app.add_typer(server_app, name="server")
     app.command("run")(run_command)
+    app.command("release")(release_command)
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from .flower_app import (
     build_flower_app,
     load_study,
 )
+from .release import release_command
 
-__all__ = ["certs_app", "run_command", "server_app"]
+__all__ = ["certs_app", "release_command", "run_command", "server_app"]
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)

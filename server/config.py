@@ -69,6 +69,7 @@ from ..models import ModelSpec, Task
 
 __all__ = [
     "RUN_CONFIG_KEYS",
+    "STRATEGY_NAMES",
     "STRATEGY_PARAMS",
     "InvalidRunConfigError",
     "RunConfig",
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: the strategies ``server.strategy.STRATEGIES`` builds (it refuses to load when the two differ)
+STRATEGY_NAMES: Final = ("fedadam", "fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum")
 
 #: strategies whose aggregate is a (weighted) mean, the only thing SecAgg+ can compute
 SECURE_AGGREGATION_STRATEGIES: Final = ("fedavg", "fedprox")
@@ -109,6 +113,7 @@ _MODEL_KEYS: Final[Mapping[str, str]] = {
     "num-layers": "num_layers",
     "bidirectional": "bidirectional",
     "width": "width",
+    "embedding-dim": "embedding_dim", "buckets": "buckets", "max-length": "max_length", "lowercase": "lowercase",
 }
 
 #: run-config key -> RunConfig field (model keys map into ``model``)
@@ -166,7 +171,7 @@ class RunConfig(BaseModel):
     num_rounds : int
         Total federated rounds (a resumed run continues up to this number).
     strategy : str
-        A registered strategy (``server.strategy.STRATEGIES``).
+        A strategy of :data:`STRATEGY_NAMES` (built by ``server.strategy.STRATEGIES``).
     proximal_mu, eta, eta_l, beta_1, beta_2, tau, trim_beta, num_malicious_nodes :
         Strategy parameters, each allowed only with its strategy (see ``STRATEGY_PARAMS``).
     evaluate_with_train : bool
@@ -274,14 +279,9 @@ class RunConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        """Refuse strategies the registry does not hold, listing the known ones."""
-        from ..models import UnknownNameError  # noqa: PLC0415
-        from .strategy import STRATEGIES  # noqa: PLC0415 - strategy.py imports this module
-
-        try:
-            STRATEGIES.get(value)
-        except UnknownNameError as exc:
-            raise ValueError(str(exc)) from None
+        """Refuse strategies ``server.strategy`` has no builder for, listing the known ones."""
+        if value not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {value!r}; known strategies: {', '.join(STRATEGY_NAMES)}")
         return value
 
     @model_validator(mode="after")

@@ -7,6 +7,8 @@
   Runtime APIs on a loopback control address (default ``127.0.0.1:<port + 1>``), and every
   Control API request must carry the bearer token written to ``STATE/control.token`` (mode
   0600, new at every start): the open-source SuperLink has no Control API authentication.
+  Ready means ``GET /health`` (flwr's own health route) answers 200 on both the fleet and the
+  control address, over TLS verified with the study's CA.
 - :func:`register_node`: ``flwr supernode register KEY.pub`` with a TLS connection.
 - :func:`submit_run`: ``flwr run APP CONN --stream``, then the run's real status from
   ``flwr ls CONN --run-id ID --format json`` (``flwr run`` exits 0 even when the run failed).
@@ -22,12 +24,15 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,17 +43,18 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from ..flower_bridge import require, store_control_token
 from ..privacy.certs import CertificateLayout
 from ..supervise import (
+    ProcessExitedError,
     ProcessHandle,
+    ReadyTimeoutError,
     find_executable,
     flower_env,
     spawn,
     stop_pid_file,
     stop_popen,
     stop_process,
-    wait_for_log,
-    wait_for_port,
 )
 
 __all__ = [
@@ -88,7 +94,8 @@ SUPERLINK_LOG = "superlink.log"
 SUPERLINK_DB = "superlink.db"
 SUPERLINK_FLWR_HOME = "flwr-home"
 SUPERLINK_CONTROL_TOKEN = "control.token"
-_FRONT_READY_LINE = "fedcare SuperLink front ready"
+_HEALTH_PATH = "/health"  # flwr's health route; the front serves it on both sockets
+_HEALTH_POLL_S = 0.2
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -242,23 +249,14 @@ class FlowerConnection(BaseModel):
         return cls(address=address, root_certificates=ca, insecure=insecure, control_token_file=token)
 
     def _write_credentials(self, flwr_home: Path) -> None:
-        """Store the Control API token where ``flwr`` reads account-auth credentials (0600)."""
-        from flwr.cli.constant import (  # noqa: PLC0415 - flwr CLI internals, pinned <1.42
-            ACCESS_TOKEN_STORE_KEY,
-            AUTHN_TYPE_STORE_KEY,
-            REFRESH_TOKEN_STORE_KEY,
-        )
-        from flwr.common.constant import AuthnType  # noqa: PLC0415
-        from flwr.supercore.credential_store import FileCredentialStore  # noqa: PLC0415
+        """Store the Control API token where ``flwr`` reads account-auth credentials (0600).
 
+        flwr's CLI sends it as ``Authorization: Bearer`` to this address; fedcare's SuperLink
+        front checks it. Raises :class:`fedcare.flower_bridge.UnsupportedFlowerError` on a
+        flwr whose credential layout fedcare does not know.
+        """
         token = read_control_token(Path(self.control_token_file or ""))
-        store = FileCredentialStore(flwr_home / "credentials.yaml")
-        # flwr's CLI sends the stored access token as `Authorization: Bearer` to this address;
-        # fedcare's SuperLink front checks it (there is nothing to refresh: the refresh entry
-        # only completes the pair flwr loads)
-        store.set(AUTHN_TYPE_STORE_KEY % self.address, AuthnType.OIDC.encode())
-        store.set(ACCESS_TOKEN_STORE_KEY % self.address, token.encode())
-        store.set(REFRESH_TOKEN_STORE_KEY % self.address, b"unused")
+        store_control_token(flwr_home, self.address, token)
 
     def write(self, flwr_home: Path) -> Path:
         """Write this connection as ``[superlink.fedcare]`` into ``flwr_home/config.toml``.
@@ -490,6 +488,54 @@ def _superlink_env(state_dir: Path, extra_env: dict[str, str] | None) -> dict[st
     return flower_env(env)
 
 
+def _health_context(settings: SuperLinkSettings) -> ssl.SSLContext | None:
+    if settings.insecure:
+        return None
+    ca = CertificateLayout(Path(settings.certs_dir or "")).ca_cert
+    context = ssl.create_default_context(cafile=str(ca))
+    # the probe dials a loopback alias that need not be a name in the certificate; the chain
+    # is still verified against the study's CA
+    context.check_hostname = False
+    return context
+
+
+def _wait_for_health(
+    handle: ProcessHandle,
+    address: tuple[str, int],
+    context: ssl.SSLContext | None,
+    *,
+    timeout: float,
+) -> None:
+    """Wait until ``GET /health`` answers 200 at ``address`` while the process runs; bounded."""
+    host, port = address
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"{'http' if context is None else 'https'}://{url_host}:{port}{_HEALTH_PATH}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if not handle.running():
+            status = handle.wait_exit_status()
+            raise ProcessExitedError(
+                f"flower-superlink exited (status {status}) before {url} answered; its log "
+                f"{handle.log_path} ends with:\n{handle.log_tail()}",
+                returncode=status,
+                log_tail=handle.log_tail(),
+            )
+        try:
+            # our own URL (http/https to the SuperLink just started)
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ReadyTimeoutError(
+                f"flower-superlink did not answer {url} within {timeout:.0f} s; its log "
+                f"{handle.log_path} ends with:\n{handle.log_tail()}",
+                log_tail=handle.log_tail(),
+            )
+        time.sleep(_HEALTH_POLL_S)
+
+
 def start_superlink(
     settings: SuperLinkSettings,
     *,
@@ -512,7 +558,15 @@ def start_superlink(
     -------
     ProcessHandle
         The running SuperLink (PID also in ``state_dir/superlink.pid``).
+
+    Raises
+    ------
+    fedcare.flower_bridge.UnsupportedFlowerError
+        When the installed flwr is not one whose SuperLink the front (or the Control API
+        token) knows: nothing is started.
     """
+    require("superlink-front")  # fail closed before anything is written or started
+    require("control-token")
     if settings.insecure:
         warn_plaintext("the SuperLink")
     state = settings.state_dir
@@ -528,12 +582,11 @@ def start_superlink(
     )
     control = settings.effective_control_address
     try:
-        wait_for_log(handle, _FRONT_READY_LINE, timeout=ready_timeout, what="flower-superlink")
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
         host = "::1" if host == "::" else host
-        wait_for_port(handle, host, settings.port, timeout=ready_timeout, what="flower-superlink")
-        c_host, c_port = parse_address(control)
-        wait_for_port(handle, c_host, c_port, timeout=ready_timeout, what="flower-superlink")
+        context = _health_context(settings)
+        _wait_for_health(handle, (host, settings.port), context, timeout=ready_timeout)
+        _wait_for_health(handle, parse_address(control), context, timeout=ready_timeout)
     except BaseException:
         stop_process(handle)
         raise

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .. import __version__
+from ..config_base import FrozenModel
 from .config import InvalidRunConfigError, RunConfig
 
 __all__ = [
@@ -77,11 +78,7 @@ class AppFolderExistsError(FileExistsError):
     """Raised when the app folder to build holds files other than a previous build's."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class StudyInfo(_Frozen):
+class StudyInfo(FrozenModel):
     """The ``[study]`` table: what the study is called.
 
     Attributes
@@ -121,7 +118,7 @@ class StudyInfo(_Frozen):
         return value
 
 
-class AppComponents(_Frozen):
+class AppComponents(FrozenModel):
     """The ``[app]`` table: which installed ServerApp and ClientApp run the study."""
 
     serverapp: str = DEFAULT_SERVERAPP
@@ -135,7 +132,7 @@ class AppComponents(_Frozen):
         return value
 
 
-class Study(_Frozen):
+class Study(FrozenModel):
     """A study file: its name, its run configuration and the components that run it."""
 
     study: StudyInfo

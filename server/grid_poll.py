@@ -1,14 +1,16 @@
-"""A Grid that collects the sites' replies promptly: flwr 1.41's deployment Grid waits 3 s between pulls.
+"""A Grid that collects the sites' replies promptly: flwr's deployment Grid waits 3 s between pulls.
 
-``flwr.superlink.grid.http_grid.HttpGrid.send_and_receive`` (what every Message-API strategy
-calls once per stage) pushes the messages, then pulls the replies with ``time.sleep(3)``
+flwr's deployment Grid's ``send_and_receive`` (what every Message-API strategy calls once per
+stage) pushes the messages, then pulls the replies with ``time.sleep(3)``
 between pulls, a fixed interval flwr does not expose. A reply that arrives just after a pull
 waits up to 3 s, twice per round (train and evaluate). :class:`PollingGrid` wraps the Grid the
 ServerApp receives and does the same push/pull through the Grid's public API, pulling every
 ``interval`` seconds (0.2 s by default: a small HTTP request to the SuperLink on loopback).
 Everything else is delegated unchanged. A reply's objects that the SuperNode is still pushing
-are retried after 0.05 s, not flwr's 1 s (:mod:`fedcare.pull_backoff`).
-``FEDCARE_SERVERAPP_PULL_INTERVAL`` in the SuperLink's environment sets the interval in
+are retried after 0.05 s, not flwr's 1 s (:func:`fedcare.flower_bridge.shorten_pull_backoff`).
+Both are guarded speed patches (:mod:`fedcare.flower_bridge`, ``serverapp-poll`` and
+``pull-backoff``): on a flwr whose Grid they do not recognise, the Grid is left as flwr made it
+and one log line says so. ``FEDCARE_SERVERAPP_PULL_INTERVAL`` in the SuperLink's environment sets the interval in
 seconds, or ``off`` for flwr's own behaviour (both).
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..pull_backoff import shorten_pull_backoff
+from ..flower_bridge import polls_deployment_grid, shorten_pull_backoff
 
 __all__ = ["DEFAULT_PULL_INTERVAL_S", "PULL_INTERVAL_ENV", "PollingGrid", "responsive_grid"]
 
@@ -120,11 +122,7 @@ def responsive_grid(grid: Grid, interval: float | None = None) -> Grid:
             interval = DEFAULT_PULL_INTERVAL_S
         if not 0 < interval <= 60:
             interval = DEFAULT_PULL_INTERVAL_S
-    try:
-        from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - other flwr layouts: leave the grid as it is
-        return grid
-    if isinstance(grid, HttpGrid):
+    if polls_deployment_grid(grid):
         shorten_pull_backoff()  # a reply's objects, pulled while the SuperNode still pushes them
         return PollingGrid(grid, interval)
     return grid

@@ -23,6 +23,10 @@ blocks the export like a failed one, unless ``--override-inconclusive "REASON"``
 the model is exported, with a warning, and the reason is written into the privacy report and the
 audit log's ``release`` entry (``gate_verdict = "inconclusive"``, ``override_reason``). A *block*
 cannot be overridden.
+
+The release core (:func:`decide_release`, :func:`release`) is shared with the simulation's
+release step (``simulations.release``), which audits the model on the virtual hospitals' data
+itself and builds the one privacy report of a simulation from the run's history.
 """
 
 from __future__ import annotations
@@ -30,21 +34,34 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
+import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
 from ..privacy.artefacts import KeyFileError, sha256_file
-from ..privacy.audit import AuditError, AuditLog, load_signing_key
+from ..privacy.audit import GENESIS_HASH, AuditError, AuditLog, load_signing_key
 from ..privacy.membership import AttackResult, MembershipAuditResult, ReleaseGate
-from ..privacy.report import GateSummary, load_report, write_report
+from ..privacy.report import GateSummary, PrivacyReport, load_report, write_report
 from .checkpoint import FINAL_MODEL_FILE, CheckpointError, load_model_file, save_model_file
 from .safekeeping import RunAudit, load_artefact_key
 
-__all__ = ["ReleaseInputError", "ReleaseResult", "release_command", "release_model_file"]
+__all__ = [
+    "Release",
+    "ReleaseDecision",
+    "ReleaseInputError",
+    "ReleaseResult",
+    "decide_release",
+    "release",
+    "release_command",
+    "release_model_file",
+    "released_report",
+]
 
 logger = logging.getLogger(__name__)
 _out = Console()
@@ -83,6 +100,130 @@ def _read_audits(paths: list[Path], model_sha256: str) -> MembershipAuditResult:
     return MembershipAuditResult(attacks=tuple(attacks))
 
 
+@dataclass(frozen=True)
+class ReleaseDecision:
+    """What the release gate decided about one model.
+
+    Attributes
+    ----------
+    released : bool
+        Whether the model may be exported (the gate passed, none is set, or an inconclusive
+        verdict was overridden).
+    reason : str or None
+        Why not (None when released).
+    gate : GateSummary or None
+        The gate's settings, verdict and any override (None without a gate).
+    worst_auc : float or None
+        The worst attack's AUC on the gate's basis (upper bound or estimate; None without a gate).
+    """
+
+    released: bool
+    reason: str | None
+    gate: GateSummary | None
+    worst_auc: float | None
+
+
+@dataclass(frozen=True)
+class Release:
+    """What :func:`release` wrote: the exported model (None when blocked) and the report (None without one)."""
+
+    model: Path | None
+    report: Path | None
+
+
+def decide_release(
+    gate: ReleaseGate | None,
+    membership: MembershipAuditResult | None,
+    *,
+    override_inconclusive: str | None,
+    subject: str,
+    override_by: str = "explicit override",
+) -> ReleaseDecision:
+    """Apply the gate to the membership audit; an inconclusive verdict passes only by a logged override.
+
+    Without a gate (or an audit) the model is released. ``subject`` and ``override_by`` name the
+    model and where the override came from in the PRIVACY WARNING an override logs.
+    """
+    if gate is None or membership is None:
+        return ReleaseDecision(released=True, reason=None, gate=None, worst_auc=None)
+    decision = gate.decide(membership)
+    reason: str | None = None if decision.passed else decision.reason
+    override: str | None = None
+    if decision.verdict == "inconclusive" and override_inconclusive is not None:
+        override = override_inconclusive.strip()
+        message = (f"PRIVACY WARNING: {subject}: releasing the model although its membership audit is "
+                   f"inconclusive, by {override_by} ({override}): {decision.reason}")  # fmt: skip
+        warnings.warn(message, stacklevel=2)
+        logger.warning("%s", message)
+        reason = None
+    worst = membership.worst()
+    return ReleaseDecision(
+        released=reason is None, reason=reason, gate=GateSummary.from_decision(decision, override_reason=override),
+        worst_auc=worst.ci_high if gate.basis == "upper" else worst.auc,
+    )
+
+
+def released_report(
+    base: PrivacyReport,
+    *,
+    model_sha256: str,
+    membership: MembershipAuditResult | None,
+    gate: GateSummary | None,
+    audit: RunAudit,
+) -> PrivacyReport:
+    """Return ``base`` stating the released (or withheld) model's digest, the audit, the gate and the log head."""
+    head = audit.head_hash
+    logged = head is not None and head != GENESIS_HASH
+    return base.model_validate({
+        **base.model_dump(), "model_sha256": model_sha256,
+        "membership": None if membership is None else membership.model_dump(),
+        "gate": None if gate is None else gate.model_dump(),
+        "audit_log_head": head if logged else None, "audit_log_entries": audit.entries if logged else None,
+    })  # fmt: skip
+
+
+def release(
+    arrays: Mapping[str, np.ndarray],
+    meta: dict[str, Any],
+    *,
+    source: Path,
+    out_dir: Path,
+    decision: ReleaseDecision,
+    membership: MembershipAuditResult | None,
+    report: PrivacyReport | None,
+    audit: RunAudit,
+    round_: int,
+) -> Release:
+    """Export the model unencrypted to ``out_dir`` if released, write the report, record the release.
+
+    A withheld model leaves no ``final_model.npz`` in ``out_dir``; the report (from ``report``, with
+    :func:`released_report`) then names the digest of ``source``, the file that was not released.
+    The audit log gets a ``release`` entry either way.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported = out_dir / FINAL_MODEL_FILE
+    if decision.released:
+        save_model_file(exported, arrays, meta)  # the export: unencrypted, for use outside the federation
+    else:
+        exported.unlink(missing_ok=True)  # nothing in the export folder may look released
+        logger.error("%s", decision.reason)
+    model_path = exported if decision.released else source
+    report_path: Path | None = None
+    if report is not None:
+        final = released_report(report, model_sha256=sha256_file(model_path), membership=membership,
+                                gate=decision.gate, audit=audit)  # fmt: skip
+        report_path, _ = write_report(final, out_dir, overwrite=True)
+    gate = decision.gate
+    audit.release(
+        round_=round_, model_path=model_path,
+        report_sha256=sha256_file(report_path) if report_path is not None else None,
+        membership_auc=None if decision.worst_auc is None else min(max(decision.worst_auc, 0.0), 1.0),
+        gate_passed=None if gate is None else gate.passed, gate_verdict=None if gate is None else gate.verdict,
+        override_reason=None if gate is None else gate.override_reason,
+    )  # fmt: skip
+    return Release(model=exported if decision.released else None, report=report_path)
+
+
 def release_model_file(
     model: Path,
     *,
@@ -111,58 +252,24 @@ def release_model_file(
     gate = ReleaseGate(max_auc=max_auc, basis=basis)
     if override_inconclusive is not None and not override_inconclusive.strip():
         raise ReleaseInputError("--override-inconclusive needs a reason (it is written to the report and the audit log)")
-    model_sha = sha256_file(model)
-    membership = _read_audits(audits, model_sha)
+    if audit_key is not None and audit_log is None:
+        raise ReleaseInputError("--audit-key needs --audit-log (the run's audit.jsonl)")
+    membership = _read_audits(audits, sha256_file(model))
     arrays, meta = load_model_file(model, key=load_artefact_key(key))
-    decision = gate.decide(membership)
-    reason: str | None = None if decision.passed else decision.reason
-    override: str | None = None
-    if decision.verdict == "inconclusive" and override_inconclusive is not None:
-        override = override_inconclusive.strip()
-        message = (f"PRIVACY WARNING: releasing {model} although its membership audit is inconclusive, by "
-                   f"explicit override ({override}): {decision.reason}")  # fmt: skip
-        warnings.warn(message, stacklevel=2)
-        logger.warning("%s", message)
-        reason = None
-    worst = membership.worst()
-    value = worst.ci_high if basis == "upper" else worst.auc
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exported = out_dir / FINAL_MODEL_FILE
-    if reason is None:
-        save_model_file(exported, arrays, meta)
-    else:
-        exported.unlink(missing_ok=True)  # nothing in the export folder may look released
-    log = None
-    if audit_key is not None:
-        if audit_log is None:
-            raise ReleaseInputError("--audit-key needs --audit-log (the run's audit.jsonl)")
-        log = AuditLog(audit_log, load_signing_key(audit_key))
+    decision = decide_release(gate, membership, override_inconclusive=override_inconclusive, subject=str(model))
+    base = load_report(report) if report is not None else None
+    log = AuditLog(audit_log, load_signing_key(audit_key)) if audit_key is not None and audit_log is not None else None
     audit = RunAudit(log)
-    report_path: Path | None = None
-    round_ = 0
     try:
-        if report is not None:
-            base = load_report(report)
-            round_ = base.round
-            updated = base.model_validate({
-                **base.model_dump(), "model_sha256": sha256_file(exported) if reason is None else model_sha,
-                "membership": membership.model_dump(),
-                "gate": GateSummary.from_decision(decision, override_reason=override).model_dump(),
-                "audit_log_head": audit.head_hash, "audit_log_entries": audit.entries,
-            })  # fmt: skip
-            report_path, _ = write_report(updated, out_dir, overwrite=True)
-        audit.release(
-            round_=round_,
-            model_path=exported if reason is None else model,
-            report_sha256=sha256_file(report_path) if report_path is not None else None,
-            membership_auc=min(max(value, 0.0), 1.0), gate_passed=decision.passed,
-            gate_verdict=decision.verdict, override_reason=override,
-        )  # fmt: skip
+        done = release(arrays, meta, source=model, out_dir=out_dir, decision=decision, membership=membership,
+                       report=base, audit=audit, round_=base.round if base is not None else 0)  # fmt: skip
     finally:
         audit.close()
-    return ReleaseResult(released=reason is None, model=str(exported) if reason is None else None,
-                         report=None if report_path is None else str(report_path), reason=reason, auc=value,
-                         verdict=decision.verdict, override_reason=override)  # fmt: skip
+    override = decision.gate.override_reason if decision.gate is not None else None
+    return ReleaseResult(released=decision.released, model=None if done.model is None else str(done.model),
+                         report=None if done.report is None else str(done.report), reason=decision.reason,
+                         auc=decision.worst_auc, verdict=None if decision.gate is None else decision.gate.verdict,
+                         override_reason=override)  # fmt: skip
 
 
 def release_command(

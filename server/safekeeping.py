@@ -1,6 +1,7 @@
 """What the coordinator keeps about a run: encrypted artefacts, the signed audit log, the privacy report.
 
-:func:`~fedcare.server.app.run_server` uses this module to
+The study lifecycle (:class:`~fedcare.server.lifecycle.Study`, both aggregation paths) and the
+release step (``server.release``) use this module to
 
 - load the artefact key named by ``RunConfig.artefact_key`` (:func:`load_artefact_key`) and bind
   each checkpoint and final model to the run (:func:`artefact_metadata`: study, kind, round and

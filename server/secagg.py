@@ -15,13 +15,14 @@ flwr 1.41 offers SecAgg+ only in its legacy workflow API, so this path runs a
   refuses a round with any failure and reports the client-level ε (RDP accountant for fixed-size
   sampling of sites without replacement, replace-one neighbours: :func:`client_level_epsilon`);
 - an evaluation step that reuses :class:`~fedcare.server.strategy.FedcareStrategy` (Message API,
-  the same per-site evaluation, worst site and history as the plain path) and then checkpoints.
+  the same per-site evaluation, worst site and history as the plain path) and then closes the round.
 
-Safekeeping is the plain path's (``server.safekeeping``): encrypted checkpoints and final model
-with ``artefact-key`` (resume refuses a tampered one), the signed audit log with ``audit-key``
-(rounds with ``secure_aggregation = true``; a failed round's site errors and ``round_failed``
-before the run fails), and a completed run's privacy report stating SecAgg+ and the client-level
-DP of :func:`client_level_privacy`.
+Everything else is the plain path's :class:`~fedcare.server.lifecycle.Study`: resume (a tampered
+or plain run's checkpoint is refused), encrypted checkpoints and final model with
+``artefact-key``, the signed audit log with ``audit-key`` (rounds with ``secure_aggregation =
+true``; a failed round's site errors and ``round_failed`` before the run fails), and a completed
+run's privacy report stating SecAgg+ and the client-level DP of
+:func:`~fedcare.server.client_dp.client_level_privacy`.
 
 Weighting: every site reports ``num_examples = 1`` to SecAgg+ (its true example count travels in
 the plaintext metrics), so the aggregate is the *unweighted* mean of the sites' updates. Client-level
@@ -37,19 +38,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from fractions import Fraction
 from types import SimpleNamespace
 from typing import Any, Final, cast
 
-import dp_accounting
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant as rdp
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Context, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -76,28 +72,30 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import RunNotRunningException
 
 from ..models import wire
-from ..privacy.report import ClientLevelPrivacy
-from .checkpoint import (
-    CHECKPOINT_FILE,
-    HISTORY_FILE,
-    MetricsHistory,
-    RoundRecord,
-    load_checkpoint,
-    write_json_atomic,
+from .checkpoint import MetricsHistory
+from .client_dp import (
+    CLIENT_DELTA,
+    CLIENT_EPSILON,
+    CLIENT_NOISE,
+    CLIENT_SAMPLE_RATE,
+    CLIENT_SITES_AVAILABLE,
+    CLIENT_SITES_SAMPLED,
+    client_level_epsilon,
+    client_level_privacy,
+    client_steps,
 )
 from .config import RunConfig
-from .safekeeping import (
-    RunAudit,
-    artefact_path,
-    load_artefact_key,
-    run_identity,
-    safe_name,
-)
-from .strategy import TooFewSitesError, aggregate_train_metrics, build_strategy
+from .lifecycle import RoundCallback, RoundFailedError, SiteError, Study
+from .messages import arrays_to_record, evaluate_config, train_config
+from .strategy import FedcareStrategy, TooFewSitesError, aggregate_train_metrics, build_strategy
 
 __all__ = [
     "CLIENT_DELTA",
     "CLIENT_EPSILON",
+    "CLIENT_NOISE",
+    "CLIENT_SAMPLE_RATE",
+    "CLIENT_SITES_AVAILABLE",
+    "CLIENT_SITES_SAMPLED",
     "SecureAggregationError",
     "StrictSecAggPlusWorkflow",
     "client_level_epsilon",
@@ -107,23 +105,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLIENT_EPSILON: Final = "client-epsilon"  # train metric: client-level ε after this round
-CLIENT_DELTA: Final = "client-delta"
-CLIENT_SAMPLE_RATE: Final = "client-sample-rate"  # sampled sites / available sites this round
-CLIENT_SITES_SAMPLED: Final = "client-sites-sampled"  # m: sites sampled this round (fixed size)
-CLIENT_SITES_AVAILABLE: Final = "client-sites-available"  # n: sites available to sample from
-CLIENT_NOISE: Final = "client-noise-multiplier"
 _SECURE_STATE_KIND: Final = "fedcare-secagg/1"
-CLIENT_DP_MECHANISM: Final = (
-    "Gaussian noise on the unweighted mean of site-clipped updates, added by the coordinator "
-    "(flwr DifferentialPrivacyClientSideFixedClipping)"
-)
-
-SiteError = tuple[int | None, int, str]
-"""A site's error reply in a secure stage: (node id or None where unknown, error code, reason)."""
 
 
-class SecureAggregationError(RuntimeError):
+class SecureAggregationError(RoundFailedError):
     """A secure round failed (a stage halted, a site dropped or refused): the run stops, failed.
 
     Parameters
@@ -136,104 +121,6 @@ class SecureAggregationError(RuntimeError):
     site_errors : sequence of (node id or None, code, reason)
         The sites' error replies in that stage.
     """
-
-    def __init__(self, message: str, *, stage: str = "aggregate", site_errors: tuple[SiteError, ...] = ()) -> None:
-        super().__init__(message)
-        self.stage = stage
-        self.site_errors = tuple(site_errors)
-
-
-CLIENT_DP_NEIGHBOURING: Final = (
-    "replace-one site (one site's data replaced by any other; number of sites public); "
-    "sum sensitivity 2C, so the accountant's noise multiplier is σ/2"
-)
-CLIENT_DP_SAMPLING: Final = (
-    "each round a fixed number m of the n available sites, uniformly without replacement "
-    "(flwr client_manager.sample); q = m/n"
-)
-CLIENT_DP_ACCOUNTANT: Final = "dp_accounting RDP, SampledWithoutReplacementDpEvent (Wang-Balle-Kasiviswanathan 2019), one event per round"
-
-
-def _sample_counts(rate: float) -> tuple[int, int]:
-    """Return (m, n) with m / n == ``rate`` exactly (older histories recorded the rate only)."""
-    frac = Fraction(rate)
-    return frac.numerator, frac.denominator
-
-
-def client_level_epsilon(steps: list[tuple[float, float] | tuple[float, int, int]], delta: float) -> float:
-    """Return the client-level ε of rounds ``[(σ, m, n), ...]`` (or ``(σ, m / n)``) at ``delta``.
-
-    Each round the coordinator adds N(0, (σ C / m)²) to the unweighted mean of the m sampled sites'
-    updates, each clipped to C, i.e. noise of std σC on their sum; the m sites are a fixed-size
-    subset of the n available, drawn without replacement (flwr's sampling). That sampling is
-    analysed for **replace-one** neighbours (:data:`CLIENT_DP_NEIGHBOURING`), under which the sum's
-    L2 sensitivity is 2C: each round is a ``SampledWithoutReplacementDpEvent(n, m,
-    GaussianDpEvent(σ / 2))`` composed in dp_accounting's ``RdpAccountant(neighboring_relation=
-    REPLACE_ONE)`` (default orders). With m = n this is the Gaussian mechanism with noise multiplier
-    σ/2 composed over the rounds. σ = 0 in any round gives ε = inf; no rounds give 0.
-    """
-    if not steps:
-        return 0.0
-    rounds: Counter[tuple[float, int, int]] = Counter()  # composition commutes: equal rounds composed once
-    for step in steps:
-        sigma = float(step[0])
-        sampled, available = (int(step[1]), int(step[2])) if len(step) == 3 else _sample_counts(float(step[1]))
-        if not 0 < sampled <= available:
-            raise ValueError(f"a round sampled {sampled} of {available} sites; need 0 < sampled ≤ available")
-        if sigma <= 0:
-            return math.inf
-        rounds[(sigma, sampled, available)] += 1
-    events = [
-        dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
-            source_dataset_size=n, sample_size=m, event=dp_accounting.GaussianDpEvent(sigma / 2.0)), count)
-        for (sigma, m, n), count in rounds.items()
-    ]  # fmt: skip
-    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta))
-
-
-def _client_steps(records: list[Any]) -> list[tuple[float, int, int] | tuple[float, float]]:
-    """Return each round's (σ, m, n) from its train record (σ, q from records written before counts were)."""
-    steps: list[tuple[float, int, int] | tuple[float, float]] = []
-    for r in records:
-        if CLIENT_NOISE not in r.train:
-            continue
-        if CLIENT_SITES_SAMPLED in r.train and CLIENT_SITES_AVAILABLE in r.train:
-            steps.append((r.train[CLIENT_NOISE], int(r.train[CLIENT_SITES_SAMPLED]), int(r.train[CLIENT_SITES_AVAILABLE])))
-        elif CLIENT_SAMPLE_RATE in r.train:
-            steps.append((r.train[CLIENT_NOISE], r.train[CLIENT_SAMPLE_RATE]))
-    return steps
-
-
-def client_level_privacy(config: RunConfig, history: MetricsHistory) -> ClientLevelPrivacy | None:
-    """Return the client-level DP of the run's complete rounds for the privacy report (None without it).
-
-    ε is recomputed with :func:`client_level_epsilon` (fixed-size sampling without replacement,
-    replace-one neighbours, one event per round) from each complete round's σ and sites sampled /
-    available as ``history`` records them, so a resumed run accounts every round. The report
-    states the relation and the sampling assumption. σ = 0 (clipping only) gives no guarantee:
-    None, with a warning.
-    """
-    if not config.client_dp:
-        return None
-    steps = _client_steps(list(history.completed))
-    if not steps:
-        return None
-    epsilon = client_level_epsilon(steps, config.client_dp_delta)
-    if not math.isfinite(epsilon):
-        logger.warning(
-            "study %s: client-dp-noise-multiplier = 0 gives client-level ε = inf; the privacy report "
-            "states no client-level DP. Set client-dp-noise-multiplier > 0 for a guarantee", config.study,
-        )
-        return None
-    return ClientLevelPrivacy(
-        mechanism=CLIENT_DP_MECHANISM, epsilon=epsilon, delta=config.client_dp_delta,
-        noise_multiplier=config.client_dp_noise_multiplier, clipping_norm=config.client_dp_clipping_norm,
-        accountant=CLIENT_DP_ACCOUNTANT, rounds=len(steps),
-        sample_rate=max(st[1] / st[2] if len(st) == 3 else st[1] for st in steps),  # type: ignore[misc]
-        neighbouring=CLIENT_DP_NEIGHBOURING, sampling=CLIENT_DP_SAMPLING,
-    )  # fmt: skip
 
 
 def _failure_reasons(failures: list[Any]) -> list[str]:
@@ -398,7 +285,7 @@ class _LegacyRecorder(Strategy):
             train[CLIENT_SAMPLE_RATE] = self.sample_rate
             train[CLIENT_SITES_SAMPLED] = float(self.sampled)
             train[CLIENT_SITES_AVAILABLE] = float(self.available)
-            steps = _client_steps([r for r in self.history.rounds if r.complete and r.round < rnd]) + [
+            steps = client_steps([r for r in self.history.rounds if r.complete and r.round < rnd]) + [
                 (self.config.client_dp_noise_multiplier, self.sampled, self.available)
             ]
             train[CLIENT_EPSILON] = client_level_epsilon(steps, self.config.client_dp_delta)
@@ -498,8 +385,6 @@ class _StoppableGrid:
 
 def _legacy_fit_config(config: RunConfig, names: list[str]) -> Callable[[int], dict[str, Scalar]]:
     """Return ``on_fit_config_fn``: the plain path's train config as legacy scalars, plus the names."""
-    from .app import train_config  # noqa: PLC0415 - app.py dispatches here
-
     base: dict[str, Scalar] = {}
     for key, value in train_config(config).items():
         base[key] = ",".join(str(v) for v in value) if isinstance(value, list) else value  # type: ignore[assignment]
@@ -530,20 +415,93 @@ def _named(parameters: Parameters, reference: OrderedDict[str, np.ndarray]) -> O
     return out
 
 
+
+def _legacy_strategy(config: RunConfig, study: Study) -> _LegacyRecorder:
+    """Return flwr's legacy FedAvg / FedProx, with client-level DP when configured, in the recorder."""
+    legacy_cls = FedProx if config.strategy == "fedprox" else FedAvg
+    legacy_kwargs: dict[str, Any] = {"proximal_mu": config.proximal_mu} if config.strategy == "fedprox" else {}
+    inner: Strategy = legacy_cls(
+        fraction_fit=config.fraction_train,
+        fraction_evaluate=0.0,
+        min_fit_clients=config.min_sites,
+        min_evaluate_clients=0,
+        min_available_clients=config.min_sites,
+        on_fit_config_fn=_legacy_fit_config(config, list(study.arrays)),
+        fit_metrics_aggregation_fn=lambda _: {},
+        **legacy_kwargs,
+    )
+    dp = None
+    if config.client_dp:
+        dp = DifferentialPrivacyClientSideFixedClipping(
+            inner,
+            noise_multiplier=config.client_dp_noise_multiplier,
+            clipping_norm=config.client_dp_clipping_norm,
+            num_sampled_clients=config.min_sites,  # reset every round to the sites sampled
+        )
+        inner = dp
+    initial = ndarrays_to_parameters(list(study.arrays.values()))
+    return _LegacyRecorder(inner, config, study.history, initial, study.done, dp)
+
+
+def _secagg_workflow(config: RunConfig) -> StrictSecAggPlusWorkflow:
+    """Return the strict SecAgg+ fit workflow with the run's shares, threshold, range and timeout."""
+    return StrictSecAggPlusWorkflow(
+        config.secagg_num_shares,
+        config.secagg_reconstruction_threshold,
+        max_weight=1.0,  # every site reports weight 1 (unweighted mean), so no precision is lost
+        clipping_range=config.secagg_clipping_range,
+        timeout=config.round_timeout_s,
+    )
+
+
+class _RoundCloser:
+    """The workflow's evaluate step: evaluate the round's secure aggregate on the sites, then close the round."""
+
+    def __init__(self, study: Study, evaluator: FedcareStrategy, workflow: StrictSecAggPlusWorkflow) -> None:
+        self.study = study
+        self.evaluator = evaluator
+        self.workflow = workflow
+        self.reference = OrderedDict((k, v.copy()) for k, v in study.arrays.items())  # names, shapes, dtypes
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        """Evaluate the round's model on the sites (Message API), then checkpoint and audit the round."""
+        legacy = cast(LegacyContext, context)
+        server_round = cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        rnd = server_round + self.study.done
+        record = self.study.history.round(rnd)
+        if not record.train:
+            raise SecureAggregationError(f"round {rnd} ended without a secure aggregate; the model was NOT updated")
+        params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        arrays = _named(params, self.reference)
+        if self.study.config.fraction_evaluate > 0:
+            self._evaluate(grid, server_round, arrays)
+        record.train.update({f"secagg-{k}-s": v for k, v in self.workflow.stages_s.items()})
+        self.study.close_round(rnd, arrays, strategy_state={"kind": _SECURE_STATE_KIND})
+
+    def _evaluate(self, grid: Grid, server_round: int, arrays: OrderedDict[str, np.ndarray]) -> None:
+        """Send the model to the sites to evaluate and aggregate their replies into the history."""
+        config = self.study.config
+        messages = list(self.evaluator.configure_evaluate(server_round, arrays_to_record(arrays),
+                                                          evaluate_config(config), grid))  # fmt: skip
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout_s)) if messages else []
+        self.evaluator.aggregate_evaluate(server_round, replies)
+
+
 def run_secure(
-    grid: Grid, config: RunConfig, *, on_round: Callable[[RoundRecord], None] | None = None
+    grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None, write_report: bool = True
 ) -> MetricsHistory:
     """Run ``config`` with SecAgg+ (and client-level DP when configured); return the metrics history.
 
-    Writes, like the plain path, ``checkpoint.npz`` after each complete round and
-    ``final_model.npz`` + ``history.json`` (status "completed") at the end (with ``artefact-key``:
-    the AES-GCM artefacts ``checkpoint.npz.enc`` / ``final_model.npz.enc`` bound to the study, kind,
-    round and configuration hash), and a completed run's ``privacy_report.json`` / ``.md`` (SecAgg+
-    on, the client-level ε of :func:`client_level_privacy`). With ``audit-key`` the run start, each
-    round (``secure_aggregation = true``, L2 norm of the aggregate update), each checkpoint and a
-    failed round (its sites' error replies, then ``round_failed``) are appended to the signed audit
-    log. A failed secure round writes ``history.json`` with status "failed" and the reason, and no
-    final model.
+    Writes, like the plain path (:class:`~fedcare.server.lifecycle.Study`), ``checkpoint.npz``
+    after each complete round and ``final_model.npz`` + ``history.json`` (status "completed") at
+    the end (with ``artefact-key``: the AES-GCM artefacts ``checkpoint.npz.enc`` /
+    ``final_model.npz.enc`` bound to the study, kind, round and configuration hash), and a
+    completed run's ``privacy_report.json`` / ``.md`` (SecAgg+ on, the client-level ε of
+    :func:`client_level_privacy`; not with ``write_report = False``). With ``audit-key`` the run
+    start, each round (``secure_aggregation = true``, L2 norm of the aggregate update), each
+    checkpoint and a failed round (its sites' error replies, then ``round_failed``) are appended
+    to the signed audit log. A failed secure round writes ``history.json`` with status "failed"
+    and the reason, and no final model.
 
     Raises
     ------
@@ -560,177 +518,23 @@ def run_secure(
     CheckpointKeyError
         When the checkpoint is encrypted and no key is configured, or the reverse.
     """
-    from . import app as plain  # noqa: PLC0415 - app.py dispatches here; reuse its helpers
+    study = Study.open(config, on_round=on_round, write_report=write_report)
+    recorder = _legacy_strategy(config, study)
+    workflow = _secagg_workflow(config)
+    close_round = _RoundCloser(study, build_strategy(config, history=study.history, round_offset=study.done), workflow)
 
-    plain._quiet_flower()
-    random.seed(config.seed)  # the legacy client manager samples sites with the random module
-    history = MetricsHistory()
-    arrays = plain.initial_arrays(config)
-    reference = OrderedDict((k, v.copy()) for k, v in arrays.items())
-    folder = config.checkpoint_dir
-    key = load_artefact_key(config.artefact_key)
-    ckpt_path = artefact_path(folder, CHECKPOINT_FILE, key) if folder is not None else None
-    if folder is not None:
-        plain._refuse_other_format(folder, key)
-    done = 0
-    if ckpt_path is not None and ckpt_path.exists():
-        if not config.resume:
-            raise plain.CheckpointExistsError(
-                f"a checkpoint exists at {ckpt_path}; set resume = true to continue that run, "
-                "or use another checkpoint-dir"
-            )
-        ckpt = load_checkpoint(ckpt_path, key=key,
-                               expected={"study": safe_name(config.study), "kind": "checkpoint"})
-        plain._check_resumable(ckpt, config, ckpt_path)
-        if ckpt.run_config.get("secure-aggregation") is not True:
-            raise plain.ResumeMismatchError(
-                f"{ckpt_path} was written by a run without secure aggregation; resume it without "
-                "secure-aggregation, or start the secure run in another checkpoint-dir"
-            )
-        if list(ckpt.arrays) != list(arrays) or any(ckpt.arrays[k].shape != arrays[k].shape for k in arrays):
-            raise plain.ResumeMismatchError(f"the model in {ckpt_path} does not fit the configured model")
-        arrays = ckpt.arrays
-        history.load_state_dict(ckpt.history)
-        history.drop_incomplete()
-        if ckpt.rng_state is not None:
-            random.setstate(plain._rng_from_json(ckpt.rng_state))
-        done = ckpt.round
-        logger.info("resuming secure study %s from %s after round %d of %d", config.study, ckpt_path, done,
-                    config.num_rounds)
-    elif config.resume:
-        logger.warning("resume requested but no checkpoint in %s: starting from round 1", folder)
-
-    names = list(arrays)
-    legacy_cls = FedProx if config.strategy == "fedprox" else FedAvg
-    legacy_kwargs: dict[str, Any] = {"proximal_mu": config.proximal_mu} if config.strategy == "fedprox" else {}
-    inner: Strategy = legacy_cls(
-        fraction_fit=config.fraction_train,
-        fraction_evaluate=0.0,
-        min_fit_clients=config.min_sites,
-        min_evaluate_clients=0,
-        min_available_clients=config.min_sites,
-        on_fit_config_fn=_legacy_fit_config(config, names),
-        fit_metrics_aggregation_fn=lambda _: {},
-        **legacy_kwargs,
-    )
-    dp = None
-    if config.client_dp:
-        dp = DifferentialPrivacyClientSideFixedClipping(
-            inner,
-            noise_multiplier=config.client_dp_noise_multiplier,
-            clipping_norm=config.client_dp_clipping_norm,
-            num_sampled_clients=config.min_sites,  # reset every round to the sites sampled
+    def play_rounds(remaining: int) -> None:
+        """Run flwr's legacy round loop (SecAgg+ fit, then our evaluate-and-close step) for the rounds left."""
+        stoppable = _StoppableGrid(grid)
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            config=ServerConfig(num_rounds=remaining, round_timeout=config.round_timeout_s),
+            strategy=recorder,
+            client_manager=SimpleClientManager(),
         )
-        inner = dp
-    recorder = _LegacyRecorder(
-        inner, config, history, ndarrays_to_parameters(list(arrays.values())), done, dp
-    )
-    evaluator = build_strategy(config, history=history, round_offset=done)
-    final: dict[str, OrderedDict[str, np.ndarray]] = {"arrays": arrays}
-    workflow = StrictSecAggPlusWorkflow(
-        config.secagg_num_shares,
-        config.secagg_reconstruction_threshold,
-        max_weight=1.0,  # every site reports weight 1 (unweighted mean), so no precision is lost
-        clipping_range=config.secagg_clipping_range,
-        timeout=config.round_timeout_s,
-    )
-
-    def evaluate_and_checkpoint(grid_: Grid, context: Context) -> None:
-        """Evaluate the round's model on the sites (Message API), then checkpoint the round."""
-        legacy = cast(LegacyContext, context)
-        server_round = cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        rnd = server_round + done
-        record = history.round(rnd)
-        if not record.train:
-            raise SecureAggregationError(f"round {rnd} ended without a secure aggregate; the model was NOT updated")
-        params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        previous, final["arrays"] = final["arrays"], _named(params, reference)
-        if config.fraction_evaluate > 0:
-            record_arrays = plain._to_record(final["arrays"])
-            eval_config = ConfigRecord({wire.STUDY: config.study, **plain._model_fields(config)})
-            messages = list(evaluator.configure_evaluate(server_round, record_arrays, eval_config, grid_))
-            replies = list(grid_.send_and_receive(messages, timeout=config.round_timeout_s)) if messages else []
-            evaluator.aggregate_evaluate(server_round, replies)
-        record.train.update({f"secagg-{k}-s": v for k, v in workflow.stages_s.items()})
-        plain.record_round_end(
-            config, history, rnd, arrays=final["arrays"], previous=previous,
-            strategy_state={"kind": _SECURE_STATE_KIND}, ckpt_path=ckpt_path, key=key, audit=audit,
-            secure_aggregation=True, on_round=on_round,
-        )
-
-    remaining = config.num_rounds - done
-    started = time.perf_counter()
-    stoppable = _StoppableGrid(grid)
-    context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=remaining, round_timeout=config.round_timeout_s),
-        strategy=recorder,
-        client_manager=SimpleClientManager(),
-    )
-    audit = RunAudit.open(config)
-    try:
-        run_id, app_hash = run_identity(grid, config)
-        audit.run_start(config, run_id=run_id, app_hash=app_hash)
         try:
-            if remaining > 0:
-                DefaultWorkflow(fit_workflow=workflow, evaluate_workflow=evaluate_and_checkpoint)(
-                    stoppable, context  # type: ignore[arg-type]
-                )
-            else:
-                logger.info("checkpoint already holds all %d rounds; writing the final outputs", done)
-        except SecureAggregationError as exc:
-            logger.error("study %s FAILED: %s", config.study, exc)
-            rnd = _current_round(context, done)
-            audit.round_failed(
-                rnd, stage=exc.stage, secure_aggregation=True,
-                failures=[(_site_name(history, node), code, reason) for node, code, reason in exc.site_errors],
-            )  # fmt: skip
-            _write_history(config, history, "failed", str(exc))
-            raise
-        except TooFewSitesError as exc:
-            logger.error("study %s stopped: %s", config.study, exc)
-            for rec in history.rounds:
-                if not rec.complete:
-                    audit.refusals(rec)
-            plain._write_outputs(
-                config, final["arrays"], history, "stopped", key=key, audit=audit, secure_aggregation=True,
-                run_id=run_id, client_level=client_level_privacy(config, history), reason=str(exc),
-            )  # fmt: skip
-            raise
+            DefaultWorkflow(fit_workflow=workflow, evaluate_workflow=close_round)(stoppable, context)  # type: ignore[arg-type]
         finally:
             stoppable.stop()
-        logger.info("secure study %s completed after %.1f s", config.study, time.perf_counter() - started)
-        plain._write_outputs(
-            config, final["arrays"], history, "completed", key=key, audit=audit, secure_aggregation=True,
-            run_id=run_id, client_level=client_level_privacy(config, history),
-        )  # fmt: skip
-    finally:
-        audit.close()
-    return history
 
-
-def _current_round(context: LegacyContext, done: int) -> int:
-    """Return the round the workflow was in (counting resumed rounds); ``done + 1`` before the first."""
-    try:
-        current = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
-    except KeyError:
-        return done + 1
-    return done + max(int(cast(int, current)), 1)
-
-
-def _site_name(history: MetricsHistory, node_id: int | None) -> str:
-    """Return the site name a node reported (``node-<id>`` before it reported one; ``unknown``)."""
-    if node_id is None:
-        return "unknown"
-    return history.node_sites.get(node_id) or f"node-{node_id}"
-
-
-def _write_history(config: RunConfig, history: MetricsHistory, status: str, reason: str | None) -> None:
-    """Write history.json with the run's status (and why it did not complete)."""
-    if config.checkpoint_dir is None:
-        return
-    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        config.checkpoint_dir / HISTORY_FILE,
-        {"status": status, "reason": reason, "run_config": config.to_run_config(), **history.state_dict()},
-    )
+    return study.run(grid, play_rounds)

@@ -59,7 +59,7 @@ from ..models import Registry
 from ..models import wire
 from ..privacy.release_mechanisms import STAT_PREFIX, metrics_from_statistics, sum_statistics
 from .checkpoint import MetricsHistory
-from .config import RunConfig
+from .config import STRATEGY_NAMES, RunConfig
 
 __all__ = [
     "STRATEGIES",
@@ -224,6 +224,13 @@ def _fedtrimmedavg(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
 def _krum(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
     """Krum: keeps the one update closest to its neighbours."""
     return Krum(**kwargs, num_malicious_nodes=config.num_malicious_nodes)
+
+
+if STRATEGIES.names() != sorted(STRATEGY_NAMES):  # RunConfig validates names against STRATEGY_NAMES
+    raise RuntimeError(
+        f"server.strategy builds {STRATEGIES.names()} but server.config.STRATEGY_NAMES lists "
+        f"{sorted(STRATEGY_NAMES)}: register a builder for every name there, and list every builder"
+    )
 
 
 def worst_site(site_metrics: dict[str, dict[str, float]]) -> dict[str, Any] | None:

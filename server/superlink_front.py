@@ -1,15 +1,15 @@
-"""Run flwr 1.41's SuperLink with the Fleet API on its own port and Control on loopback.
+"""Run flwr's SuperLink with the Fleet API on its own port and Control on loopback.
 
-In flwr 1.41 ``flower-superlink`` serves the Fleet (``/v1/fleet/...``), Control
+In flwr 1.41 and 1.42 ``flower-superlink`` serves the Fleet (``/v1/fleet/...``), Control
 (``/v1/control/...``: submit runs, register nodes) and Runtime (``/v1/runtime/...``: the
 ServerApp's API) HTTP APIs on one uvicorn port; ``--control-api-address`` and
 ``--fleet-api-address`` are deprecated and only used by the internal legacy gRPC servers
 (``FLWR_INTERNAL_GRPC_*``), so the HTTP Control API cannot be moved off the Fleet port with a
 flag, and the open-source Control API has no authentication.
 
-``fedcare server start`` always runs the SuperLink through this module. It runs the *same* SuperLink (flwr's own argument parsing, FastAPI app and lifespan:
-``flwr.superlink.cli.flower_superlink`` and ``flwr.superlink.main.create_app``) in one uvicorn
-server listening on two sockets:
+``fedcare server start`` always runs the SuperLink through this module. It runs the *same*
+SuperLink (flwr's own argument parsing, FastAPI app and lifespan, obtained through
+:func:`fedcare.flower_bridge.superlink_app`) in one uvicorn server listening on two sockets:
 
 - the **control socket** (``--host``/``--port`` of the flower-superlink arguments; must be a
   loopback address): every API, as in plain ``flower-superlink``, except that each Control
@@ -17,14 +17,19 @@ server listening on two sockets:
   in ``--control-token-file`` (HTTP 401 otherwise, before flwr sees it); the SuperLink's own
   SuperExec / ServerApp connect here (Runtime API, flwr's own task tokens);
 - the **fleet socket** (``--fleet-address``, e.g. ``0.0.0.0:9300``): only the exact Fleet
-  routes flwr registers (``flwr.superlink.routers.fleet.router``) and ``/health``; every other
-  request gets HTTP 403 before it reaches flwr.
+  routes flwr registers (:func:`fedcare.flower_bridge.fleet_route_paths`) and ``/health``;
+  every other request gets HTTP 403 before it reaches flwr.
 
 TLS is still terminated by uvicorn with the SuperLink's certificate (same ``--ssl-*`` files),
 so the filter sees decrypted paths; which socket a request came in on is read from the ASGI
 ``server`` entry (the accepting socket's local address), never from a request header.
 
-flwr 1.41's open-source SuperLink has no Control API credential of its own (account
+Both reach into flwr's private parts; the bridge's guard for them is a security guard: on a
+flwr whose version or code it does not recognise the front refuses to start
+(:class:`~fedcare.flower_bridge.UnsupportedFlowerError`, exit status 2) rather than serve the
+Control API unfiltered.
+
+flwr's open-source SuperLink (1.41, 1.42) has no Control API credential of its own (account
 authentication is OIDC in Flower Enterprise only: ``FLWR_OIDC_ENABLED``); its CLI, though,
 sends a stored access token as a bearer header, which is how ``fedcare`` passes the token
 (:class:`fedcare.server.deploy.FlowerConnection`).
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import importlib
 import ipaddress
 import json
 import socket
@@ -48,6 +52,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from logging import ERROR, INFO
 from typing import Any
+
+from ..flower_bridge import UnsupportedFlowerError, fleet_route_paths, flower_logger, superlink_app
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -66,7 +72,7 @@ FLEET_ONLY_EXTRA_PATHS = frozenset({"/health"})
 CONTROL_PREFIX = "/v1/control/"
 #: the Runtime API's paths (flwr authenticates them with its own task tokens)
 RUNTIME_PREFIX = "/v1/runtime/"
-#: logged once both sockets listen (``server/deploy.py`` waits for it)
+#: logged once both sockets listen (``server/deploy.py`` waits for ``/health`` on both instead)
 READY_MESSAGE = "fedcare SuperLink front ready"
 
 Scope = MutableMapping[str, Any]
@@ -86,15 +92,19 @@ def is_loopback(host: str) -> bool:
 
 
 def fleet_paths() -> frozenset[str]:
-    """Return the exact paths of flwr's Fleet HTTP router plus ``/health``."""
-    from flwr.superlink.routers.fleet.router import router  # noqa: PLC0415 - heavy import
+    """Return the exact paths of flwr's Fleet HTTP router plus ``/health``.
 
-    paths = {getattr(route, "path", "") for route in router.routes}
-    paths.discard("")
+    Raises
+    ------
+    fedcare.flower_bridge.UnsupportedFlowerError
+        When the installed flwr is not one the front knows, or its Fleet routes are not all
+        under ``/v1/fleet/``.
+    """
+    paths = fleet_route_paths()
     if not paths or not all(p.startswith("/v1/fleet/") for p in paths):
-        raise RuntimeError(
+        raise UnsupportedFlowerError(
             f"unexpected Fleet routes in this flwr ({sorted(paths)}): fedcare's SuperLink front "
-            "supports flwr 1.41; use `fedcare server start` with a loopback --address instead"
+            "refuses to start; install flwr 1.41.x or 1.42.x"
         )
     return frozenset(paths) | FLEET_ONLY_EXTRA_PATHS
 
@@ -220,16 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     import uvicorn  # noqa: PLC0415 - heavy imports after argument checks
-    from flwr.supercore import log
-    from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.supercore.logger import console_handler
-    from flwr.superlink.main import create_app
 
-    # the module, not the `flower_superlink` function its package re-exports under that name
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
-
-    sys.argv = ["flower-superlink", *superlink_args]
-    config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 - flwr's own parsing, pinned <1.42
+    log = flower_logger().log  # flwr's processes print flwr's logger with flwr's handler
+    try:
+        config = superlink_app(superlink_args)
+        allowed = fleet_paths()
+    except UnsupportedFlowerError as err:  # fail closed: no SuperLink without the front
+        sys.stderr.write(f"fedcare SuperLink front: {err}\n")
+        return 2
     if not is_loopback(config.host):
         log(ERROR, "the control address %s:%s must be a loopback address", config.host, config.port)
         return 2
@@ -237,9 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(ERROR, "the control port and the fleet port must differ (both %d)", fleet_port)
         return 2
 
-    app = create_app(config, fs.SuperLinkLifespan)
     gate = FleetOnlyGate(
-        app, control_port=config.port, allowed_paths=fleet_paths(), control_token=control_token
+        config.app, control_port=config.port, allowed_paths=allowed, control_token=control_token
     )
     scheme = "https" if config.ssl_certfile else "http"
 
@@ -261,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reload=False,
         access_log=True,
         proxy_headers=False,
-        log_config=get_uvicorn_log_config(console_handler.level),
+        log_config=config.log_config,
         ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile,
         workers=1,

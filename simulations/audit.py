@@ -20,9 +20,8 @@ hospitals and :func:`make_federated_shadow_trainer` runs, for each shadow, a who
 hospital trains on its training patients outside the pool plus its pool patients in the
 shadow's half, under the scenario's DP settings and a throw-away ledger.
 
-Registered on the ``audit`` group from the root ``cli.py`` (``privacy/`` may not import ``client/``)::
-
-    audit_app.command("membership")(membership_command)
+The command itself is :func:`fedcare.simulations.cli.membership_command`, registered on the
+``audit`` group by the root ``cli.py`` (``privacy/`` may not import ``client/``).
 """
 
 from __future__ import annotations
@@ -32,21 +31,16 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import typer
-from pydantic import ValidationError
-from rich.console import Console
 from torch import nn
 
 from ..client.dataset import SiteData, Split
-from ..client.errors import DataValidationError
 from ..client.loaders import load_site_file
 from ..client.training import TrainSettings, train_local
 from ..models import ModelSpec, build_for_data, set_weights
-from ..privacy.artefacts import KeyFileError
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.membership import (
     MembershipAuditResult,
@@ -56,7 +50,7 @@ from ..privacy.membership import (
     membership_audit,
 )
 from ..privacy.settings import PrivacySettings
-from ..server.checkpoint import CheckpointError, load_model_file, write_json_atomic
+from ..server.checkpoint import load_model_file, write_json_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,13 +66,10 @@ __all__ = [
     "federated_membership_pool",
     "make_federated_shadow_trainer",
     "make_train_fn",
-    "membership_command",
     "membership_splits",
 ]
 
 logger = logging.getLogger(__name__)
-_out = Console()
-_err = Console(stderr=True)
 
 
 SITE_SHADOWS = ("site-local: each shadow trained with the given recipe on its half of the audit pool of one "
@@ -127,11 +118,6 @@ class FederatedPool:
     background: list[Split]
 
 
-def _concat_splits(splits: list[Split]) -> Split:
-    """Return splits concatenated (single-input data)."""
-    return Split(inputs=(torch.cat([s.inputs[0] for s in splits]),), targets=torch.cat([s.targets for s in splits]))
-
-
 def federated_membership_pool(hospitals: list[SiteData], *, seed: int = 0) -> FederatedPool:
     """Return the audit pool of a federation: members from every training split, non-members from the held-out ones.
 
@@ -155,8 +141,8 @@ def federated_membership_pool(hospitals: list[SiteData], *, seed: int = 0) -> Fe
     pick_m = np.sort(rng.choice(n_train, n, replace=False)) if n < n_train else np.arange(n_train)
     pick_n = np.sort(rng.choice(n_held, n, replace=False)) if n < n_held else np.arange(n_held)
     # picks are sorted and sites are concatenated in order: per-site subsets keep the pool's order
-    members = _concat_splits([h.train.subset(train_row[pick_m][train_site[pick_m] == i]) for i, h in enumerate(hospitals)])
-    nonmembers = _concat_splits([s.subset(held_row[pick_n][held_site[pick_n] == i]) for i, s in enumerate(held)])
+    members = Split.concat([h.train.subset(train_row[pick_m][train_site[pick_m] == i]) for i, h in enumerate(hospitals)])
+    nonmembers = Split.concat([s.subset(held_row[pick_n][held_site[pick_n] == i]) for i, s in enumerate(held)])
     in_pool = np.zeros(n_train, dtype=bool)
     in_pool[pick_m] = True
     background = [h.train.subset(train_row[(train_site == i) & ~in_pool]) for i, h in enumerate(hospitals)]
@@ -189,7 +175,7 @@ def make_federated_shadow_trainer(
     from ..client.app import LocalSite, make_client_app  # noqa: PLC0415 - heavy, simulation only
     from ..server.app import run_server  # noqa: PLC0415
     from ..server.checkpoint import FINAL_MODEL_FILE  # noqa: PLC0415
-    from .runner import InProcessGrid  # noqa: PLC0415 - runner imports release, which imports this
+    from .inprocess import InProcessGrid  # noqa: PLC0415 - light, but only needed here
 
     pool_x = torch.cat([pool.members.inputs[0], pool.nonmembers.inputs[0]])
     pool_y = torch.cat([pool.members.targets, pool.nonmembers.targets])
@@ -214,7 +200,7 @@ def make_federated_shadow_trainer(
         for i, h in enumerate(hospitals):
             rows = torch.from_numpy(np.flatnonzero(chosen & (pool.site_of == i)))
             extra = Split(inputs=(pool_x[rows],), targets=pool_y[rows])
-            sites.append(dataclasses.replace(h, train=_concat_splits([pool.background[i], extra])))
+            sites.append(dataclasses.replace(h, train=Split.concat([pool.background[i], extra])))
         with tempfile.TemporaryDirectory(prefix="fedcare-shadow-") as tmp:
             folder = Path(tmp)
             local = [LocalSite(data=site, privacy=privacy, ledger_dir=folder / "ledgers", name=site.name,
@@ -336,63 +322,3 @@ def audit_membership_file(
     target = Path(out) if out is not None else Path(model_path).parent / f"membership_{data.name}.json"
     write_json_atomic(target, record)
     return {**record, "file": str(target)}, result
-
-
-def _privacy_from_file(path: Path | None) -> PrivacySettings:
-    """Read PrivacySettings from a TOML (top level or ``[privacy]``); None: training without DP."""
-    if path is None:
-        return PrivacySettings.disabled()
-    import tomllib  # noqa: PLC0415
-
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        return PrivacySettings.model_validate(raw.get("privacy", raw))
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise MembershipAuditError(f"privacy settings {path} are invalid: {exc}") from None
-
-
-def membership_command(
-    model: Annotated[Path, typer.Option("--model", "-m", help="A final_model.npz written by a run.")],
-    site: Annotated[Path, typer.Option("--site", "-s", help="Site manifest TOML: its train split are the members.")],
-    max_auc: Annotated[
-        Optional[float], typer.Option("--max-auc", help="Release gate: exit 1 when an attack's upper 95% bound exceeds it.")
-    ] = None,
-    shadows: Annotated[int, typer.Option("--shadows", help="LiRA shadow models (even, ≥ 4; 0: loss attack only).")] = 16,
-    rounds: Annotated[int, typer.Option("--rounds", help="Recipe: rounds the model was trained for.")] = 1,
-    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Recipe: local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Recipe: batch size.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Recipe: learning rate.")] = 0.1,
-    privacy: Annotated[
-        Optional[Path], typer.Option("--privacy", help="Recipe: the site's PrivacySettings TOML (absent: no DP).")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the splits, shadows and bootstrap.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Result JSON (default beside the model).")] = None,
-    key: Annotated[
-        Optional[str], typer.Option("--key", help="Artefact key of an encrypted model: a key file, 'env' or 'env:NAME'.")
-    ] = None,
-) -> None:
-    """Membership-inference audit (loss threshold + LiRA) of a saved model; optionally gate its release."""
-    try:
-        if shadows and (shadows < 4 or shadows % 2):
-            raise MembershipAuditError(f"--shadows must be 0 or an even number ≥ 4, got {shadows}")
-        if max_auc is not None:
-            ReleaseGate(max_auc=max_auc)  # validate before the (slow) audit
-        record, result = audit_membership_file(
-            model, site, train=TrainSettings(local_epochs=local_epochs, batch_size=batch_size, lr=lr, device="cpu"),
-            privacy=_privacy_from_file(privacy), rounds=rounds, n_shadow=shadows, seed=seed, max_auc=max_auc,
-            out=out, key=key,
-        )
-    except (CheckpointError, DataValidationError, ValueError, ValidationError, KeyFileError) as exc:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    _out.print(f"membership audit of {model} on site {record['site']} "
-               f"({record['members']} members, {record['nonmembers']} non-members):", highlight=False)  # fmt: skip
-    for attack in result.attacks:
-        _out.print(f"  {attack.describe()}, {attack.describe_tpr()}", highlight=False)
-    _out.print(f"written to {record['file']}", highlight=False, soft_wrap=True)
-    if max_auc is not None:
-        decision = ReleaseGate(max_auc=max_auc).decide(result)
-        if not decision.passed:  # block or inconclusive: exit 1, the reason says which
-            _err.print(f"[bold red]{decision.reason}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        _out.print(decision.reason, highlight=False)

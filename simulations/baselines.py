@@ -30,14 +30,14 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ..client.dataset import SiteData, Split
 from ..client.metrics import evaluate
 from ..client.training import TrainResult, TrainSettings, train_local
+from ..config_base import FrozenModel
 from ..models import ModelSpec, build_for_data
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.settings import PrivacySettings
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from .scenario import Scenario
 
 __all__ = [
+    "CentralEvaluation",
+    "evaluate_centrally",
     "ARMS",
     "BaselineResult",
     "IncompatibleSitesError",
@@ -67,7 +69,7 @@ class IncompatibleSitesError(ValueError):
     """The sites cannot be pooled or compared: no sites, or different tasks / classes / shapes."""
 
 
-class BaselineResult(BaseModel):
+class BaselineResult(FrozenModel):
     """What one baseline arm achieved.
 
     Attributes
@@ -97,8 +99,6 @@ class BaselineResult(BaseModel):
     train_loss : float
         Last training loss (``local``: example-weighted over sites).
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     arm: Arm
     metrics: dict[str, float]
@@ -135,9 +135,9 @@ def pool_sites(sites: Sequence[SiteData], *, name: str = POOLED_SITE) -> SiteDat
     return dataclasses.replace(
         first,
         name=name,
-        train=_concat([s.train for s in sites], [s.name for s in sites]),
-        val=_concat([s.val for s in sites], [s.name for s in sites]),
-        test=_concat([s.test for s in sites], [s.name for s in sites]),
+        train=Split.concat([s.train for s in sites], names=[s.name for s in sites]),
+        val=Split.concat([s.val for s in sites], names=[s.name for s in sites]),
+        test=Split.concat([s.test for s in sites], names=[s.name for s in sites]),
     )
 
 
@@ -171,19 +171,13 @@ def pooled_baseline(
     model, result = _train_arm(
         pooled, spec=spec, train=train, privacy=privacy, rounds=rounds, seed=seed, study="baseline-pooled"
     )
-    per_site, weights = {}, {}
-    for site in sites:
-        split = _eval_split(site)
-        if split is not None:
-            per_site[site.name] = _evaluate(model, split, site)
-            weights[site.name] = len(split)
-    pooled_test = _evaluate(model, pooled.test, pooled) if len(pooled.test) else {}
+    central = evaluate_centrally(model, sites)
     out = BaselineResult(
         arm="pooled",
-        metrics=weighted_mean(per_site, weights),
-        pooled_test=pooled_test,
-        sites=per_site,
-        num_examples=weights,
+        metrics=central.metrics,
+        pooled_test=central.pooled_test,
+        sites=central.sites,
+        num_examples=central.num_examples,
         epsilon=float(result.epsilon),
         delta=float(result.delta),
         epochs=rounds * _local_epochs(train),
@@ -192,6 +186,48 @@ def pooled_baseline(
     )
     logger.info("pooled baseline: %s (ε = %.3g)", out.metrics, out.epsilon)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CentralEvaluation:
+    """One model scored by the researcher on every site's evaluation split and on the pooled test split.
+
+    Attributes
+    ----------
+    metrics : dict of str to float
+        Example-weighted mean over sites of each site's evaluation metrics.
+    pooled_test : dict of str to float
+        Metrics on the pooled test split (empty when no site has a test split).
+    sites : dict of str to dict of str to float
+        Each site's evaluation metrics.
+    num_examples : dict of str to int
+        Each site's evaluation examples (the weights).
+    """
+
+    metrics: dict[str, float]
+    pooled_test: dict[str, float]
+    sites: dict[str, dict[str, float]]
+    num_examples: dict[str, int]
+
+
+def evaluate_centrally(model: nn.Module, sites: Sequence[SiteData]) -> CentralEvaluation:
+    """Score ``model`` on every site's evaluation split and the pooled test split, as the baselines are.
+
+    A simulation's researcher holds every virtual hospital's data, so the federated model is
+    scored exactly like the pooled and local arms it is compared with. (A deployment has no such
+    view: there, sites release only what their policy allows, e.g. DP-noised statistics.)
+    """
+    per_site: dict[str, dict[str, float]] = {}
+    weights: dict[str, int] = {}
+    for site in sites:
+        split = _eval_split(site)
+        if split is not None:
+            per_site[site.name] = _evaluate(model, split, site)
+            weights[site.name] = len(split)
+    pooled = pool_sites(sites)
+    pooled_test = _evaluate(model, pooled.test, pooled) if len(pooled.test) else {}
+    return CentralEvaluation(metrics=weighted_mean(per_site, weights), pooled_test=pooled_test,
+                             sites=per_site, num_examples=weights)  # fmt: skip
 
 
 def local_baselines(
@@ -355,14 +391,3 @@ def _check_compatible(sites: Sequence[SiteData]) -> SiteData:
                 "baselines compare sites of one federation, which share kind, task, classes and shape"
             )
     return first
-
-
-def _concat(splits: Sequence[Split], names: Sequence[str]) -> Split:
-    """Concatenate splits row-wise; groups (when every split has them) become ``site:group``."""
-    inputs = tuple(torch.cat([s.inputs[i] for s in splits]) for i in range(len(splits[0].inputs)))
-    groups = None
-    if all(s.groups is not None for s in splits):  # prefix: two sites may reuse a patient id
-        groups = np.concatenate(
-            [np.char.add(f"{name}:", np.asarray(s.groups).astype(str)) for s, name in zip(splits, names, strict=True)]
-        )
-    return Split(inputs=inputs, targets=torch.cat([s.targets for s in splits]), groups=groups)

@@ -1,23 +1,29 @@
-"""``fedcare simulate`` and ``fedcare evaluate``: thin commands over the simulation runner.
+"""The researcher's commands: ``fedcare simulate``, ``fedcare evaluate``, ``fedcare audit membership``.
 
-Root wiring (``cli.py``)::
+Thin commands over the simulation runner and the membership audit (:mod:`.audit`); the heavy
+modules are imported inside each command, so ``--help`` stays fast. Root wiring (``cli.py``)::
 
     app.command("simulate")(simulate)
     app.command("evaluate")(evaluate)
+    audit_app.command("membership")(membership_command)   # on privacy.cli's ``audit`` group
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["app", "evaluate", "simulate"]
+from ..supervise import quiet_flower
+
+if TYPE_CHECKING:
+    from ..privacy.settings import PrivacySettings
+
+__all__ = ["app", "evaluate", "membership_command", "simulate"]
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -45,8 +51,7 @@ def _setup_logging(verbose: bool) -> None:
     wrapping). Flower configures its own ``flwr`` logger and console handler when it is imported;
     call this after the imports. Its records are not propagated as well (they would print twice).
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    quiet_flower()
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     flower = logging.getLogger("flwr")
@@ -97,7 +102,13 @@ def simulate(
     pooled = summary.baselines.get("pooled")
     if isinstance(pooled, dict):
         table.add_row("pooled", *(_fmt(pooled.get(m, "-")) for m in metrics))
+    released = summary.final_federated_evaluation
+    if released and released != summary.final_global:
+        table.add_row("federated, as released", *(_fmt(released.get(m, "-")) for m in metrics))
     _console.print(table)
+    if released and released != summary.final_global:
+        _console.print("federated and pooled: scored by the researcher on every site's evaluation split; "
+                       "'as released': what the sites' policies released (DP-noised statistics by default)")
     if summary.gap_vs_pooled:
         _console.print("federated − pooled: " + ", ".join(f"{k} {v:+.4f}" for k, v in sorted(summary.gap_vs_pooled.items())))
     if summary.privacy:
@@ -143,3 +154,78 @@ def evaluate(
         table.add_row(name, _fmt(value))
     _console.print(table)
     _console.print(f"written to {result['file']}")
+
+
+def _privacy_from_file(path: Path | None) -> PrivacySettings:
+    """Read PrivacySettings from a TOML (top level or ``[privacy]``); None: training without DP."""
+    import tomllib  # noqa: PLC0415
+
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from ..privacy.settings import PrivacySettings  # noqa: PLC0415
+    from .audit import MembershipAuditError  # noqa: PLC0415
+
+    if path is None:
+        return PrivacySettings.disabled()
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return PrivacySettings.model_validate(raw.get("privacy", raw))
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise MembershipAuditError(f"privacy settings {path} are invalid: {exc}") from None
+
+
+def membership_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A final_model.npz written by a run.")],
+    site: Annotated[Path, typer.Option("--site", "-s", help="Site manifest TOML: its train split are the members.")],
+    max_auc: Annotated[
+        Optional[float], typer.Option("--max-auc", help="Release gate: exit 1 when an attack's upper 95% bound exceeds it.")
+    ] = None,
+    shadows: Annotated[int, typer.Option("--shadows", help="LiRA shadow models (even, ≥ 4; 0: loss attack only).")] = 16,
+    rounds: Annotated[int, typer.Option("--rounds", help="Recipe: rounds the model was trained for.")] = 1,
+    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Recipe: local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Recipe: batch size.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Recipe: learning rate.")] = 0.1,
+    privacy: Annotated[
+        Optional[Path], typer.Option("--privacy", help="Recipe: the site's PrivacySettings TOML (absent: no DP).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the splits, shadows and bootstrap.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Result JSON (default beside the model).")] = None,
+    key: Annotated[
+        Optional[str], typer.Option("--key", help="Artefact key of an encrypted model: a key file, 'env' or 'env:NAME'.")
+    ] = None,
+) -> None:
+    """Membership-inference audit (loss threshold + LiRA) of a saved model; optionally gate its release."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from ..client.errors import DataValidationError  # noqa: PLC0415
+    from ..client.training import TrainSettings  # noqa: PLC0415
+    from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
+    from ..privacy.membership import ReleaseGate  # noqa: PLC0415
+    from ..server.checkpoint import CheckpointError  # noqa: PLC0415
+    from .audit import MembershipAuditError, audit_membership_file  # noqa: PLC0415
+
+    try:
+        if shadows and (shadows < 4 or shadows % 2):
+            raise MembershipAuditError(f"--shadows must be 0 or an even number ≥ 4, got {shadows}")
+        if max_auc is not None:
+            ReleaseGate(max_auc=max_auc)  # validate before the (slow) audit
+        record, result = audit_membership_file(
+            model, site, train=TrainSettings(local_epochs=local_epochs, batch_size=batch_size, lr=lr, device="cpu"),
+            privacy=_privacy_from_file(privacy), rounds=rounds, n_shadow=shadows, seed=seed, max_auc=max_auc,
+            out=out, key=key,
+        )
+    except (CheckpointError, DataValidationError, ValueError, ValidationError, KeyFileError) as exc:
+        _errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    _console.print(f"membership audit of {model} on site {record['site']} "
+               f"({record['members']} members, {record['nonmembers']} non-members):", highlight=False)  # fmt: skip
+    for attack in result.attacks:
+        _console.print(f"  {attack.describe()}, {attack.describe_tpr()}", highlight=False)
+    _console.print(f"written to {record['file']}", highlight=False, soft_wrap=True)
+    if max_auc is not None:
+        decision = ReleaseGate(max_auc=max_auc).decide(result)
+        if not decision.passed:  # block or inconclusive: exit 1, the reason says which
+            _errors.print(f"[bold red]{decision.reason}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        _console.print(decision.reason, highlight=False)

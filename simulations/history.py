@@ -11,8 +11,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from ..config_base import FrozenModel
 from ..models.wire import EPSILON, NUM_EXAMPLES
 
 __all__ = ["RoundRecord", "history_from_rounds"]
@@ -23,7 +24,7 @@ def _as_float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-class RoundRecord(BaseModel):
+class RoundRecord(FrozenModel):
     """One finished round of a federation.
 
     Attributes
@@ -37,8 +38,6 @@ class RoundRecord(BaseModel):
     site_epsilon : dict of str to float
         Each site's ε spent so far in the study (cumulative), keyed by site name.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     round: int = Field(ge=1)
     global_metrics: dict[str, float] = Field(default_factory=dict)

@@ -50,9 +50,10 @@ from collections.abc import Callable
 from typing import Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from ..client.dataset import SiteData, Split
+from ..config_base import FrozenModel
 from ..models import Registry, UnknownNameError
 
 __all__ = [
@@ -101,7 +102,7 @@ Partitioner = Callable[[SiteData, "PartitionScheme", int, np.random.Generator], 
 PARTITIONERS: Registry[Partitioner] = Registry("partition kind")
 
 
-class PartitionScheme(BaseModel):
+class PartitionScheme(FrozenModel):
     """How to split one dataset into virtual hospitals.
 
     Attributes
@@ -118,8 +119,6 @@ class PartitionScheme(BaseModel):
     assign : {"greedy", "round_robin", "each"}
         How ``natural`` hands groups to sites. Ignored by the other kinds.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: str = "iid"
     alpha: float = Field(default=0.5, gt=0, allow_inf_nan=False)

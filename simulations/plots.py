@@ -166,11 +166,13 @@ def plot_summary(summary: Mapping[str, Any], out_dir: Path | str) -> dict[str, P
     files: dict[str, Path] = {}
     history = history_from_rounds(summary.get("rounds", []))
     final = dict(summary.get("final_global") or {})
-    metric = headline_metric(final) or next(
+    # the rounds hold what the sites released (none where every site's policy refused evaluation)
+    per_round = next(
         (headline_metric(r.global_metrics) for r in reversed(history) if headline_metric(r.global_metrics)), None
     )
-    if history and metric is not None:
-        files["plot_metric"] = plot_metric_per_round(history, metric, out / f"{metric}_per_round.png")
+    metric = headline_metric(final) or per_round
+    if history and per_round is not None:
+        files["plot_metric"] = plot_metric_per_round(history, per_round, out / f"{per_round}_per_round.png")
     if any(r.site_epsilon for r in history):
         files["plot_epsilon"] = plot_epsilon_per_round(history, out / "epsilon_per_round.png")
     baselines = summary.get("baselines") or {}

@@ -32,15 +32,16 @@ the study's RunConfig, strategy and DP settings: ``simulations.audit.make_federa
 and only if the gate's verdict is *pass* (or none is set, or an *inconclusive* verdict is
 overridden with a logged reason; a *block* never is) writes the
 **unencrypted exported model** ``out/final_model.npz``. It writes ``out/privacy_report.json`` /
-``.md`` either way and appends a ``release`` entry (gate verdict, AUC, model and report digests)
-to the audit log. A blocked release leaves no exported model and says why.
+``.md`` either way (the simulation's only report: its ServerApp runs with ``write_report=False``)
+and appends a ``release`` entry (gate verdict, AUC, model and report digests) to the audit log. A
+blocked release leaves no exported model and says why. The gate, export, report and audit steps
+are ``fedcare release``'s own (:func:`fedcare.server.release.release`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,13 +49,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..client.dataset import SiteData, Split
+from ..config_base import FrozenModel
 from ..models import ModelSpec, build_for_data, set_weights
-from ..privacy.artefacts import sha256_file
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.membership import MembershipAuditResult, ReleaseGate, membership_audit
-from ..privacy.report import JSON_NAME, GateSummary, SitePrivacy, write_report
-from ..server.checkpoint import FINAL_MODEL_FILE, MetricsHistory, load_model_file, save_model_file
+from ..privacy.policy import SitePolicy
+from ..privacy.report import SitePrivacy
+from ..server.checkpoint import FINAL_MODEL_FILE, MetricsHistory, load_model_file
+from ..server.client_dp import client_level_privacy
 from ..server.config import RunConfig
+from ..server.release import decide_release, release
 from ..server.safekeeping import (
     RunAudit,
     artefact_path,
@@ -63,7 +67,7 @@ from ..server.safekeeping import (
     safe_name,
     site_privacy,
 )
-from ..server.secagg import client_level_privacy
+from .audit import MembershipAuditError, federated_membership_pool, make_federated_shadow_trainer
 
 __all__ = [
     "ArtefactSettings",
@@ -83,8 +87,7 @@ class LedgerMismatchError(RuntimeError):
     """A site's ε as reported to the server differs from its own ledger file: the report is not written."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+_Frozen = FrozenModel  # the shared base: fedcare.config_base
 
 
 def _resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -178,13 +181,6 @@ def check_against_ledgers(sites: list[SitePrivacy], ledger_dir: Path, study: str
             )
 
 
-def _concat(splits: list[Split]) -> Split:
-    """Return the non-empty splits concatenated."""
-    splits = [s for s in splits if len(s)]
-    return Split(inputs=tuple(torch.cat([s.inputs[i] for s in splits]) for i in range(len(splits[0].inputs))),
-                 targets=torch.cat([s.targets for s in splits]))  # fmt: skip
-
-
 def _pooled(hospitals: list[SiteData]) -> SiteData:
     """Return every hospital's data as one site (train: all training splits; test: all test splits)."""
     first = hospitals[0]
@@ -192,22 +188,21 @@ def _pooled(hospitals: list[SiteData]) -> SiteData:
     tests = [h.test for h in hospitals if len(h.test)] or [h.val for h in hospitals if len(h.val)]
     return SiteData(
         name="pooled-audit", kind=first.kind, task=first.task, num_classes=first.num_classes,
-        input_shape=first.input_shape, has_mask=first.has_mask, train=_concat([h.train for h in hospitals]),
-        val=empty, test=_concat(tests) if tests else empty,
+        input_shape=first.input_shape, has_mask=first.has_mask, train=Split.concat([h.train for h in hospitals]),
+        val=empty, test=Split.concat(tests) if tests else empty,
     )  # fmt: skip
 
 
 def _membership(
-    settings: ReleaseSettings, config: RunConfig, scenario: Any, hospitals: list[SiteData], arrays: Any, meta: dict
+    settings: ReleaseSettings,
+    config: RunConfig,
+    scenario: Any,
+    hospitals: list[SiteData],
+    arrays: Any,
+    meta: dict[str, Any],
+    policy: SitePolicy,
 ) -> MembershipAuditResult:
     """Run the membership audit of the final model on the hospitals' held-in and held-out patients."""
-    from .audit import (  # noqa: PLC0415 - heavy
-        MembershipAuditError,
-        federated_membership_pool,
-        make_federated_shadow_trainer,
-    )
-    from .runner import _site_policy  # noqa: PLC0415 - runner imports this module
-
     data = _pooled(hospitals)
     if data.task == "regression" or data.has_mask:
         raise MembershipAuditError(
@@ -224,7 +219,7 @@ def _membership(
     trainer, description = None, None
     if settings.attack == "lira":
         trainer, description = make_federated_shadow_trainer(config, hospitals, pool, privacy=scenario.privacy,
-                                                             policy=_site_policy(scenario))  # fmt: skip
+                                                             policy=policy)  # fmt: skip
     members, nonmembers = pool.members, pool.nonmembers
     return membership_audit(
         model, members=(members.inputs[0], members.targets), nonmembers=(nonmembers.inputs[0], nonmembers.targets),
@@ -237,13 +232,18 @@ def release_model(
     scenario: Any,
     hospitals: list[SiteData],
     config: RunConfig,
-    history_state: dict[str, Any],
+    history: MetricsHistory,
     out: Path,
     *,
     ledger_dir: Path,
+    policy: SitePolicy,
     policy_label: str,
 ) -> ReleaseOutcome:
-    """Check ε against the ledgers, gate the final model, export it if allowed, write the report.
+    """Check ε against the ledgers, gate the final model, export it if allowed, write the one report.
+
+    The gate, the export, the report and the audit log's ``release`` entry are ``fedcare
+    release``'s (:func:`fedcare.server.release.release`); this step adds what only a simulation
+    has: every hospital's ledger and data, and shadows trained as federations.
 
     Parameters
     ----------
@@ -253,12 +253,14 @@ def release_model(
         The virtual hospitals (the audit's members and non-members).
     config : RunConfig
         The run the ServerApp ran (artefact key, audit key, study).
-    history_state : dict
-        ``history.json`` as the ServerApp wrote it.
+    history : MetricsHistory
+        The run's rounds as the ServerApp recorded them (``history.json``).
     out : Path
         The scenario's output folder: receives ``final_model.npz`` (released only) and the report.
     ledger_dir : Path
         The virtual hospitals' ledger folder.
+    policy : SitePolicy
+        Every virtual hospital's policy (the LiRA shadows' sites run under it).
     policy_label : str
         How the sites' policy is described in the report.
 
@@ -273,69 +275,34 @@ def release_model(
     settings: ReleaseSettings = scenario.release
     key = load_artefact_key(config.artefact_key)
     source = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
-    history = MetricsHistory()
-    history.load_state_dict({k: v for k, v in history_state.items() if k in ("kind", "rounds", "node_sites")})
     expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
     arrays, meta = load_model_file(source, key=key, expected=expected)
     sites = site_privacy(history)
     check_against_ledgers(sites, ledger_dir, config.study)
 
     membership: MembershipAuditResult | None = None
-    gate_summary: GateSummary | None = None
-    reason: str | None = None
-    worst_value: float | None = None
-    decision = None
+    gate: ReleaseGate | None = None
     if settings.max_membership_auc is not None:
         gate = ReleaseGate(max_auc=settings.max_membership_auc, basis=settings.basis, power=settings.power)
-        membership = _membership(settings, config, scenario, hospitals, arrays, meta)
-        worst = membership.worst()
-        worst_value = worst.ci_high if settings.basis == "upper" else worst.auc
-        decision = gate.decide(membership)
-        reason = None if decision.passed else decision.reason
-        override = None
-        if decision.verdict == "inconclusive" and settings.override_inconclusive is not None:
-            override = settings.override_inconclusive
-            message = (f"PRIVACY WARNING: scenario {scenario.name!r}: releasing the model although its membership "
-                       f"audit is inconclusive, by the scenario's [release] override_inconclusive ({override}): "
-                       f"{decision.reason}")  # fmt: skip
-            warnings.warn(message, stacklevel=2)
-            logger.warning("%s", message)
-            reason = None
-        gate_summary = GateSummary.from_decision(decision, override_reason=override)
-    released = reason is None
-    exported = out / FINAL_MODEL_FILE
-    if released:
-        save_model_file(exported, arrays, meta)  # the export: unencrypted, for use outside the federation
-    else:
-        exported.unlink(missing_ok=True)
-        logger.error("%s", reason)
-    model_path = exported if released else source
+        membership = _membership(settings, config, scenario, hospitals, arrays, meta, policy)
+    decision = decide_release(gate, membership, override_inconclusive=settings.override_inconclusive,
+                              subject=f"scenario {scenario.name!r}",
+                              override_by="the scenario's [release] override_inconclusive")  # fmt: skip
     audit = RunAudit.open(config)
     try:
         report = build_privacy_report(
-            config, history, model_sha256=sha256_file(model_path), sites=sites,
-            secure_aggregation=bool(getattr(config, "secure_aggregation", False)), policy_label=policy_label,
-            client_level=client_level_privacy(config, history), membership=membership, gate=gate_summary,
-            audit=audit,
+            config, history, model_sha256=None, sites=sites, secure_aggregation=config.secure_aggregation,
+            policy_label=policy_label, client_level=client_level_privacy(config, history), audit=audit,
         )  # fmt: skip
-        report_path: Path | None = None
-        if report is not None:
-            report_path, _ = write_report(report, out, overwrite=True)
-        audit.release(
-            round_=history.last_complete, model_path=model_path,
-            report_sha256=sha256_file(report_path) if report_path is not None else None,
-            membership_auc=None if worst_value is None else min(max(worst_value, 0.0), 1.0),
-            gate_passed=None if gate_summary is None else gate_summary.passed,
-            gate_verdict=None if gate_summary is None else gate_summary.verdict,
-            override_reason=None if gate_summary is None else gate_summary.override_reason,
-        )  # fmt: skip
+        done = release(arrays, meta, source=source, out_dir=out, decision=decision, membership=membership,
+                       report=report, audit=audit, round_=history.last_complete)  # fmt: skip
     finally:
         audit.close()
     gate_record = None
-    if gate_summary is not None and membership is not None:
-        gate_record = {**gate_summary.model_dump(), "attacks": [a.model_dump() for a in membership.attacks]}
+    if decision.gate is not None and membership is not None:
+        gate_record = {**decision.gate.model_dump(), "attacks": [a.model_dump() for a in membership.attacks]}
     return ReleaseOutcome(
-        released=released, model=str(exported) if released else None, reason=reason, gate=gate_record,
-        report=str(out / JSON_NAME) if report_path is not None else None,
+        released=decision.released, model=None if done.model is None else str(done.model), reason=decision.reason,
+        gate=gate_record, report=None if done.report is None else str(done.report),
         encrypted_model=str(source) if key is not None else None,
     )  # fmt: skip

@@ -13,21 +13,20 @@ and writes to ``out_dir``:
 - ``final_model.npz``, ``history.json`` and ``checkpoint.npz`` (in ``checkpoints/``; ``.npz.enc``
   with the scenario's ``[artefacts]`` key, plus ``audit.jsonl`` with its ``[audit]`` key);
 - ``final_model.npz`` (the exported, unencrypted model: only when the ``[release]`` gate passes
-  or none is set) and ``privacy_report.json`` / ``.md`` (``simulations.release``);
+  or none is set) and ``privacy_report.json`` / ``.md`` (``simulations.release``: the run's one
+  privacy report, with the gate's verdict; the ServerApp writes none into ``checkpoints/``);
 - ``ledgers/``: every virtual hospital's privacy ledger;
 - PNG plots.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,12 +34,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.live import Live
@@ -56,22 +50,27 @@ from ..server.app import CheckpointExistsError, make_server_app
 from ..server.checkpoint import (
     CHECKPOINT_FILE,
     ENCRYPTED_SUFFIX,
+    FINAL_MODEL_FILE,
     HISTORY_FILE,
+    MetricsHistory,
     RoundRecord,
     build_saved_model,
     load_model_file,
     write_json_atomic,
 )
 from ..server.config import RunConfig
-from ..server.safekeeping import load_artefact_key
+from ..server.lifecycle import read_outcome
+from ..server.safekeeping import artefact_path, load_artefact_key, safe_name
 from ..server.secagg import SecureAggregationError
 from ..server.strategy import TooFewSitesError
-from .baselines import run_baselines
+from ..supervise import quiet_flower
+from .baselines import CentralEvaluation, evaluate_centrally, run_baselines
 from .builtin import load_builtin
+from .inprocess import InProcessGrid
 from .partition import partition
 from .secure import secure_summary
 from .plots import plot_summary
-from .release import release_model, security_fields
+from .release import ReleaseOutcome, release_model, security_fields
 from .scenario import (
     InvalidScenarioError,
     ManifestSource,
@@ -115,6 +114,8 @@ class Summary(BaseModel):
     rounds_planned: int
     rounds_completed: int
     final_global: dict[str, float | None]
+    final_pooled_test: dict[str, float | None] = {}
+    final_federated_evaluation: dict[str, float | None] = {}
     final_train: dict[str, float | None]
     final_sites: dict[str, dict[str, float | None]]
     worst_site: dict[str, Any] | None
@@ -418,8 +419,7 @@ def _plots(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 def _quiet_environment() -> None:
     """Set the environment every Flower process (and Ray worker) inherits."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    quiet_flower()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -474,8 +474,6 @@ def run_scenario(
         Also called with each finished round's record.
     """
     _quiet_environment()
-    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy; only when simulating
-
     started = time.perf_counter()
     _refuse_plain_rounds_the_sites_refuse(scenario)
     backend_config = ray_backend_config(scenario.simulation)  # before any file is written
@@ -484,14 +482,74 @@ def run_scenario(
     hospitals = build_hospitals(scenario)
     _refuse_data_the_model_or_sites_refuse(scenario, hospitals)
     config = run_config_for(scenario, hospitals, out, resume=resume)
+    _refuse_an_earlier_run(config, out, resume=resume)
+    fed_started = time.perf_counter()
+    status, reason = _simulate(scenario, hospitals, config, out, backend_config, console=console, on_round=on_round)
+    federated_time = time.perf_counter() - fed_started
+    history = _read_history(config, status)
+    baselines = _run_baselines(scenario, hospitals)
+    release = None
+    if status == "completed":
+        release = release_model(scenario, hospitals, config, history, out, ledger_dir=out / LEDGER_DIR,
+                                policy=_site_policy(scenario), policy_label=_policy_label(scenario))  # fmt: skip
+        if not release.released:
+            status, reason = "blocked", release.reason
+    central = _central_evaluation(config, hospitals) if history.completed else None
+    summary = _write_summary(
+        scenario, hospitals, history, out, status=status, reason=reason, baselines=baselines, release=release,
+        central=central, federated_time=federated_time, started=started,
+    )  # fmt: skip
+    if status == "failed":  # a failed secure round fails the run loudly (summary.json says why)
+        raise SecureAggregationError(f"{reason} (summary: {out / SUMMARY_FILE})")
+    return summary
+
+
+def _central_evaluation(config: RunConfig, hospitals: list[SiteData]) -> CentralEvaluation | None:
+    """Score the run's final global model as the baselines are scored (None when no final model was written).
+
+    The federated evaluation the sites sent is what their policies released (DP-noised statistics
+    by default: on a few dozen test patients per site mostly noise); the researcher of a simulation
+    holds every virtual hospital's data and compares the federation with the pooled and local arms
+    on the same footing here.
+    """
+    assert config.checkpoint_dir is not None
+    key = load_artefact_key(config.artefact_key)
+    source = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
+    if not source.is_file():
+        return None
+    expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
+    arrays, meta = load_model_file(source, key=key, expected=expected)
+    return evaluate_centrally(build_saved_model(arrays, meta), hospitals)
+
+
+def _refuse_an_earlier_run(config: RunConfig, out: Path, *, resume: bool) -> None:
+    """Raise ``CheckpointExistsError`` (before Ray starts, as the ServerApp would) when ``out`` holds a checkpoint."""
     existing = config.checkpoint_dir / CHECKPOINT_FILE  # type: ignore[operator]
     if not existing.exists():
         existing = existing.with_name(CHECKPOINT_FILE + ENCRYPTED_SUFFIX)
-    if existing.exists() and not resume:  # refuse before Ray starts, as the ServerApp would
+    if existing.exists() and not resume:
         raise CheckpointExistsError(
             f"{out} holds a checkpoint of an earlier run ({existing}); pass --resume to continue "
             "it, or choose another --out"
         )
+
+
+def _simulate(
+    scenario: Scenario,
+    hospitals: list[SiteData],
+    config: RunConfig,
+    out: Path,
+    backend_config: dict[str, Any],
+    *,
+    console: Console | None,
+    on_round: Callable[[RoundRecord], None] | None,
+) -> tuple[str, str | None]:
+    """Run the federation on Flower's simulation engine; return its status and why it did not complete.
+
+    The ServerApp writes no privacy report: the release step writes the simulation's one report.
+    """
+    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy; only when simulating
+
     sites_dir = out / _SITES_DIR
     _write_hospitals(scenario, hospitals, sites_dir, out / LEDGER_DIR)
     progress = _Progress(scenario, console)
@@ -501,10 +559,8 @@ def run_scenario(
         if on_round is not None:
             on_round(record)
 
-    server_app = make_server_app(config, on_round=round_done)
+    server_app = make_server_app(config, on_round=round_done, write_report=False)
     client_app = make_client_app(PartitionProvider(sites_dir))
-    status, reason = "completed", None
-    fed_started = time.perf_counter()
     try:
         if progress.live is not None:
             progress.live.start()
@@ -519,34 +575,52 @@ def run_scenario(
             if progress.live is not None:
                 progress.live.stop()
     except SecureAggregationError as exc:  # history.json says failed; no model is released
-        status, reason = "failed", str(exc)
         logger.error("secure aggregation FAILED: %s", exc)
+        return "failed", str(exc)
     except TooFewSitesError as exc:
-        status, reason = "stopped", str(exc)
         logger.error("%s", exc)
+        return "stopped", str(exc)
     finally:
         shutil.rmtree(sites_dir, ignore_errors=True)
-    federated_time = time.perf_counter() - fed_started
+    return "completed", None
 
-    history_path = config.checkpoint_dir / HISTORY_FILE  # type: ignore[operator]
-    if status == "completed" and not history_path.is_file():
+
+def _read_history(config: RunConfig, status: str) -> MetricsHistory:
+    """Return the rounds the ServerApp recorded (``history.json``); none when a stopped run wrote none."""
+    assert config.checkpoint_dir is not None
+    outcome = read_outcome(config.checkpoint_dir)
+    if outcome is not None:
+        return outcome.history
+    if status == "completed":
         raise RuntimeError(
-            f"the simulation ended without writing {history_path}; see the log above "
+            f"the simulation ended without writing {config.checkpoint_dir / HISTORY_FILE}; see the log above "
             "(a ClientApp or ServerApp error ends the simulation)"
         )
-    history = json.loads(history_path.read_text()) if history_path.is_file() else {"rounds": []}
-    rounds = [r for r in history["rounds"] if r.get("complete")]
+    return MetricsHistory()
+
+
+def _write_summary(
+    scenario: Scenario,
+    hospitals: list[SiteData],
+    history: MetricsHistory,
+    out: Path,
+    *,
+    status: str,
+    reason: str | None,
+    baselines: dict[str, Any],
+    release: ReleaseOutcome | None,
+    central: CentralEvaluation | None,
+    federated_time: float,
+    started: float,
+) -> Summary:
+    """Write ``metrics.csv``, the plots and ``summary.json``; return the summary."""
+    rounds = [r.to_dict() for r in history.completed]
     last = rounds[-1] if rounds else {}
-    baselines = _run_baselines(scenario, hospitals)
-    final_global = last.get("evaluate", {})
+    federated_evaluation = last.get("evaluate", {})
+    final_global = dict(central.metrics) if central is not None else federated_evaluation
     files = {"summary": str(out / SUMMARY_FILE), "metrics": str(out / METRICS_FILE)}
-    release = None
-    if status == "completed":
-        release = release_model(scenario, hospitals, config, history, out, ledger_dir=out / LEDGER_DIR,
-                                policy_label=_policy_label(scenario))
+    if release is not None:
         files.update({k: v for k, v in (("model", release.model), ("report", release.report)) if v})
-        if not release.released:
-            status, reason = "blocked", release.reason
     pd.DataFrame(_metrics_rows(rounds), columns=["round", "stage", "site", "metric", "value"]).to_csv(
         out / METRICS_FILE, index=False
     )
@@ -561,6 +635,8 @@ def run_scenario(
         "rounds_planned": scenario.rounds,
         "rounds_completed": len(rounds),
         "final_global": final_global,
+        "final_pooled_test": dict(central.pooled_test) if central is not None else {},
+        "final_federated_evaluation": federated_evaluation,
         "final_train": last.get("train", {}),
         "final_sites": last.get("site_evaluate", {}),
         "worst_site": last.get("worst_site"),
@@ -579,18 +655,7 @@ def run_scenario(
     data["wall_time_s"] = time.perf_counter() - started
     summary = Summary.model_validate(data)
     write_json_atomic(out / SUMMARY_FILE, summary.model_dump(mode="json"))
-    if status == "failed":  # a failed secure round fails the run loudly (summary.json says why)
-        raise SecureAggregationError(f"{reason} (summary: {out / SUMMARY_FILE})")
     return summary
-
-
-def _concat(splits: list[Split]) -> Split:
-    """Return the splits concatenated (for external validation on all of a site's data)."""
-    splits = [s for s in splits if len(s)]
-    return Split(
-        inputs=tuple(torch.cat([s.inputs[i] for s in splits]) for i in range(len(splits[0].inputs))),
-        targets=torch.cat([s.targets for s in splits]),
-    )
 
 
 def evaluate_model_file(
@@ -632,7 +697,7 @@ def evaluate_model_file(
     model = build_saved_model(arrays, meta)
     choices = {"test": data.test, "val": data.val, "train": data.train}
     if split == "all":
-        chosen = _concat([data.train, data.val, data.test])
+        chosen = Split.concat([data.train, data.val, data.test])
     elif split in choices:
         chosen = choices[split]
     else:
@@ -651,80 +716,3 @@ def evaluate_model_file(
     }
     write_json_atomic(target, result)
     return {**result, "file": str(target)}
-
-
-class InProcessGrid(Grid):
-    """A Grid that runs a ClientApp synchronously in this process: no Ray, no network.
-
-    For tests and debugging of the ServerApp / ClientApp contract (deterministic and fast).
-    Node ``i`` has id ``i + 1`` and node config ``partition-id = i``, ``num-partitions = n``;
-    an exception in the ClientApp becomes an error reply, as Flower's engines do.
-
-    Parameters
-    ----------
-    client_app : flwr.clientapp.ClientApp
-        The app every node runs.
-    num_nodes : int
-        How many nodes.
-    node_config : dict, optional
-        Extra node config given to every node.
-    """
-
-    def __init__(
-        self, client_app: ClientApp, num_nodes: int, node_config: dict[str, Any] | None = None
-    ) -> None:
-        if TaskIdentity._run_id is None:  # what flwr's run_simulation sets for its ServerApp
-            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-        self._app = client_app
-        self._contexts = {
-            i + 1: Context(
-                run_id=TaskIdentity.run_id,
-                node_id=i + 1,
-                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
-        self._ids = itertools.count(1)
-        self.calls = 0
-
-    def set_run(self, run: Run) -> None:
-        """Not used in process."""
-
-    @property
-    def run(self) -> Run:
-        """Not used in process."""
-        raise NotImplementedError("InProcessGrid has no Run")
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Not used by message-API strategies."""
-        raise NotImplementedError("build messages with flwr.app.Message")
-
-    def get_node_ids(self) -> list[int]:
-        """Return the node ids."""
-        return list(self._contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not supported: use send_and_receive."""
-        raise NotImplementedError("InProcessGrid only implements send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not supported: use send_and_receive."""
-        raise NotImplementedError("InProcessGrid only implements send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Run the ClientApp on every message, in order; return the replies."""
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
-            node = msg.metadata.dst_node_id
-            self.calls += 1
-            try:
-                reply = self._app(msg, self._contexts[node])
-            except Exception as exc:  # noqa: BLE001 - mirrors flwr: a ClientApp crash is an error reply
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(reply)
-        return replies

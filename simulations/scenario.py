@@ -68,8 +68,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ..config_base import FrozenModel
 from ..models import ModelSpec
 from ..models.families import FAMILIES
 from ..privacy.policy import SitePolicy
@@ -103,10 +104,6 @@ class InvalidScenarioError(ValueError):
     """The scenario file is missing, not TOML, or does not validate."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     """Resolve a relative path against ``context["base_dir"]`` (the scenario's folder)."""
     value = Path(value).expanduser()
@@ -114,7 +111,7 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return Path(base) / value if base is not None and not value.is_absolute() else value
 
 
-class SklearnSource(_Frozen):
+class SklearnSource(FrozenModel):
     """A built-in scikit-learn table (``simulations.builtin``), partitioned into hospitals."""
 
     kind: Literal["sklearn"]
@@ -131,7 +128,7 @@ class SklearnSource(_Frozen):
         return value
 
 
-class ManifestsSource(_Frozen):
+class ManifestsSource(FrozenModel):
     """One site manifest per natural hospital (no partitioning)."""
 
     kind: Literal["manifests"]
@@ -144,7 +141,7 @@ class ManifestsSource(_Frozen):
         return [_resolve(p, info) for p in value]
 
 
-class ManifestSource(_Frozen):
+class ManifestSource(FrozenModel):
     """One site manifest whose data is partitioned into virtual hospitals."""
 
     kind: Literal["manifest"]
@@ -175,10 +172,10 @@ class PartitionSpec(PartitionScheme):
         return PartitionScheme(**self.model_dump(exclude={"hospitals"}))
 
 
-class StrategySpec(_Frozen):
+class StrategySpec(FrozenModel):
     """The strategy name plus its parameters, spelled as run-config keys (``proximal-mu``…)."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(extra="allow")  # frozen (FrozenModel); extra keys are the parameters
 
     name: str = "fedavg"
 
@@ -188,7 +185,7 @@ class StrategySpec(_Frozen):
         return dict(self.model_extra or {})
 
 
-class TrainingSpec(_Frozen):
+class TrainingSpec(FrozenModel):
     """Local training settings the server sends every round."""
 
     local_epochs: int = Field(default=1, ge=1)
@@ -197,7 +194,7 @@ class TrainingSpec(_Frozen):
     clip_grad_norm: float = Field(default=0.0, ge=0.0)
 
 
-class SimulationSettings(_Frozen):
+class SimulationSettings(FrozenModel):
     """Resources and limits of the simulation engine.
 
     ``num_gpus`` GPUs are given to Ray, and each virtual hospital's ClientApp reserves
@@ -227,7 +224,7 @@ class SimulationSettings(_Frozen):
         return self
 
 
-class Scenario(_Frozen):
+class Scenario(FrozenModel):
     """One simulation: data source, hospitals, model, strategy, DP, training and rounds."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ..config_base import FrozenModel
 
 __all__ = ["ClientDpSpec", "SecureAggregationSpec", "secure_run_fields", "secure_summary"]
 
 
-class SecureAggregationSpec(BaseModel):
+class SecureAggregationSpec(FrozenModel):
     """The ``[secure_aggregation]`` table (RunConfig ``secure-aggregation`` / ``secagg-*``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = False
     num_shares: int | float = Field(default=1.0, gt=0)
@@ -34,10 +34,8 @@ class SecureAggregationSpec(BaseModel):
     clipping_range: float = Field(default=8.0, gt=0)
 
 
-class ClientDpSpec(BaseModel):
+class ClientDpSpec(FrozenModel):
     """The ``[client_dp]`` table (RunConfig ``client-dp-*``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     clipping_norm: float = Field(gt=0)
     noise_multiplier: float = Field(default=1.0, ge=0)

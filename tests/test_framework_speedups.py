@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from fedcare import pull_backoff
-from fedcare.client import supernode_main, warm_exec
+from fedcare import flower_bridge
+from fedcare.client import supernode_main
 from fedcare.client.deploy import NodeSettings, supernode_command, write_warm_bin
 from fedcare.server.grid_poll import PULL_INTERVAL_ENV, PollingGrid, responsive_grid
 
@@ -106,8 +106,8 @@ def test_pull_backoff_starts_short_and_keeps_flwrs_patience() -> None:
     saved = [dict(fn.__kwdefaults__) for fn in functions]
     try:
         # Execute
-        patched = pull_backoff.shorten_pull_backoff(0.05, 0.5)
-        again = pull_backoff.shorten_pull_backoff(0.05, 0.5)
+        patched = flower_bridge.shorten_pull_backoff(0.05, 0.5)
+        again = flower_bridge.shorten_pull_backoff(0.05, 0.5)
 
         # Assert: retries after 0.05 s (flwr: 1 s), capped at 0.5 s (flwr: 10 s), same total wait
         assert patched and again
@@ -118,7 +118,7 @@ def test_pull_backoff_starts_short_and_keeps_flwrs_patience() -> None:
             assert now["max_tries_per_object"] * now["backoff_cap"] >= patience
             assert now["max_time"] == before["max_time"]
         with pytest.raises(ValueError):
-            pull_backoff.shorten_pull_backoff(0.5, 0.05)
+            flower_bridge.shorten_pull_backoff(0.5, 0.05)
     finally:
         for fn, before in zip(functions, saved, strict=True):
             fn.__kwdefaults__.clear()
@@ -156,7 +156,7 @@ def test_warm_bin_and_task_arguments(tmp_path: Path) -> None:
 
     # Execute
     folder = write_warm_bin(tmp_path / "bin", python="/usr/bin/python3")
-    argv = warm_exec._clientapp_argv(spec)  # noqa: SLF001
+    argv = flower_bridge.clientapp_argv(spec)
 
     # Assert: the same flwr-clientapp arguments flwr's SubprocessExecutor passes
     shim = folder / "flower-superexec"

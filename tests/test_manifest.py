@@ -153,7 +153,7 @@ EXAMPLES = sorted(SITES.glob("*.toml"))
 
 def test_every_data_kind_but_png_has_an_example() -> None:
     kinds = {tomllib.loads(p.read_text())["data"]["kind"] for p in EXAMPLES}
-    assert kinds == {"table", "images_npz", "timeseries_long", "signal_windows", "wfdb", "dicom"}
+    assert kinds == {"table", "images_npz", "timeseries_long", "signal_windows", "wfdb", "dicom", "text"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

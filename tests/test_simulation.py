@@ -237,6 +237,14 @@ def test_simulation_end_to_end_writes_summary_metrics_model_and_plots(tmp_path: 
     assert pngs and all((out / p).stat().st_size > 1000 for p in pngs)
     assert not (out / ".sites").exists()
     assert evaluate_model_file(out / "final_model.npz", _external_site(tmp_path))["metrics"]["auroc"] > 0.8
+    # the headline row is the final model scored like the baselines; the sites' own release is kept beside it
+    from fedcare.server.checkpoint import build_saved_model, load_model_file
+    from fedcare.simulations.baselines import evaluate_centrally
+
+    central = evaluate_centrally(build_saved_model(*load_model_file(out / "final_model.npz")), build_hospitals(scenario))
+    assert data["final_global"] == pytest.approx(central.metrics)
+    assert data["final_pooled_test"] == pytest.approx(central.pooled_test)
+    assert data["final_federated_evaluation"] == data["rounds"][-1]["evaluate"]
 
 
 @pytest.mark.parametrize("path", sorted(DEFAULT_SCENARIO.parent.glob("*.toml")), ids=lambda p: p.stem)

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from deploy_support import TINY_APP, federation, heart_manifest  # noqa: E402
 
 from fedcare.client.app_gate import (  # noqa: E402
-    GATED_COMMANDS,
     TRUSTED_APPS_ENV,
     parse_app_hash,
     trusted_hashes_from_env,
@@ -122,7 +121,9 @@ def test_gate_refuses_every_task_command_but_the_clientapp(tmp_path: Path) -> No
     )
 
     # Assert
-    assert sorted(p.name for p in folder.iterdir()) == sorted(GATED_COMMANDS)
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND  # every command flwr starts a task with
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(TASK_TYPE_TO_COMMAND.values()))
     assert result.returncode == 1
     assert "pinned ClientApps only" in result.stderr
 

@@ -20,6 +20,7 @@ from .images_npz import load_images_npz
 from .images_png import load_images_png
 from .signals import load_signal_windows
 from .table import load_table
+from .text import load_text
 from .timeseries import load_timeseries
 from .wfdb_records import load_wfdb
 
@@ -33,6 +34,7 @@ LOADERS.register("timeseries_long")(load_timeseries)
 LOADERS.register("signal_windows")(load_signal_windows)
 LOADERS.register("wfdb")(load_wfdb)
 LOADERS.register("dicom")(load_dicom)
+LOADERS.register("text")(load_text)
 
 
 def load_site_result(manifest: SiteManifest) -> LoadResult:

@@ -228,6 +228,71 @@ def load_table(manifest: SiteManifest) -> LoadResult:
     assert isinstance(spec, TableData)
     require_file(spec.path, "path", manifest.site)
     name = spec.path.name
+    by = manifest.split.by
+    frame, where = _read_table(spec, name)
+    frame, features = _select_columns(spec, frame, name, by)
+
+    miss = _missing(frame, spec.missing_marker)
+    missing_rates = {c: float(miss[c].mean()) for c in features}
+    values = {c: _numeric(frame, c, miss[c], name, where) for c in features if c not in spec.categorical}
+    for c in features:
+        if miss[c].all():
+            raise MissingValueError(
+                f"{name}: column {c!r} has no value in any row (all missing); add it to "
+                "data.drop_columns or export the column again",
+                path=spec.path,
+            )
+    notes: list[str] = []
+    rows = _kept_rows(spec, miss, features, name, where, site=manifest.site, notes=notes)
+
+    def kept_where(i: int) -> str:
+        return where(int(rows[i]))
+
+    y, class_names = _targets(manifest, spec, frame, miss[spec.target], rows, name, where, kept_where)
+    groups = None
+    if by:
+        groups = series_keys(frame[by].iloc[rows]).map(key_name).to_numpy(dtype=str)
+        patients = len(np.unique(groups))
+    else:
+        patients = len(rows)
+    check_cohort(patients, manifest, name)
+
+    splits = split_indices(
+        len(rows),
+        manifest.split,
+        labels=None if manifest.task == "regression" else y,
+        groups=groups,
+        site=manifest.site,
+        source=name,
+    )
+    x, names = _feature_matrix(
+        spec, frame, miss, values, features, rows, train=splits[0], name=name, where=kept_where,
+        site=manifest.site, notes=notes,
+    )  # fmt: skip
+    data = build_site(
+        manifest,
+        kind="table",
+        inputs=[x],
+        targets=y,
+        groups=groups,
+        splits=splits,
+        num_classes=len(class_names),
+        input_shape=(x.shape[1],),
+        feature_names=names,
+    )
+    return LoadResult(
+        data=data,
+        patients=patients,
+        class_names=class_names,
+        missing_rates=missing_rates,
+        notes=notes,
+        unit="patients" if by else "rows",
+        example_unit="rows",
+    )
+
+
+def _read_table(spec: TableData, name: str) -> tuple[pd.DataFrame, Callable[[int], str]]:
+    """Read the file; return it and ``where(i)``, how messages name row ``i`` (CSV line or Parquet row)."""
     if spec.file_format == "csv":
         frame, lines = _read_csv(spec, name)
 
@@ -241,8 +306,12 @@ def load_table(manifest: SiteManifest) -> LoadResult:
         def where(i: int) -> str:
             return f"row {int(lines[i])}"
 
+    return frame, where
+
+
+def _select_columns(spec: TableData, frame: pd.DataFrame, name: str, by: str | None) -> tuple[pd.DataFrame, list[str]]:
+    """Check the named columns exist, drop ``drop_columns``; return the frame and the feature columns."""
     available = list(frame.columns)
-    by = manifest.split.by
     named = {
         "target": [spec.target],
         "features": list(spec.features or []),
@@ -287,22 +356,21 @@ def load_table(manifest: SiteManifest) -> LoadResult:
             f"{name}: categorical names {bad_cat} which are not features ({features})",
             path=spec.path,
         )
+    return frame, features
 
-    miss = _missing(frame, spec.missing_marker)
-    missing_rates = {c: float(miss[c].mean()) for c in features}
-    numeric_cols = [c for c in features if c not in spec.categorical]
-    values = {c: _numeric(frame, c, miss[c], name, where) for c in numeric_cols}
-    for c in features:
-        if miss[c].all():
-            raise MissingValueError(
-                f"{name}: column {c!r} has no value in any row (all missing); add it to "
-                "data.drop_columns or export the column again",
-                path=spec.path,
-            )
 
-    # rows: missing target, missing features
-    notes: list[str] = []
-    keep = np.ones(len(frame), bool)
+def _kept_rows(
+    spec: TableData,
+    miss: pd.DataFrame,
+    features: list[str],
+    name: str,
+    where: Callable[[int], str],
+    *,
+    site: str,
+    notes: list[str],
+) -> np.ndarray:
+    """Return the rows kept after ``data.missing`` handles missing targets and features (a note when rows go)."""
+    keep = np.ones(len(miss), bool)
     target_missing = miss[spec.target].to_numpy()
     if target_missing.any():
         if spec.missing != "drop_rows":
@@ -330,10 +398,8 @@ def load_table(manifest: SiteManifest) -> LoadResult:
             keep &= ~feat_missing.any(axis=1)
     dropped = int((~keep).sum())
     if dropped:
-        notes.append(f"{dropped} of {len(frame)} rows dropped for missing values")
-        logger.info(
-            "site %s: dropped %d of %d rows with missing values", manifest.site, dropped, len(frame)
-        )
+        notes.append(f"{dropped} of {len(miss)} rows dropped for missing values")
+        logger.info("site %s: dropped %d of %d rows with missing values", site, dropped, len(miss))
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
         raise MissingValueError(
@@ -341,134 +407,133 @@ def load_table(manifest: SiteManifest) -> LoadResult:
             "'mean' or 'median', or drop the emptiest columns with data.drop_columns",
             path=spec.path,
         )
+    return rows
 
-    def kept_where(i: int) -> str:
-        return where(int(rows[i]))
 
-    # targets
-    class_names: list[str] = []
+def _targets(
+    manifest: SiteManifest,
+    spec: TableData,
+    frame: pd.DataFrame,
+    target_miss: pd.Series,
+    rows: np.ndarray,
+    name: str,
+    where: Callable[[int], str],
+    kept_where: Callable[[int], str],
+) -> tuple[np.ndarray, list[str]]:
+    """Return the kept rows' targets (float32 for regression, class indices otherwise) and the class names."""
     if manifest.task == "regression":
-        y = _numeric(frame, spec.target, miss[spec.target], name, where).to_numpy()[rows]
-        y = y.astype(np.float32)
+        y = _numeric(frame, spec.target, target_miss, name, where).to_numpy()[rows]
+        return y.astype(np.float32), []
+    raw = frame[spec.target].iloc[rows].reset_index(drop=True)
+    if spec.positive_above is not None:
+        raw = _numeric(frame, spec.target, target_miss, name, where).iloc[rows]
+        raw = raw.reset_index(drop=True)
+    keys = series_keys(raw)
+    if spec.positive_values is None and spec.positive_above is None:
+        return encode_labels(keys, manifest=manifest, source=name, column=spec.target, where=kept_where)
+    if manifest.classes is not None:  # validate raw labels against the declared ones
+        encode_labels(keys, manifest=manifest, source=name, column=spec.target, where=kept_where, check_task=False)
+    if spec.positive_above is not None:
+        y = (raw.to_numpy(dtype=float) > spec.positive_above).astype(np.int64)
+        rule = f"{spec.target} > {spec.positive_above:g}"
     else:
-        raw = frame[spec.target].iloc[rows].reset_index(drop=True)
-        if spec.positive_above is not None:
-            raw = _numeric(frame, spec.target, miss[spec.target], name, where).iloc[rows]
-            raw = raw.reset_index(drop=True)
-        keys = series_keys(raw)
-        if spec.positive_values is not None or spec.positive_above is not None:
-            if manifest.classes is not None:  # validate raw labels against the declared ones
-                encode_labels(
-                    keys,
-                    manifest=manifest,
-                    source=name,
-                    column=spec.target,
-                    where=kept_where,
-                    check_task=False,
-                )
-            if spec.positive_above is not None:
-                y = (raw.to_numpy(dtype=float) > spec.positive_above).astype(np.int64)
-                rule = f"{spec.target} > {spec.positive_above:g}"
-            else:
-                positives = {value_key(v) for v in spec.positive_values or []}
-                y = keys.isin(positives).to_numpy().astype(np.int64)
-                shown = [key_name(value_key(v)) for v in spec.positive_values or []]
-                rule = f"{spec.target} in {shown}"
-            class_names = [f"not ({rule})", rule]
-        else:
-            y, class_names = encode_labels(
-                keys, manifest=manifest, source=name, column=spec.target, where=kept_where
-            )
-    groups = None
-    if by:
-        groups = series_keys(frame[by].iloc[rows]).map(key_name).to_numpy(dtype=str)
-        patients = len(np.unique(groups))
-    else:
-        patients = len(rows)
-    check_cohort(patients, manifest, name)
+        positives = {value_key(v) for v in spec.positive_values or []}
+        y = keys.isin(positives).to_numpy().astype(np.int64)
+        shown = [key_name(value_key(v)) for v in spec.positive_values or []]
+        rule = f"{spec.target} in {shown}"
+    return y, [f"not ({rule})", rule]
 
-    splits = split_indices(
-        len(rows),
-        manifest.split,
-        labels=None if manifest.task == "regression" else y,
-        groups=groups,
-        site=manifest.site,
-        source=name,
-    )
-    train = splits[0]
 
-    # features: numeric (impute, standardise) and one-hot categoricals
+def _feature_matrix(
+    spec: TableData,
+    frame: pd.DataFrame,
+    miss: pd.DataFrame,
+    values: dict[str, pd.Series],
+    features: list[str],
+    rows: np.ndarray,
+    *,
+    train: np.ndarray,
+    name: str,
+    where: Callable[[int], str],
+    site: str,
+    notes: list[str],
+) -> tuple[np.ndarray, list[str]]:
+    """Return the kept rows' float32 feature matrix and its column names, in ``features`` order."""
     blocks: list[np.ndarray] = []
     names: list[str] = []
     for c in features:
         if c in spec.categorical:
-            raw_c = frame[c].iloc[rows].where(~miss[c].iloc[rows])
-            keys_c = series_keys(raw_c).reset_index(drop=True)
-            present_mask = ~miss[c].iloc[rows].to_numpy()
-            if c in spec.categories:
-                cats = [value_key(v) for v in spec.categories[c]]
-            else:
-                cats = sorted(set(keys_c[present_mask]), key=lambda k: (isinstance(k, str), k))
-                msg = (f"categories of {c!r} derived from this site's data ({len(cats)}); declare "
-                       f"data.categories.{c} so every site one-hot encodes identically")
-                notes.append(msg)
-                logger.warning("site %s: %s", manifest.site, msg)
-            index = {k: i for i, k in enumerate(cats)}
-            codes = keys_c.map(index)
-            unknown = (codes.isna().to_numpy() & present_mask)
-            if unknown.any():
-                first = int(np.flatnonzero(unknown)[0])
-                raise SchemaError(
-                    f"{name}: column {c!r} at {kept_where(first)} holds a category not in "
-                    f"data.categories.{c} = [{', '.join(key_name(k) for k in cats)}] "
-                    f"({int(unknown.sum())} rows); add it to the declared categories or fix "
-                    "the data",
-                    path=spec.path,
-                )
-            onehot = np.zeros((len(rows), len(cats)), np.float32)
-            ok = np.flatnonzero(present_mask)
-            onehot[ok, codes.to_numpy()[ok].astype(int)] = 1.0
+            onehot, cats = _one_hot(spec, frame[c], miss[c], c, rows, name=name, where=where, site=site, notes=notes)
             blocks.append(onehot)
             names.extend(f"{c}={key_name(k)}" for k in cats)
         else:
-            col = values[c].to_numpy()[rows].copy()
-            observed_train = col[train][~np.isnan(col[train])]
-            if np.isnan(col).any():
-                if observed_train.size == 0:
-                    raise MissingValueError(
-                        f"{name}: column {c!r} has no value in the train split, so it cannot be "
-                        "imputed; drop it with data.drop_columns",
-                        path=spec.path,
-                    )
-                median = spec.missing == "median"
-                fill = np.median(observed_train) if median else observed_train.mean()
-                col[np.isnan(col)] = fill
-            if spec.standardize:
-                mean, std = col[train].mean(), col[train].std()
-                col = (col - mean) / (std if std > 0 else 1.0)
-            blocks.append(col.astype(np.float32)[:, None])
+            blocks.append(_numeric_feature(spec, values[c], c, rows, train=train, name=name)[:, None])
             names.append(c)
-    x = np.concatenate(blocks, axis=1).astype(np.float32)
-    data = build_site(
-        manifest,
-        kind="table",
-        inputs=[x],
-        targets=y,
-        groups=groups,
-        splits=splits,
-        num_classes=len(class_names),
-        input_shape=(x.shape[1],),
-        feature_names=names,
-    )
-    return LoadResult(
-        data=data,
-        patients=patients,
-        class_names=class_names,
-        missing_rates=missing_rates,
-        notes=notes,
-        unit="patients" if by else "rows",
-        example_unit="rows",
-    )
+    return np.concatenate(blocks, axis=1).astype(np.float32), names
+
+
+def _one_hot(
+    spec: TableData,
+    column: pd.Series,
+    column_miss: pd.Series,
+    c: str,
+    rows: np.ndarray,
+    *,
+    name: str,
+    where: Callable[[int], str],
+    site: str,
+    notes: list[str],
+) -> tuple[np.ndarray, list[Any]]:
+    """One-hot encode categorical column ``c`` over the kept rows (missing: all zeros); return it and the categories."""
+    raw_c = column.iloc[rows].where(~column_miss.iloc[rows])
+    keys_c = series_keys(raw_c).reset_index(drop=True)
+    present_mask = ~column_miss.iloc[rows].to_numpy()
+    if c in spec.categories:
+        cats = [value_key(v) for v in spec.categories[c]]
+    else:
+        cats = sorted(set(keys_c[present_mask]), key=lambda k: (isinstance(k, str), k))
+        msg = (f"categories of {c!r} derived from this site's data ({len(cats)}); declare "
+               f"data.categories.{c} so every site one-hot encodes identically")
+        notes.append(msg)
+        logger.warning("site %s: %s", site, msg)
+    index = {k: i for i, k in enumerate(cats)}
+    codes = keys_c.map(index)
+    unknown = (codes.isna().to_numpy() & present_mask)
+    if unknown.any():
+        first = int(np.flatnonzero(unknown)[0])
+        raise SchemaError(
+            f"{name}: column {c!r} at {where(first)} holds a category not in "
+            f"data.categories.{c} = [{', '.join(key_name(k) for k in cats)}] "
+            f"({int(unknown.sum())} rows); add it to the declared categories or fix "
+            "the data",
+            path=spec.path,
+        )
+    onehot = np.zeros((len(rows), len(cats)), np.float32)
+    ok = np.flatnonzero(present_mask)
+    onehot[ok, codes.to_numpy()[ok].astype(int)] = 1.0
+    return onehot, cats
+
+
+def _numeric_feature(
+    spec: TableData, values: pd.Series, c: str, rows: np.ndarray, *, train: np.ndarray, name: str
+) -> np.ndarray:
+    """Return numeric column ``c`` over the kept rows, imputed and standardised with train-split statistics."""
+    col = values.to_numpy()[rows].copy()
+    observed_train = col[train][~np.isnan(col[train])]
+    if np.isnan(col).any():
+        if observed_train.size == 0:
+            raise MissingValueError(
+                f"{name}: column {c!r} has no value in the train split, so it cannot be "
+                "imputed; drop it with data.drop_columns",
+                path=spec.path,
+            )
+        median = spec.missing == "median"
+        fill = np.median(observed_train) if median else observed_train.mean()
+        col[np.isnan(col)] = fill
+    if spec.standardize:
+        mean, std = col[train].mean(), col[train].std()
+        col = (col - mean) / (std if std > 0 else 1.0)
+    return col.astype(np.float32)
 
 
 __all__ = ["load_table"]
