@@ -19,6 +19,13 @@ start (fails closed). A **speed** patch (pull backoff, SuperNode poll, ServerApp
 warm executor) leaves flwr's stock behaviour in place and logs one line (falls back).
 See ``docs/flower.md`` for the table of patches and what changed between 1.41 and 1.42.
 
+The private names ``client/``, ``server/`` and ``simulations/`` import from flwr unchanged (no
+patch) are also taken from here (section "private names fedcare imports"), resolved from flwr on
+first use so that importing this module imports no flwr internals: flwr's SecAgg+ constants
+(:func:`secaggplus_names`, fingerprinted like a security patch: the site's secure-cohort check
+reads them) and the names of :data:`PRIVATE_NAMES` (``from fedcare.flower_bridge import Run``),
+checked against :data:`SUPPORTED_FLWR` only.
+
 This module imports nothing from ``client/``, ``server/`` or ``simulations/``.
 """
 
@@ -34,17 +41,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:  # the names __getattr__ resolves at run time, for type checkers only
+    from flwr.app.message_type import MessageType
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.clientapp.typing import ClientAppCallable
+    from flwr.common.constant import ErrorCode
+    from flwr.compat.common import recorddict_compat
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.utils import is_valid_name
 
 __all__ = [
     "FINGERPRINTS",
     "FLWR_IDLE_POLL_S",
+    "GUARDED_IMPORTS",
     "PATCHES",
+    "PRIVATE_NAMES",
     "PULL_BACKOFF_CAP_S",
     "PULL_INITIAL_BACKOFF_S",
     "SUPERNODE_ID_LOG",
     "SUPPORTED_FLWR",
     "Patch",
+    "SecAggPlusNames",
     "SuperLinkServing",
     "UnsupportedFlowerError",
     "clientapp_argv",
@@ -58,10 +82,12 @@ __all__ = [
     "patch_enabled",
     "polls_deployment_grid",
     "preload_clientapp_runtime",
+    "private_name",
     "require",
     "run_flower_superexec",
     "run_flower_supernode",
     "run_gated_clientapp",
+    "secaggplus_names",
     "shorten_pull_backoff",
     "shorten_supernode_poll",
     "store_control_token",
@@ -206,6 +232,25 @@ PATCHES: dict[str, Patch] = {
     )
 }
 
+#: groups of flwr's private names fedcare imports unchanged (no patch) but guards like a patch:
+#: fingerprinted, and failing closed (:func:`require`) when flwr changed them
+GUARDED_IMPORTS: dict[str, Patch] = {
+    "secaggplus-constants": Patch(
+        "secaggplus-constants",
+        "fail closed",
+        "imports flwr's SecAgg+ record keys and its Key/Stage names unchanged (no patch; see "
+        "secaggplus_names)",
+        "a site's secure-cohort check (SitePolicy.min_secure_cohort) recognises flwr's SecAgg+ "
+        "setup and unmask messages by these names",
+        (
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_CONFIGS",
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_STATE",
+            "flwr.common.secure_aggregation.secaggplus_constants:Key",
+            "flwr.common.secure_aggregation.secaggplus_constants:Stage",
+        ),
+    ),
+}
+
 #: SHA-256 of each target's source (or ``repr``), per supported flwr minor version, recorded on
 #: flwr 1.41.0 and 1.42.0 with ``python -m fedcare.flower_bridge`` (see :func:`fingerprint`)
 FINGERPRINTS: dict[str, dict[str, dict[str, str]]] = {
@@ -281,6 +326,28 @@ FINGERPRINTS: dict[str, dict[str, dict[str, str]]] = {
                 "139811483a15e4a6c1f8523614c12f28dd3049194e5713816be0931387adb1cf",
             "flwr.supercore.inflatable.inflatable_utils:pull_objects":
                 "31bb2de46b450e6acfadb7a8bb15e3f2074bb112199826a40a5eaa648bad5b2b",
+        },
+    },
+    "secaggplus-constants": {  # secaggplus_constants.py is identical in flwr 1.41.0 and 1.42.0
+        "1.41": {
+            "flwr.common.secure_aggregation.secaggplus_constants:Key":
+                "7261587d19e1ddb62fa81f4fdb9d8ce6f9a9211a6ba0fe8e9851389996719064",
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_CONFIGS":
+                "e1280f683955e6ff92d7bd71f89b6bc6552fbae3beab253042e417d1e4790efb",
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_STATE":
+                "024e58994dd1bbc18e43e30e09f56d4db3106633bfcc212da4119c3f437dcd82",
+            "flwr.common.secure_aggregation.secaggplus_constants:Stage":
+                "3b55deff90eba0db7a22b29644de4c5571e6283165d341a9f66612a64b7778f5",
+        },
+        "1.42": {
+            "flwr.common.secure_aggregation.secaggplus_constants:Key":
+                "7261587d19e1ddb62fa81f4fdb9d8ce6f9a9211a6ba0fe8e9851389996719064",
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_CONFIGS":
+                "e1280f683955e6ff92d7bd71f89b6bc6552fbae3beab253042e417d1e4790efb",
+            "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_STATE":
+                "024e58994dd1bbc18e43e30e09f56d4db3106633bfcc212da4119c3f437dcd82",
+            "flwr.common.secure_aggregation.secaggplus_constants:Stage":
+                "3b55deff90eba0db7a22b29644de4c5571e6283165d341a9f66612a64b7778f5",
         },
     },
     "serverapp-poll": {
@@ -400,7 +467,7 @@ def _minor(version: str) -> str:
 def _resolve(target: str) -> Any:
     module_name, _, qualname = target.partition(":")
     obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
+    for part in filter(None, qualname.split(".")):  # no qualname: the module itself
         obj = getattr(obj, part)
     return obj
 
@@ -418,13 +485,18 @@ def _digest_of(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _guarded(name: str) -> Patch:
+    """Return the patch, or the fingerprinted group of private names, called ``name``."""
+    return PATCHES[name] if name in PATCHES else GUARDED_IMPORTS[name]
+
+
 def fingerprint(patch: str) -> dict[str, str]:
     """Return the SHA-256 digest of each of ``patch``'s targets in the installed flwr.
 
     A target that cannot be imported or found gets ``"missing: <error>"``.
     """
     digests: dict[str, str] = {}
-    for target in PATCHES[patch].targets:
+    for target in _guarded(patch).targets:
         try:
             digests[target] = _digest_of(_resolve(target))
         except (ImportError, AttributeError, OSError, TypeError) as err:
@@ -456,7 +528,7 @@ def require(patch: str) -> None:
     reason = unrecognised(patch)
     if reason is not None:
         raise UnsupportedFlowerError(
-            f"fedcare refuses to start: {reason}, and {PATCHES[patch].why} depends on it "
+            f"fedcare refuses to start: {reason}, and {_guarded(patch).why} depends on it "
             f"({patch}). Install a supported flwr (flwr {_supported_text()}: "
             f"pip install 'flwr[simulation,dp]>=1.41,<1.43')"
         )
@@ -816,9 +888,91 @@ def polls_deployment_grid(grid: Any) -> bool:
     return isinstance(grid, HttpGrid) and patch_enabled("serverapp-poll")
 
 
+# --- private names fedcare imports (no patch) -----------------------------------------------
+#
+# flwr names outside its public API that client/, server/ and simulations/ use unchanged. They are
+# resolved from flwr on first use, never when this module is imported (the app gate and the CLI
+# import it). The SecAgg+ constants are fingerprinted and fail closed (GUARDED_IMPORTS); the
+# others are checked against SUPPORTED_FLWR only, and a missing one raises UnsupportedFlowerError.
+
+
+class SecAggPlusNames(NamedTuple):
+    """flwr's SecAgg+ names the site's secure-cohort check reads (``secaggplus_constants``)."""
+
+    record_key_configs: str
+    record_key_state: str
+    key: Any  # flwr's Key: the setup/unmask config keys (STAGE, SAMPLE_NUMBER, ...)
+    stage: Any  # flwr's Stage: SETUP, SHARE_KEYS, COLLECT_MASKED_VECTORS, UNMASK
+
+
+def secaggplus_names() -> SecAggPlusNames:
+    """Return flwr's SecAgg+ record keys, Key and Stage; fail closed on a flwr that changed them."""
+    require("secaggplus-constants")
+    targets = GUARDED_IMPORTS["secaggplus-constants"].targets
+    return SecAggPlusNames(*(_resolve(t) for t in targets))
+
+
+#: flwr's private names importable from this module (``from fedcare.flower_bridge import Run``):
+#: name -> ``module:qualname`` (``module`` alone for a module), resolved by :func:`private_name`
+PRIVATE_NAMES: dict[str, str] = {
+    # client/secure.py (the SecAgg+ train mod)
+    "MessageType": "flwr.app.message_type:MessageType",
+    "ClientAppCallable": "flwr.clientapp.typing:ClientAppCallable",
+    "KEY_CLIPPING_NORM": "flwr.supercore.differential_privacy:KEY_CLIPPING_NORM",
+    # client/secure.py, server/secagg.py (the legacy fit messages SecAgg+ runs on)
+    "recorddict_compat": "flwr.compat.common.recorddict_compat",
+    # server/secagg.py (SecAggPlusWorkflow's legacy context and run end)
+    "MAIN_CONFIGS_RECORD": "flwr.server.workflow.constant:MAIN_CONFIGS_RECORD",
+    "MAIN_PARAMS_RECORD": "flwr.server.workflow.constant:MAIN_PARAMS_RECORD",
+    "WorkflowKey": "flwr.server.workflow.constant:Key",
+    "RunNotRunningException": "flwr.supercore.run:RunNotRunningException",
+    # simulations/inprocess.py (the in-process Grid)
+    "ErrorCode": "flwr.common.constant:ErrorCode",
+    "Run": "flwr.supercore.run:Run",
+    "TaskIdentity": "flwr.supercore.task_identity:TaskIdentity",
+    # server/flower_app.py, client/cli.py (what `flwr run` checks and builds)
+    "is_valid_name": "flwr.supercore.utils:is_valid_name",
+    "load_and_validate": "flwr.cli.config_utils:load_and_validate",
+    "build_fab_from_disk": "flwr.cli.build:build_fab_from_disk",
+}
+
+
+def private_name(name: str) -> Any:
+    """Return flwr's private name ``name`` of :data:`PRIVATE_NAMES` on a supported flwr.
+
+    Raises
+    ------
+    UnsupportedFlowerError
+        The installed flwr is not a version fedcare supports, or lacks the name.
+    """
+    target = PRIVATE_NAMES[name]
+    version = installed_flwr_version()
+    if _minor(version) not in SUPPORTED_FLWR:
+        raise UnsupportedFlowerError(
+            f"fedcare refuses to use flwr {version or '?'}: it is not a version fedcare supports, "
+            f"and fedcare uses its {target}. Install a supported flwr (flwr {_supported_text()}: "
+            f"pip install 'flwr[simulation,dp]>=1.41,<1.43')"
+        )
+    try:
+        return _resolve(target)
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedFlowerError(
+            f"fedcare cannot find {target} in flwr {version} ({type(err).__name__}: {err}); "
+            f"reinstall a supported flwr (flwr {_supported_text()}: "
+            f"pip install --force-reinstall 'flwr[simulation,dp]>=1.41,<1.43')"
+        ) from None
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a name of :data:`PRIVATE_NAMES` from flwr when it is first imported (PEP 562)."""
+    if name in PRIVATE_NAMES:
+        return private_name(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _record() -> dict[str, dict[str, str]]:
     """Return the installed flwr's fingerprint of every patch (what :data:`FINGERPRINTS` holds)."""
-    return {name: fingerprint(name) for name in PATCHES}
+    return {name: fingerprint(name) for name in (*PATCHES, *GUARDED_IMPORTS)}
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def app_digest(source: str) -> str:
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     if path.is_dir():
-        from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - what `flwr run` builds
+        from ..flower_bridge import build_fab_from_disk  # noqa: PLC0415 - what `flwr run` builds
 
         return hashlib.sha256(build_fab_from_disk(path)).hexdigest()
     return parse_app_hash(source)

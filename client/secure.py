@@ -59,18 +59,20 @@ from typing import Final
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod  # the legacy mods SecAgg+ composes with
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from .. import flower_bridge
+from ..flower_bridge import KEY_CLIPPING_NORM, ClientAppCallable, MessageType
+from ..flower_bridge import recorddict_compat as compat
 from ..models import wire
 from ..privacy import randomness  # noqa: F401 - reseeds global generators after every fork
 from ..privacy.errors import warn_privacy
 from ..privacy.policy import PolicyViolation, Rule, SitePolicy
+
+# flwr's SecAgg+ names the secure-cohort check reads; fails closed (UnsupportedFlowerError) on a
+# flwr whose SecAgg+ constants fedcare does not know
+RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage = flower_bridge.secaggplus_names()
 
 __all__ = [
     "SECURE_ROUND_STATE",

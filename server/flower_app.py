@@ -99,7 +99,7 @@ class StudyInfo(FrozenModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        from flwr.supercore.utils import is_valid_name  # noqa: PLC0415 - flwr's own rule
+        from ..flower_bridge import is_valid_name  # noqa: PLC0415 - flwr's own rule
 
         valid, _ = is_valid_name(f"{APP_PREFIX}{value}")
         if not _NAME.match(value) or not valid:
@@ -288,7 +288,7 @@ def build_flower_app(study: Study, out_dir: Path, *, check_modules: bool = True)
     path = out_dir / "pyproject.toml"
     path.write_text(tomli_w.dumps(flower_pyproject(study)), encoding="utf-8")
 
-    from flwr.cli.config_utils import load_and_validate  # noqa: PLC0415 - CLI-only import
+    from ..flower_bridge import load_and_validate  # noqa: PLC0415 - flwr CLI-only import
 
     try:
         load_and_validate(path, check_module=check_modules)
@@ -308,6 +308,6 @@ def app_hash(app_dir: Path) -> str:
     the same call ``flwr run`` makes), so this is the hash the SuperLink and every SuperNode
     see for the run, and what a hospital pins with ``fedcare node start --trust-app``.
     """
-    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - CLI-only import
+    from ..flower_bridge import build_fab_from_disk  # noqa: PLC0415 - flwr CLI-only import
 
     return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()

@@ -56,7 +56,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -67,10 +66,11 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
-from flwr.supercore.run import RunNotRunningException
 
+from ..flower_bridge import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, RunNotRunningException
+from ..flower_bridge import WorkflowKey as Key
+from ..flower_bridge import recorddict_compat as compat
 from ..models import wire
 from .checkpoint import MetricsHistory
 from .client_dp import (

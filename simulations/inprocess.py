@@ -12,10 +12,9 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from ..flower_bridge import ErrorCode, Run, TaskIdentity
 
 __all__ = ["InProcessGrid"]
 

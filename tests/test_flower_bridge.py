@@ -9,6 +9,7 @@ setting ``flwr.__version__`` / ``opacus.__version__``; changed code by replacing
 
 from __future__ import annotations
 
+import ast
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ import pytest
 
 from fedcare import flower_bridge
 from fedcare.client import app_gate, supernode_main, warm_exec
-from fedcare.flower_bridge import PATCHES, UnsupportedFlowerError
+from fedcare.flower_bridge import GUARDED_IMPORTS, PATCHES, UnsupportedFlowerError
 from fedcare.privacy import opacus_bridge
 from fedcare.privacy.opacus_bridge import UnsupportedOpacusError
 
@@ -46,14 +47,16 @@ def test_every_patch_recognises_the_installed_flwr() -> None:
     # Prepare
     minor = ".".join(flower_bridge.installed_flwr_version().split(".")[:2])
 
+    guarded = {**PATCHES, **GUARDED_IMPORTS}
+
     # Execute
-    reasons = {name: flower_bridge.unrecognised(name) for name in PATCHES}
+    reasons = {name: flower_bridge.unrecognised(name) for name in guarded}
 
     # Assert: the recorded digests are those of this flwr (1.41.0 or 1.42.0), for every patch
     assert minor in flower_bridge.SUPPORTED_FLWR
-    assert reasons == dict.fromkeys(PATCHES)
-    assert set(flower_bridge.FINGERPRINTS) == set(PATCHES)
-    for name, patch in PATCHES.items():
+    assert reasons == dict.fromkeys(guarded)
+    assert set(flower_bridge.FINGERPRINTS) == set(guarded)
+    for name, patch in guarded.items():
         for recorded in flower_bridge.FINGERPRINTS[name].values():
             assert set(recorded) == set(patch.targets)
     assert SECURITY == ["app-gate", "control-token", "superlink-front"]
@@ -459,3 +462,83 @@ def test_lean_optimizer_keeps_opacus_settings_and_accountant_hook() -> None:
     assert type(optimizer) is not DPOptimizerFastGradientClipping
     assert (optimizer.noise_multiplier, optimizer.max_grad_norm, optimizer.expected_batch_size) == (1.0, 1.0, 8)
     assert engine.accountant.history == [(1.0, 1 / len(loader), 1)]
+
+
+# --- private names fedcare imports (no patch) -----------------------------------------------
+
+#: flwr's public API (and the legacy API fedcare's SecAgg+ path still runs on)
+PUBLIC_FLWR = frozenset({
+    "flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.server.workflow",
+    "flwr.server.strategy", "flwr.client.mod", "flwr.simulation",
+    "flwr.common", "flwr.server", "flwr.server.client_manager", "flwr.server.client_proxy",  # legacy
+})
+
+
+def test_secaggplus_names_refuse_changed_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: same flwr version, but a SecAgg+ Stage whose unmask stage has another name
+    from flwr.common.secure_aggregation import secaggplus_constants
+
+    class Stage:  # noqa: D106 - a changed flwr
+        SETUP = "setup"
+        UNMASK = "reveal"
+
+    recognised = flower_bridge.secaggplus_names()
+    monkeypatch.setattr(secaggplus_constants, "Stage", Stage)
+
+    # Execute
+    with pytest.raises(UnsupportedFlowerError, match="secaggplus_constants:Stage") as err:
+        flower_bridge.secaggplus_names()
+
+    # Assert: the secure-cohort check never reads unrecognised names
+    assert recognised.stage.UNMASK == "unmask"
+    assert "secure-cohort" in str(err.value)
+    assert flower_bridge.unrecognised("secaggplus-constants") is not None
+
+
+def test_private_names_refuse_an_unknown_or_incomplete_flwr(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    from flwr.supercore.run import Run
+
+    monkeypatch.setitem(flower_bridge.PRIVATE_NAMES, "Gone", "flwr.supercore.run:NoSuchName")
+    resolved = flower_bridge.Run
+
+    # Execute
+    with pytest.raises(UnsupportedFlowerError, match="NoSuchName"):
+        flower_bridge.private_name("Gone")
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with pytest.raises(UnsupportedFlowerError, match="1.43.0"):
+        flower_bridge.private_name("Run")
+
+    # Assert
+    assert resolved is Run
+
+
+def _flwr_imports(path: Path) -> list[tuple[int, str]]:
+    """Return (line, module) of every flwr module ``path`` imports, function-level ones included."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "flwr"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "flwr":
+            found.append((node.lineno, str(node.module)))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)
+              and str(node.args[0].value).split(".")[0] == "flwr"):
+            found.append((node.lineno, str(node.args[0].value)))
+    return found
+
+
+def test_apps_import_flwr_only_from_its_public_api_or_the_bridge() -> None:
+    # Prepare
+    root = Path(flower_bridge.__file__).parent
+    files = sorted(f for part in ("client", "server", "simulations") for f in (root / part).rglob("*.py"))
+
+    # Execute
+    imports = {f.relative_to(root).as_posix(): _flwr_imports(f) for f in files}
+    private = {name: [(line, m) for line, m in found if m not in PUBLIC_FLWR] for name, found in imports.items()}
+
+    # Assert: the scan saw the apps' flwr imports, and none of them is private
+    assert len(files) > 10
+    assert "flwr.serverapp" in {m for _, m in imports["server/app.py"]}
+    assert "flwr.simulation" in {m for _, m in imports["simulations/runner.py"]}  # function-level
+    assert {name: found for name, found in private.items() if found} == {}
