@@ -9,7 +9,7 @@ rounds of 1 local epoch, batch 32, lr 0.5, SGD. With DP every site runs DP-SGD (
 C = 1) calibrated so that ITS ε after all rounds is 1 at δ = 1e-3 (a throw-away ledger per
 site; the benchmark reads each site's final ε from the run's history). Without DP: plain SGD.
 
-Audit (``simulations.audit.federated_membership_pool`` + ``privacy.membership.membership_audit``):
+Audit (``simulations.membership_audit.federated_membership_pool`` + ``privacy.membership.membership_audit``):
 members = a random subset of the hospitals' training patients, non-members = their test patients,
 same size. Loss-threshold attack and online LiRA with ``--shadows`` shadows; each shadow is a
 whole federation trained exactly as the target (``make_federated_shadow_trainer``: every hospital
@@ -51,7 +51,7 @@ from fedcare.privacy.policy import SitePolicy
 from fedcare.privacy.settings import PrivacySettings
 from fedcare.server.checkpoint import MetricsHistory
 from fedcare.server.config import RunConfig
-from fedcare.simulations.audit import federated_membership_pool, make_federated_shadow_trainer
+from fedcare.simulations.membership_audit import federated_membership_pool, make_federated_shadow_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = [ROOT / "docs" / "sites" / f"heart_{n}.toml" for n in ("cleveland", "hungarian", "switzerland", "va")]

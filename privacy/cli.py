@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from .artefacts import ArtefactError, ArtefactKey, generate_key, rotate
-from .audit import AuditError, generate_signing_key, load_verify_key, verify_log
+from .audit_log import AuditError, generate_signing_key, load_verify_key, verify_log
 
 __all__ = ["audit_app"]
 

@@ -18,7 +18,7 @@ them (0.5: no better than chance).
 Shadows must be trained the way the target was: ``train_fn`` trains one model centrally on the
 shadow's half of the pool (an approximation for a federated target); ``shadow_trainer`` instead
 receives the pool indices of the shadow's half and a seed and trains the model however the target
-was trained (the simulation path runs a whole shadow federation, ``simulations.audit``). Every
+was trained (the simulation path runs a whole shadow federation, ``simulations.membership_audit``). Every
 result says how its shadows were trained (``shadow_training``).
 
 The AUC comes with a percentile bootstrap confidence interval (members and non-members resampled

@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from ..privacy.artefacts import KeyFileError, sha256_file
-from ..privacy.audit import GENESIS_HASH, AuditError, AuditLog, load_signing_key
+from ..privacy.audit_log import GENESIS_HASH, AuditError, AuditLog, load_signing_key
 from ..privacy.membership import AttackResult, MembershipAuditResult, ReleaseGate
 from ..privacy.report import GateSummary, PrivacyReport, load_report, write_report
 from .checkpoint import FINAL_MODEL_FILE, CheckpointError, load_model_file, save_model_file

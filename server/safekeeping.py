@@ -32,7 +32,7 @@ import numpy as np
 
 from ..models import wire
 from ..privacy.artefacts import DEFAULT_KEY_ENV, ArtefactKey, ArtefactMetadata, sha256_file
-from ..privacy.audit import GENESIS_HASH, AuditLog, load_signing_key
+from ..privacy.audit_log import GENESIS_HASH, AuditLog, load_signing_key
 from ..privacy.membership import MembershipAuditResult
 from ..privacy.report import (
     TRUST_ASSUMPTIONS,
@@ -187,7 +187,7 @@ class RunAudit:
 
         Raises
         ------
-        fedcare.privacy.audit.AuditLogCorrupt
+        fedcare.privacy.audit_log.AuditLogCorrupt
             When an existing log fails verification (nothing is appended to it).
         fedcare.privacy.artefacts.KeyFileError
             When the signing key cannot be read.

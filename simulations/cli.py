@@ -78,7 +78,7 @@ def simulate(
     """Run a federated simulation scenario and write summary.json, metrics.csv, the model and plots."""
     from ..client.errors import DataValidationError  # noqa: PLC0415 - keep --help fast
     from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
-    from ..privacy.audit import AuditError  # noqa: PLC0415
+    from ..privacy.audit_log import AuditError  # noqa: PLC0415
     from ..server.app import CheckpointExistsError, ResumeMismatchError  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
     from .release import LedgerMismatchError  # noqa: PLC0415
@@ -163,7 +163,7 @@ def _privacy_from_file(path: Path | None) -> PrivacySettings:
     from pydantic import ValidationError  # noqa: PLC0415
 
     from ..privacy.settings import PrivacySettings  # noqa: PLC0415
-    from .audit import MembershipAuditError  # noqa: PLC0415
+    from .membership_audit import MembershipAuditError  # noqa: PLC0415
 
     if path is None:
         return PrivacySettings.disabled()
@@ -203,7 +203,7 @@ def membership_command(
     from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
     from ..privacy.membership import ReleaseGate  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
-    from .audit import MembershipAuditError, audit_membership_file  # noqa: PLC0415
+    from .membership_audit import MembershipAuditError, audit_membership_file  # noqa: PLC0415
 
     try:
         if shadows and (shadows < 4 or shadows % 2):

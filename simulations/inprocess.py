@@ -1,7 +1,7 @@
 """An in-process Grid: the ServerApp and a ClientApp in one process, no Ray, no network.
 
 For tests, debugging of the ServerApp / ClientApp contract, and the membership audit's shadow
-federations (``simulations.audit``).
+federations (``simulations.membership_audit``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ After a completed run, :func:`release_model` checks that every site's ε as repo
 ledger file, runs the membership audit when a gate is set (members: every hospital's training
 split; non-members: their test splits, else validation; the larger cut at random to the size of
 the smaller; each LiRA shadow is a whole federation trained as the target was, in process, with
-the study's RunConfig, strategy and DP settings: ``simulations.audit.make_federated_shadow_trainer``),
+the study's RunConfig, strategy and DP settings: ``simulations.membership_audit.make_federated_shadow_trainer``),
 and only if the gate's verdict is *pass* (or none is set, or an *inconclusive* verdict is
 overridden with a logged reason; a *block* never is) writes the
 **unencrypted exported model** ``out/final_model.npz``. It writes ``out/privacy_report.json`` /
@@ -67,7 +67,7 @@ from ..server.safekeeping import (
     safe_name,
     site_privacy,
 )
-from .audit import MembershipAuditError, federated_membership_pool, make_federated_shadow_trainer
+from .membership_audit import MembershipAuditError, federated_membership_pool, make_federated_shadow_trainer
 
 __all__ = [
     "ArtefactSettings",

@@ -26,7 +26,7 @@ from fedcare.client.loaders import load_site_file
 from fedcare.client.training import TrainSettings, train_local
 from fedcare.models import ModelSpec, build_for_data, get_weights
 from fedcare.privacy.artefacts import ArtefactKey, generate_key
-from fedcare.privacy.audit import generate_signing_key, load_verify_key, verify_log
+from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.report import load_report
 from fedcare.privacy.settings import PrivacySettings

@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from fedcare.client.app import LocalSite, make_client_app
 from fedcare.client.secure import SECURE_ROUND_STATE
 from fedcare.privacy.artefacts import ArtefactKey, generate_key
-from fedcare.privacy.audit import generate_signing_key, load_verify_key, verify_log
+from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.policy import node_default_policy
 from fedcare.privacy.settings import PrivacySettings

@@ -10,7 +10,7 @@ members. The gate must:
   ``ReleaseBlocked``);
 - report the TPR at 0.1 % and 1 % FPR, saying when the non-member set cannot resolve the rate;
 - train LiRA shadows the way the target was trained: for a federation, whole shadow federations
-  of the same size (``simulations.audit``).
+  of the same size (``simulations.membership_audit``).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def test_federated_shadows_train_a_federation_of_the_targets_size() -> None:
     from fedcare.privacy.policy import SitePolicy
     from fedcare.privacy.settings import PrivacySettings
     from fedcare.server.config import RunConfig
-    from fedcare.simulations.audit import federated_membership_pool, make_federated_shadow_trainer
+    from fedcare.simulations.membership_audit import federated_membership_pool, make_federated_shadow_trainer
     from fedcare.simulations.builtin import load_builtin
     from fedcare.simulations.partition import PartitionScheme, partition
 
@@ -265,7 +265,7 @@ def _blind_deployment(folder: Path) -> tuple[Path, Path, Path]:
 
 def test_fedcare_release_refuses_an_inconclusive_audit_unless_overridden_with_a_logged_reason(tmp_path: Path) -> None:
     from fedcare.cli import app
-    from fedcare.privacy.audit import generate_signing_key
+    from fedcare.privacy.audit_log import generate_signing_key
 
     # Prepare: the attacker audits on 30 held-out patients, too few to test max AUC 0.6
     encrypted, manifest, key_file = _blind_deployment(tmp_path)

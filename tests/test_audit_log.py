@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from fedcare.privacy.artefacts import KeyFileError
-from fedcare.privacy.audit import (
+from fedcare.privacy.audit_log import (
     GENESIS_HASH,
     AuditFieldError,
     AuditLog,
