@@ -60,6 +60,39 @@ app.command("run")(run_command)
 app.command("release")(release_command)
 audit_app.command("membership")(membership_command)
 app.add_typer(audit_app, name="audit")
+for _group in (app, node_app, certs_app, server_app, audit_app):
+    _group.suggest_commands = False  # click (8.2+) already says "Did you mean …?"; typer's would repeat it
+
+_VERSIONED: Final = ("fedcare", "flwr", "torch", "opacus")
+
+
+def version_line() -> str:
+    """Return fedcare's version and those of flwr, torch and Opacus, read from package metadata (no import)."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    parts = []
+    for dist in _VERSIONED:
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    return ", ".join(parts)
+
+
+def _print_version(value: bool) -> None:
+    """Print :func:`version_line` and exit 0 when ``--version`` is given."""
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the versions and exit."
+    ),
+) -> None:
+    """fedcare: federated learning for hospitals. Add --debug (or FEDCARE_DEBUG=1) for a traceback on errors."""
 
 
 def _raised_by_fedcare(exc: BaseException) -> bool:

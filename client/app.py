@@ -15,6 +15,9 @@ Everything about the hospital comes from the node, never from the server's run c
 - ``report-train-loss``: optional ``true`` to send the training loss under DP (it is computed
   without noise, outside ε; a DP site sends NaN by default);
 - ``device``: optional torch device (default ``cpu``).
+- ``data-digest``: optional :func:`~fedcare.client.data_digest.data_digest` of the site, recorded
+  by ``fedcare node start`` after its data check; while the site's manifest or data files differ
+  from it the node refuses every task (``ERROR_DATA_INVALID``) until it is restarted;
 - ``policy``: optional TOML of the hospital's own :class:`~fedcare.privacy.policy.SitePolicy`
   (``privacy.policy``); without it the node applies ``node_default_policy()``, the strict
   default: it trains only in SecAgg+ rounds and refuses plain ones (rule ``secure_aggregation``).
@@ -111,6 +114,7 @@ from ..privacy.release_mechanisms import (
 )
 from ..privacy.settings import PrivacySettings
 from ..supervise import quiet_flower
+from .data_digest import DATA_DIGEST_KEY, data_digest
 from .dataset import SiteData, Split
 from .errors import DataValidationError
 from .loaders import load_site_file
@@ -119,6 +123,7 @@ from .secure import SecureRoundError, SecureSite, make_secure_train_mod, secure_
 from .training import TrainSettings, train_local
 
 __all__ = [
+    "NODE_DATA_DIGEST",
     "NODE_DEVICE",
     "NODE_REPORT_TRAIN_LOSS",
     "ENV_APP_HASH",
@@ -131,6 +136,7 @@ __all__ = [
     "NODE_SITE_NAME",
     "LocalSite",
     "SiteConfigError",
+    "SiteDataChangedError",
     "SitePolicyError",
     "SiteProvider",
     "app",
@@ -150,6 +156,7 @@ NODE_SEED: Final = "seed"
 NODE_DEVICE: Final = "device"
 NODE_REPORT_TRAIN_LOSS: Final = "report-train-loss"
 NODE_POLICY: Final = "policy"
+NODE_DATA_DIGEST: Final = DATA_DIGEST_KEY
 ENV_APP_HASH: Final = "FEDCARE_APP_HASH"
 ENV_REPORT_TIMING: Final = "FEDCARE_REPORT_TIMING"
 
@@ -160,6 +167,10 @@ class SiteConfigError(DataValidationError):
 
 class SitePolicyError(SiteConfigError):
     """The node's site policy file is missing or invalid: the node refuses every round (fails closed)."""
+
+
+class SiteDataChangedError(DataValidationError):
+    """The site's manifest or data files changed since ``fedcare node start`` checked them."""
 
 
 class ModelMismatchError(DataValidationError):
@@ -267,6 +278,12 @@ def site_from_node_config(context: Context) -> LocalSite:
     if not manifest.is_file():
         raise SiteConfigError(f"site manifest {manifest} (node config {NODE_SITE_MANIFEST!r}) not found",
                               path=manifest)
+    recorded = node.get(NODE_DATA_DIGEST)
+    if recorded is not None and data_digest(manifest) != str(recorded):
+        raise SiteDataChangedError(
+            "the site's data changed since the node started; restart the node after `fedcare node check`",
+            path=manifest,
+        )
     data = _load_data(_stat_key(manifest))
     policy = node.get(NODE_PRIVACY_SETTINGS)
     if isinstance(policy, str) and policy:

@@ -22,10 +22,8 @@ from rich.console import Console
 from ..privacy.certs import CertsError, generate_node_key
 from ..privacy.errors import LedgerError
 from ..privacy.policy import PolicyFileError, load_policy
-from ..privacy.ledger import verify_site
 from ..supervise import SuperviseError, process_age_s
 from .app_gate import parse_app_hash
-from .check import check_site_file, report_renderables
 from .deploy import (
     NodeDeployError,
     NodeSettings,
@@ -36,7 +34,9 @@ from .deploy import (
     stop_node,
 )
 from .errors import DataValidationError
-from .manifest import load_manifest
+
+# torch, Opacus and pandas load inside the commands that use them (.check, .data_digest,
+# .manifest, ..privacy.ledger): `fedcare --help` stays fast.
 
 __all__ = ["app_digest", "check", "node_app", "node_keygen", "node_pin_app", "node_start", "node_stop"]
 
@@ -88,6 +88,8 @@ def check(
     ),
 ) -> None:
     """Load the site's data as training would and print counts, class balance and missingness."""
+    from .check import check_site_file, report_renderables  # noqa: PLC0415 - keep --help fast
+
     report_out = Console(soft_wrap=True)
     report_err = Console(stderr=True, soft_wrap=True)
     try:
@@ -179,8 +181,13 @@ def node_start(
     ] = None,
 ) -> None:
     """Start this hospital's SuperNode in the background; return once the SuperLink accepted it."""
+    from .data_digest import DATA_DIGEST_KEY  # noqa: PLC0415 - keep --help fast
+
     try:
         pins = _trusted_pins(trust_app, trusted_apps)
+        node_files = _node_files(policy, privacy_settings)
+        # `node check`'s full data check: exit 1 with one line before any process, gate or key use
+        node_files[DATA_DIGEST_KEY] = _checked_data_digest(site)
         settings = NodeSettings(
             site_manifest=site,
             superlink=superlink,
@@ -192,7 +199,7 @@ def node_start(
             site_name=site_name,
             insecure=insecure,
             trusted_app_hashes=tuple(pins) if pins else None,
-            extra_node_config=_node_files(policy, privacy_settings),
+            extra_node_config=node_files,
             warm=warm,
             poll_interval_s=poll_interval,
         )
@@ -201,6 +208,37 @@ def node_start(
     except (*_HANDLED, LedgerError) as err:
         _fail(err)
     _report_started(started, settings, policy_given=policy is not None)
+
+
+def _checked_data_digest(site: Path) -> str:
+    """Run `fedcare node check`'s full data check on ``site``; return its data digest, or exit 1 with one line.
+
+    The digest (:func:`~fedcare.client.data_digest.data_digest`) is taken before and after the
+    check, so the node records the very files that passed; the ClientApp refuses every task once
+    they differ (node config ``data-digest``).
+    """
+    from .check import check_site_file  # noqa: PLC0415 - keep --help fast
+    from .data_digest import data_digest  # noqa: PLC0415
+
+    try:
+        before = data_digest(site)
+        check_site_file(site)
+        after = data_digest(site)
+    except DataValidationError as exc:
+        console.print(
+            f"error: {site}: {type(exc).__name__}: {exc}; the node was not started — fix the data, "
+            "then `fedcare node check` and start again",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+    if before != after:
+        console.print(
+            f"error: {site}: the site's data changed while it was being checked; the node was not "
+            "started — start it again once the files are final",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    return after
 
 
 def _trusted_pins(trust_app: list[str] | None, trusted_apps: Path | None) -> list[str]:
@@ -231,6 +269,9 @@ def _node_files(policy: Path | None, privacy_settings: Path | None) -> dict[str,
 
 def _verify_ledger(settings: NodeSettings) -> None:
     """Refuse to start on a deleted or rolled-back privacy ledger (fail closed: :func:`verify_site`)."""
+    from ..privacy.ledger import verify_site  # noqa: PLC0415 - Opacus: keep --help fast
+    from .manifest import load_manifest  # noqa: PLC0415
+
     verify_site(
         settings.ledger_dir or settings.state_dir / "ledger",
         site=settings.site_name or load_manifest(settings.site_manifest).site,

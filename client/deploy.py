@@ -47,7 +47,6 @@ from ..supervise import (
     wait_for_log,
 )
 from .app_gate import GATE_POLICY_ENV, TRUSTED_APPS_ENV, parse_app_hash, write_gate_bin
-from .manifest import load_manifest
 from .supernode_main import IDLE_POLL_S, POLL_OPTION
 from .warm_exec import WARM_MANIFEST_ENV
 
@@ -460,6 +459,8 @@ def start_node(
         The running node, its id, and the measured time to ready.
     """
     t0 = time.monotonic()
+    from .manifest import load_manifest  # noqa: PLC0415 - torch via ..models: keep `fedcare --help` fast
+
     manifest = load_manifest(settings.site_manifest)
     site_name = settings.site_name or manifest.site
     if settings.insecure:

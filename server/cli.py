@@ -36,14 +36,9 @@ from .deploy import (
     stop_superlink,
     submit_run,
 )
-from .flower_app import (
-    AppFolderExistsError,
-    InvalidStudyError,
-    app_hash,
-    build_flower_app,
-    load_study,
-)
 from .release import release_command
+
+# .flower_app imports torch (via ..models): loaded by the commands that use it, so --help stays fast.
 
 __all__ = ["certs_app", "release_command", "run_command", "server_app"]
 
@@ -57,15 +52,7 @@ certs_app = typer.Typer(
 )
 server_app = typer.Typer(no_args_is_help=True, help="Run the coordinator's SuperLink.")
 
-_HANDLED = (
-    CertsError,
-    DeployError,
-    SuperviseError,
-    InvalidStudyError,
-    AppFolderExistsError,
-    FileNotFoundError,
-    ValidationError,
-)
+_HANDLED = (CertsError, DeployError, SuperviseError, FileNotFoundError, ValidationError)
 
 
 def _fail(err: BaseException, code: int = 1) -> NoReturn:
@@ -80,9 +67,11 @@ def _fail(err: BaseException, code: int = 1) -> NoReturn:
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    from .flower_app import AppFolderExistsError, InvalidStudyError  # noqa: PLC0415 - keep --help fast
+
     try:
         yield
-    except _HANDLED as err:
+    except (*_HANDLED, InvalidStudyError, AppFolderExistsError) as err:
         _fail(err)
 
 
@@ -241,6 +230,8 @@ def run_command(
     ] = None,
 ) -> None:
     """Build the study's Flower App, submit it, stream its log, exit non-zero unless it completed."""
+    from .flower_app import app_hash, build_flower_app, load_study  # noqa: PLC0415 - keep --help fast
+
     with _errors():
         study = load_study(study_file)
         run_config = study.run_config()
@@ -276,6 +267,8 @@ def server_app_hash(
 ) -> None:
     """Print the SHA-256 of the app `fedcare run STUDY` submits: hospitals pin it with
     `fedcare node pin-app HASH --policy FILE`."""
+    from .flower_app import app_hash, build_flower_app, load_study  # noqa: PLC0415 - keep --help fast
+
     with _errors():
         study = load_study(study_file)
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:

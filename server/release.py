@@ -37,19 +37,24 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
-import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
 from ..privacy.artefacts import KeyFileError, sha256_file
 from ..privacy.audit_log import GENESIS_HASH, AuditError, AuditLog, load_signing_key
-from ..privacy.membership import AttackResult, MembershipAuditResult, ReleaseGate
-from ..privacy.report import GateSummary, PrivacyReport, load_report, write_report
-from .checkpoint import FINAL_MODEL_FILE, CheckpointError, load_model_file, save_model_file
-from .safekeeping import RunAudit, load_artefact_key
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..privacy.membership import MembershipAuditResult, ReleaseGate
+    from ..privacy.report import GateSummary, PrivacyReport
+    from .safekeeping import RunAudit
+
+# numpy, torch and scikit-learn (.checkpoint, .safekeeping, ..privacy.membership, ..privacy.report)
+# load inside the functions that use them: `fedcare --help` imports this module.
 
 __all__ = [
     "Release",
@@ -78,6 +83,8 @@ class ReleaseResult(dict):  # type: ignore[type-arg]
 
 def _read_audits(paths: list[Path], model_sha256: str) -> MembershipAuditResult:
     """Return every attack of the audit files, refusing files that audited another model."""
+    from ..privacy.membership import AttackResult, MembershipAuditResult  # noqa: PLC0415 - torch, sklearn
+
     attacks: list[AttackResult] = []
     for path in paths:
         try:
@@ -144,6 +151,8 @@ def decide_release(
     Without a gate (or an audit) the model is released. ``subject`` and ``override_by`` name the
     model and where the override came from in the PRIVACY WARNING an override logs.
     """
+    from ..privacy.report import GateSummary  # noqa: PLC0415 - keep `fedcare --help` fast
+
     if gate is None or membership is None:
         return ReleaseDecision(released=True, reason=None, gate=None, worst_auc=None)
     decision = gate.decide(membership)
@@ -200,6 +209,9 @@ def release(
     :func:`released_report`) then names the digest of ``source``, the file that was not released.
     The audit log gets a ``release`` entry either way.
     """
+    from ..privacy.report import write_report  # noqa: PLC0415 - keep `fedcare --help` fast
+    from .checkpoint import FINAL_MODEL_FILE, save_model_file  # noqa: PLC0415 - torch
+
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = out_dir / FINAL_MODEL_FILE
     if decision.released:
@@ -249,6 +261,11 @@ def release_model_file(
     CheckpointError
         When the model cannot be decrypted or authenticated.
     """
+    from ..privacy.membership import ReleaseGate  # noqa: PLC0415 - torch, sklearn: keep --help fast
+    from ..privacy.report import load_report  # noqa: PLC0415
+    from .checkpoint import load_model_file  # noqa: PLC0415
+    from .safekeeping import RunAudit, load_artefact_key  # noqa: PLC0415
+
     gate = ReleaseGate(max_auc=max_auc, basis=basis)
     if override_inconclusive is not None and not override_inconclusive.strip():
         raise ReleaseInputError("--override-inconclusive needs a reason (it is written to the report and the audit log)")
@@ -294,6 +311,8 @@ def release_command(
     ] = None,
 ) -> None:
     """Release a model: export it unencrypted only if its membership-inference audits pass the gate."""
+    from .checkpoint import CheckpointError  # noqa: PLC0415 - torch: keep `fedcare --help` fast
+
     try:
         if basis not in ("upper", "point"):
             raise ReleaseInputError(f"--basis must be 'upper' or 'point', got {basis!r}")
