@@ -3,7 +3,7 @@
 Roles, their command groups and where the commands are:
 
 - researcher (``simulations/cli.py``): ``fedcare simulate``, ``fedcare evaluate``,
-  ``fedcare audit membership``
+  ``fedcare audit membership``; ``fedcare compare`` (``simulations/compare.py``)
 - hospital IT (``client/cli.py``): ``fedcare node check|keygen|pin-app|start|stop``
 - coordinator (``server/cli.py``): ``fedcare certs init|node-bundle``,
   ``fedcare server start|stop|register-node|app-hash``, ``fedcare run``, ``fedcare release``
@@ -33,8 +33,9 @@ from pydantic import ValidationError
 
 from .client.cli import node_app
 from .privacy.cli import audit_app
-from .server.cli import certs_app, release_command, run_command, server_app
-from .simulations.cli import evaluate, membership_command, simulate
+from .server.cli import certs_app, release_command, run_command, server_app, study_app
+from .simulations.cli import evaluate, examples_app, membership_command, simulate
+from .simulations.compare import compare_command
 from .supervise import quiet_flower
 
 quiet_flower()  # Flower phones home unless told not to; a hospital's processes never do.
@@ -46,21 +47,24 @@ _SPACE = re.compile(r"\s+")
 
 app = typer.Typer(
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell); root only
     help="fedcare: federated learning for hospitals. Add --debug (or FEDCARE_DEBUG=1) for a traceback on errors.",
     pretty_exceptions_enable=False,  # never rich's tracebacks: with locals they print data
     pretty_exceptions_show_locals=False,
 )
 app.command("simulate")(simulate)
 app.command("evaluate")(evaluate)
+app.command("compare")(compare_command)
 app.add_typer(node_app, name="node")
 app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")
 app.command("run")(run_command)
+app.add_typer(study_app, name="study")
+app.add_typer(examples_app, name="examples")
 app.command("release")(release_command)
 audit_app.command("membership")(membership_command)
 app.add_typer(audit_app, name="audit")
-for _group in (app, node_app, certs_app, server_app, audit_app):
+for _group in (app, node_app, certs_app, server_app, study_app, examples_app, audit_app):
     _group.suggest_commands = False  # click (8.2+) already says "Did you mean …?"; typer's would repeat it
 
 _VERSIONED: Final = ("fedcare", "flwr", "torch", "opacus")

@@ -8,6 +8,7 @@ never signalled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,10 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .notices import install_notice_filters
 
 __all__ = [
     "AlreadyRunningError",
@@ -41,6 +44,10 @@ __all__ = [
     "stop_pid_file",
     "stop_popen",
     "stop_process",
+    "stop_signals_raise",
+    "supervise_foreground",
+    "TerminationRequested",
+    "exit_status",
     "wait_for_log",
     "wait_for_port",
 ]
@@ -192,8 +199,11 @@ def quiet_flower(environ: MutableMapping[str, str] | None = None) -> MutableMapp
     simulation runner) calls it with no argument, and every child environment fedcare builds
     (:func:`flower_env`, :func:`spawn`) goes through it. The values are forced, not defaulted:
     a hospital's processes never phone home, whatever the surrounding environment says.
-    Returns ``environ``.
+    Called with no argument (this process), it also installs the filters of the known
+    third-party notices (:func:`fedcare.notices.install_notice_filters`). Returns ``environ``.
     """
+    if environ is None:
+        install_notice_filters()
     env = os.environ if environ is None else environ
     env.update(FLOWER_QUIET_ENV)
     return env
@@ -525,3 +535,89 @@ def stop_process(handle: ProcessHandle, *, timeout: float = 15.0) -> bool:
         except NotRunningError:
             pass
     return stopped
+
+
+# --------------------------------------------------------------------------- foreground (systemd, containers)
+
+#: the signals a foreground supervisor turns into an orderly stop of its children
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class TerminationRequested(BaseException):  # noqa: N818 - a request, not an error; BaseException: never swallowed
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) reached a foreground supervisor (:func:`stop_signals_raise`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"received {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Raise :class:`TerminationRequested` in the main thread on SIGTERM, SIGINT or SIGHUP while inside.
+
+    A process that is PID 1 in a container ignores SIGTERM unless it installs a handler; under
+    systemd the main process gets SIGTERM on ``systemctl stop``. The previous handlers are
+    restored on exit. Main thread only (Python's rule for signal handlers).
+    """
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise TerminationRequested(signum)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_status(returncode: int | None) -> int:
+    """Return a child's status as a shell reports it: its exit code, 128 + N when signal N ended it, 1 if unknown."""
+    if returncode is None:
+        return 1
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def supervise_foreground(
+    handle: ProcessHandle,
+    *,
+    timeout: float = 15.0,
+    poll_s: float = 0.5,
+    echo: IO[str] | None = None,
+) -> int:
+    """Wait on a process started by :func:`spawn` until it exits or a stop signal arrives; return its status.
+
+    Call inside :func:`stop_signals_raise`. On SIGTERM, SIGINT or SIGHUP the process and
+    everything it started are stopped (SIGTERM, SIGKILL after ``timeout``; further stop signals
+    are ignored meanwhile); when it exits by itself, whatever it left in its process group is
+    stopped. Its PID file is removed either way. ``echo`` receives the process's log as it grows
+    (stdout for a container's or journald's log). Returns :func:`exit_status` of the process.
+    """
+    offset = handle.log_offset
+    try:
+        while handle.running():
+            offset = _echo_log(handle, offset, echo)
+            time.sleep(poll_s)
+    except TerminationRequested as request:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # one orderly stop; a second signal must not cut it short
+        logger.info("%s: stopping PID %d and its children", request, handle.pid)
+    stop_process(handle, timeout=timeout)  # a running node, or what an exited one left behind
+    _echo_log(handle, offset, echo)
+    return exit_status(handle.wait_exit_status(timeout=5.0))
+
+
+def _echo_log(handle: ProcessHandle, offset: int, echo: IO[str] | None) -> int:
+    """Write the log's new bytes from ``offset`` to ``echo``; return the new offset."""
+    if echo is None:
+        return offset
+    try:
+        with handle.log_path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        echo.write(data.decode("utf-8", errors="replace"))
+        echo.flush()
+    return offset + len(data)

@@ -22,7 +22,7 @@ rounds with federated evaluation, in these arms (one run of this script runs the
   model), so rounds 1 .. N-1 have one message exchange instead of two; round N keeps its
   evaluate stage. The same evaluations reach the history, one round later.
 
-Sites: ``docs/sites/heart_{cleveland,hungarian,va}.toml`` (211 / 183 / 92 training rows);
+Sites: ``simulations/sites/heart_{cleveland,hungarian,va}.toml`` (211 / 183 / 92 training rows);
 the plain app gets the arrays fedcare's loader produced from them.
 
 Measured per round, server side: wall time between flwr's ``[ROUND k/N]`` log lines (the last
@@ -79,8 +79,8 @@ from fedcare.supervise import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-#: site -> manifest (docs/sites: FLamby's Fed-Heart-Disease preparation, data in ../shared/data)
-SITES = {site: ROOT / "docs" / "sites" / f"heart_{site}.toml" for site in ("cleveland", "hungarian", "va")}
+#: site -> manifest (simulations/sites: FLamby's Fed-Heart-Disease preparation, data in ../shared/data)
+SITES = {site: ROOT / "simulations" / "sites" / f"heart_{site}.toml" for site in ("cleveland", "hungarian", "va")}
 #: fedcare-warm-3s: warm ClientApp tasks but flwr's 3 s idle SuperNode poll (isolates the two)
 ARMS = ("flower", "fedcare-cold", "fedcare-warm", "fedcare-warm-3s", "fedcare-fused")
 DEFAULT_ARMS = ("flower", "fedcare-cold", "fedcare-warm", "fedcare-fused")

@@ -116,7 +116,7 @@ def standardisation_check(seeds: list[int]) -> dict[str, Any]:
         raw_sites = []
         for path in base.data.paths:  # type: ignore[union-attr]
             text = path.read_text().replace("standardize = true", "standardize = false")
-            text = text.replace("../../../shared/data", str((path.parent / "../../../shared/data").resolve()))
+            # data paths stay ${FEDCARE_DATA_ROOT}/…: the copy reads the same files
             (Path(tmp) / path.name).write_text(text)
             raw_sites.append(load_site_file(Path(tmp) / path.name))
     one_hot = [i for i, n in enumerate(raw_sites[0].feature_names or []) if n.startswith(("cp", "restecg"))]

@@ -1,6 +1,6 @@
 """Does the membership release gate tell DP-SGD (ε = 1, δ = 1e-3) from no DP on heart disease?
 
-Data: the 4 hospitals of the UCI heart disease federation (``docs/sites/heart_*.toml``, FLamby
+Data: the 4 hospitals of the UCI heart disease federation (``simulations/sites/heart_*.toml``, FLamby
 Fed-Heart-Disease preparation), each split by its own manifest. Model: logistic regression.
 
 Training (the same recipe with and without DP): the study's own ServerApp (FedAvg, every site
@@ -54,7 +54,7 @@ from fedcare.server.config import RunConfig
 from fedcare.simulations.membership_audit import federated_membership_pool, make_federated_shadow_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SITES = [ROOT / "docs" / "sites" / f"heart_{n}.toml" for n in ("cleveland", "hungarian", "switzerland", "va")]
+SITES = [ROOT / "simulations" / "sites" / f"heart_{n}.toml" for n in ("cleveland", "hungarian", "switzerland", "va")]
 RESULTS = ROOT / "benchmarks" / "results" / "membership_heart.json"
 SPEC = ModelSpec(family="logistic")
 DP = PrivacySettings.with_target(epsilon=1.0, delta=1e-3, max_grad_norm=1.0)

@@ -1,7 +1,7 @@
 """SecAgg+ overhead: round time with and without secure aggregation, 10 simulated sites, small CNN.
 
 Runs two scenarios back to back in one process on Flower's simulation engine (Ray), identical
-except for ``[secure_aggregation]`` (+ ``[client_dp]``): BreastMNIST (``docs/sites/breastmnist.toml``,
+except for ``[secure_aggregation]`` (+ ``[client_dp]``): BreastMNIST (``simulations/sites/breastmnist.toml``,
 546 training images) split IID into 10 hospitals, the ``cnn`` family (width 16), FedAvg, every
 site sampled every round, federated evaluation on. Sample-level DP-SGD is off in both, so the
 difference is the protocol's own cost (4 message stages instead of 1, key agreement, Shamir
@@ -35,7 +35,7 @@ from fedcare.simulations.scenario import Scenario
 logger = logging.getLogger("secagg_overhead")
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "docs" / "sites" / "breastmnist.toml"
+MANIFEST = ROOT / "simulations" / "sites" / "breastmnist.toml"
 
 
 def scenario(*, secure: bool, rounds: int, sites: int) -> Scenario:

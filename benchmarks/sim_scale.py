@@ -135,6 +135,27 @@ def scenario_with(
     return Scenario.model_validate(raw, context={"base_dir": path.resolve().parent})
 
 
+def _tiled(scenario: Scenario, times: int, folder: Path) -> Scenario:
+    """Return ``scenario`` reading its images_npz with every split repeated ``times`` times (written to ``folder``)."""
+    import numpy as np  # noqa: PLC0415
+
+    source = scenario.data
+    manifest = tomllib.loads(Path(source.path).read_text())  # type: ignore[union-attr]
+    npz = (Path(source.path).parent / manifest["data"]["path"]).resolve()  # type: ignore[union-attr]
+    with np.load(npz) as data:
+        arrays = {k: np.concatenate([data[k]] * times) for k in data.files}
+    np.savez(folder / "tiled.npz", **arrays)
+    manifest["data"]["path"] = str(folder / "tiled.npz")
+    lines = [f"{k} = {json.dumps(v)}" for k, v in manifest.items() if not isinstance(v, dict)]
+    for table, values in manifest.items():
+        if isinstance(values, dict):
+            lines += [f"[{table}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
+    (folder / "site.toml").write_text("\n".join(lines) + "\n")
+    raw = scenario.model_dump(mode="json", exclude_unset=True)
+    raw["data"] = {"kind": "manifest", "path": str(folder / "site.toml")}
+    return Scenario.model_validate(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scale scenario once; print the table; write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,11 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-per-site", type=int, help="override [partition] min_per_site (and the policy's cohort)")
     parser.add_argument("--evaluate-with-train", action="store_true",
                         help="evaluation rides in the next round's train messages (one exchange per round)")
+    parser.add_argument("--fraction", type=float, help="override the fraction of hospitals sampled per round "
+                        "(training and evaluation)")
+    parser.add_argument("--tile", type=int, default=1,
+                        help="repeat every split of the scenario's images_npz this many times (10,000 hospitals "
+                             "need more than PneumoniaMNIST's 3,882 training images; an infrastructure test)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sim_scale.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     scenario = scenario_with(args.scenario, hospitals=args.hospitals, rounds=args.rounds,
                              min_per_site=args.min_per_site, evaluate_with_train=args.evaluate_with_train)
+    tiled = tempfile.TemporaryDirectory(prefix="fedcare-tiled-")
+    if args.tile > 1:
+        scenario = _tiled(scenario, args.tile, Path(tiled.name))
+    if args.fraction is not None:
+        sim = scenario.simulation.model_copy(update={"fraction_train": args.fraction, "fraction_evaluate": args.fraction})
+        scenario = scenario.model_copy(update={"simulation": sim})
     round_times: list[float] = []
     load_before = os.getloadavg()
     sampler = TreeMemorySampler(os.getpid())
@@ -169,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
         "scenario": str(args.scenario),
         "overrides": {"hospitals": args.hospitals, "rounds": args.rounds, "min_per_site": args.min_per_site,
-                      "evaluate_with_train": args.evaluate_with_train},
+                      "evaluate_with_train": args.evaluate_with_train, "tile": args.tile,
+                      "fraction": args.fraction},
         "hospitals": len(summary.hospitals),
         "train_sizes": {"min": min(h["train"] for h in summary.hospitals),
                         "max": max(h["train"] for h in summary.hospitals),

@@ -53,7 +53,12 @@ budget; ``exact`` the metrics of ``client.metrics.evaluate`` and exact statistic
 outside ε, warned); ``off`` nothing. Under ``evaluate-with-train`` a train message carries
 ``evaluate-received = true`` and, once the policy accepted the round, the train reply's
 ConfigRecord adds the same release for the *received* model, computed before training, as
-``evaluated-<metric>`` (and ``evaluated-num-examples``). A site whose data fails
+``evaluated-<metric>`` (and ``evaluated-num-examples``). DP-SGD's noise is planned for the
+rounds the server plans plus the policy's ``retry_rounds``; a DP round is held in the ledger until
+the reply is built and marked released (``PrivacyLedger.release_round``) just before it is
+returned to Flower, so a node killed before that point has its round voided on restart, and the
+reply says the ledger's ``rounds-charged``, ``rounds-voided``, ``round-retries`` and
+``retry-reserve``. A site whose data fails
 validation, does not fit the model, whose privacy budget is spent, whose ledger is unusable or
 whose policy refuses the round replies with a Flower error (``Message(Error(code, reason), reply_to=msg)``, codes
 ``ERROR_*`` in ``models.wire``, reason ``site '<name>' refused to <stage>: <why>``) instead.
@@ -474,6 +479,25 @@ def _privacy_fields(ledger: PrivacyLedger) -> dict[str, float]:
         wire.EPSILON_EVALUATION: ledger.release_epsilon(EVALUATION),
         wire.EVALUATION_QUERIES: float(ledger.release_count(EVALUATION)),
         wire.EVALUATION_EXACT_QUERIES: float(ledger.release_count(EVALUATION_EXACT)),
+        # every reply carries the same keys (flwr refuses to aggregate replies whose keys differ):
+        # -1 while the ledger has no budget bound yet (a site that refused before any round)
+        wire.EPSILON_BUDGET: -1.0 if ledger.epsilon_budget is None else float(ledger.epsilon_budget),
+    }
+
+
+def _retry_rounds(site: LocalSite) -> int:
+    """Return the site policy's retry reserve (``retry_rounds``; 0 without a policy: no reserve, no voids)."""
+    return 0 if site.policy is None else int(site.policy.retry_rounds)
+
+
+def _retry_fields(ledger: PrivacyLedger) -> dict[str, float]:
+    """Return the ledger's rounds charged, voided and retried and the retry reserve (reply metrics)."""
+    summary = ledger.retry_summary()
+    return {
+        wire.ROUNDS_CHARGED: float(summary["rounds_charged"]),
+        wire.ROUNDS_VOIDED: float(summary["rounds_voided"]),
+        wire.ROUND_RETRIES: float(summary["retries"]),
+        wire.RETRY_RESERVE: float(summary["retry_reserve"]),
     }
 
 
@@ -556,7 +580,7 @@ def _evaluation_release(
         if epsilon is None:
             message = (f"site {site.name!r}: exact evaluation released by the site's policy (evaluation = "
                        '"exact"): the coordinator sees exact metrics of the test patients, outside ε')
-            warn_privacy(message, logger=logger)
+            warn_privacy(message, logger=logger, site=site.name, study=study)  # logged once per study
             ledger.record_release(mechanism=EVALUATION_EXACT, epsilon=None, records=len(split))
             values: dict[str, float | int] = {wire.NUM_EXAMPLES: len(split), **evaluate(model, split, task), **stats}
         else:
@@ -706,7 +730,7 @@ def enforce_policy(site: LocalSite, request: RoundRequest) -> SitePolicy | None:
         check_round(policy, request)
     if not request.secure_aggregation:
         message = f"site {site.name!r}: {NO_SECURE_AGGREGATION_WARNING}"
-        warn_privacy(message, logger=logger)
+        warn_privacy(message, logger=logger, site=site.name, study=request.study)  # logged once per study
     return policy
 
 
@@ -717,6 +741,32 @@ def _site_info(site: LocalSite) -> dict[str, Any]:
         info[wire.ACCOUNTANT] = str(site.privacy.accountant)
         info[wire.MAX_GRAD_NORM] = float(site.privacy.max_grad_norm)
     return info
+
+
+class _ProvidedClientApp(ClientApp):
+    """A ClientApp that pickles as a reference: ``(_client_app_for, (provider,))``.
+
+    flwr's Ray backend pickles the ClientApp with every message it sends to a worker; pickled
+    whole, the app's train / evaluate functions (closures over the provider) travel by value
+    every time. Pickled as a reference, a message carries the provider only (a folder path in a
+    simulation), and each worker process builds the app once (:func:`_client_app_for`). The app
+    holds no site state: every message still asks the provider for its site and reopens the
+    site's ledger, so one worker serving many virtual hospitals keeps them apart.
+    """
+
+    def __init__(self, provider: SiteProvider) -> None:
+        super().__init__()
+        self._fedcare_provider = provider
+
+    def __reduce__(self) -> tuple[Callable[[SiteProvider], ClientApp], tuple[SiteProvider]]:
+        """Pickle as the provider and the module-level function that builds the app from it."""
+        return _client_app_for, (self._fedcare_provider,)
+
+
+@lru_cache(maxsize=8)
+def _client_app_for(provider: SiteProvider) -> ClientApp:
+    """Return the ClientApp of ``provider``, built once per process (unpickling in a Ray worker)."""
+    return make_client_app(provider)
 
 
 def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
@@ -730,7 +780,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
         to its workers) and should cache what it loads.
     """
     provider = site_provider or site_from_node_config
-    client_app = ClientApp()
+    client_app = _ProvidedClientApp(provider)
 
     def secure_site(context: Context) -> SecureSite:
         """Return the site's name, policy and seed for the SecAgg+ mod (a site that fails to load refuses)."""
@@ -771,10 +821,14 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             device=site.device,
         )
         study = str(config[wire.STUDY])
-        planned_rounds = int(config[wire.NUM_ROUNDS])  # type: ignore[arg-type]
+        # the noise is planned for the study's rounds plus the policy's retry reserve (privacy.ledger)
+        planned_rounds = int(config[wire.NUM_ROUNDS]) + _retry_rounds(site)  # type: ignore[arg-type]
         try:
             ledger = _open_ledger(site, study)
-            with ledger.session():  # one lock from the policy check to the end of training
+            # one lock from the policy check to the release; a DP round stays pending (voided if
+            # this process dies) until release_round marks it handed to Flower, before the reply
+            with ledger.session(hold_release=True):
+                ledger.set_retry_reserve(_retry_rounds(site))
                 request = round_request(
                     site, ledger, study=study, model_family=_model_family(config), train=settings,
                     planned_rounds=planned_rounds, round_index=server_round,
@@ -793,6 +847,8 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                     planned_rounds=planned_rounds,
                     round_index=server_round,
                 )
+                if ledger.pending is not None:  # a DP round: charged for good from here on
+                    ledger.release_round()
         except PolicyViolation as exc:
             return _refuse(msg, site.name, "train", wire.ERROR_POLICY, str(exc))
         except BudgetExceededError as exc:
@@ -808,6 +864,7 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
                 wire.DELTA: float(result.delta),
                 "noise-multiplier": float(result.noise_multiplier),
                 **_privacy_fields(ledger),  # ε per mechanism (training, count, evaluation)
+                **_retry_fields(ledger),  # rounds charged, voided, retried; the retry reserve
             }
         )
         if _report_timing():  # local compute time (benchmarks/framework_overhead.py)

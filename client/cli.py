@@ -38,7 +38,7 @@ from .errors import DataValidationError
 # torch, Opacus and pandas load inside the commands that use them (.check, .data_digest,
 # .manifest, ..privacy.ledger): `fedcare --help` stays fast.
 
-__all__ = ["app_digest", "check", "node_app", "node_keygen", "node_pin_app", "node_start", "node_stop"]
+__all__ = ["app_digest", "check", "node_app", "node_keygen", "node_pin_app", "node_start", "node_status_command", "node_stop"]
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -179,8 +179,16 @@ def node_start(
             "required, ε ≤ 3 per study, SecAgg+ studies only, and only --trust-app apps.",
         ),
     ] = None,
+    foreground: Annotated[
+        bool,
+        typer.Option(
+            "--foreground",
+            help="Stay in the foreground (systemd Type=simple, a container's PID 1): echo the "
+            "node's log, stop it and its children on SIGTERM/SIGINT/SIGHUP, exit with its status.",
+        ),
+    ] = False,
 ) -> None:
-    """Start this hospital's SuperNode in the background; return once the SuperLink accepted it."""
+    """Start this hospital's SuperNode (in the background, or with --foreground as this process's child)."""
     from .data_digest import DATA_DIGEST_KEY  # noqa: PLC0415 - keep --help fast
 
     try:
@@ -204,10 +212,30 @@ def node_start(
             poll_interval_s=poll_interval,
         )
         _verify_ledger(settings)
+        if foreground:
+            _run_in_foreground(settings, ready_timeout=ready_timeout, policy_given=policy is not None)
         started = start_node(settings, ready_timeout=ready_timeout)
     except (*_HANDLED, LedgerError) as err:
         _fail(err)
     _report_started(started, settings, policy_given=policy is not None)
+
+
+def _run_in_foreground(settings: NodeSettings, *, ready_timeout: float, policy_given: bool) -> NoReturn:
+    """Start the node as this process's child, supervise it until it exits or is signalled; exit with its status."""
+    import sys  # noqa: PLC0415
+
+    from ..supervise import TerminationRequested, stop_signals_raise, supervise_foreground  # noqa: PLC0415
+
+    try:
+        with stop_signals_raise():  # before the start: a SIGTERM while waiting for the SuperLink stops the node too
+            started = start_node(settings, ready_timeout=ready_timeout)
+            _report_started(started, settings, policy_given=policy_given)
+            out.print("running in the foreground: SIGTERM or Ctrl-C stops the node", highlight=False)
+            code = supervise_foreground(started.handle, echo=sys.stdout)
+    except TerminationRequested as request:  # during the start: start_node stopped what it had started
+        raise typer.Exit(code=128 + request.signum) from None
+    logger.info("SuperNode %s exited with status %d", started.site_name, code)
+    raise typer.Exit(code=code)
 
 
 def _checked_data_digest(site: Path) -> str:
@@ -365,8 +393,57 @@ def node_stop(
     out.print("SuperNode stopped" if stopped else "SuperNode was not running (stale PID file removed)")
 
 
+def node_status_command(
+    ledger_dir: Annotated[Path, typer.Option("--ledger-dir", help="The node's privacy ledger folder (default of `node start`: STATE/ledger).")],
+    site: Annotated[str, typer.Option("--site-name", help="The site's name (the manifest's, or --site-name of `node start`).")],
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="The site policy TOML: reserve and pinned apps.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show this hospital's privacy ledger per study (ε spent, reserve, remaining), recent rounds and pinned apps."""
+    import json  # noqa: PLC0415
+
+    from rich.table import Table  # noqa: PLC0415
+
+    from .status import node_status  # noqa: PLC0415 - keep --help fast
+
+    try:
+        status = node_status(ledger_dir, site=site, policy_file=policy)
+    except (*_HANDLED, LedgerError) as err:
+        _fail(err)
+    if as_json:
+        out.print_json(json.dumps(status.to_dict()))
+        return
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table = Table("study", "ε spent", "DP-SGD", "releases", "budget", "reserve", "remaining", "rounds",
+                  "running", title=f"site {site}: privacy ledger ({ledger_dir})", title_justify="left")
+    for s in status.studies:
+        table.add_row(s.study, num(s.spent), num(s.training), num(s.releases), num(s.budget), num(s.reserve),
+                      num(s.remaining), f"{s.rounds_completed}/{s.rounds_charged}",
+                      "-" if s.pending is None else f"round {s.pending}")
+    out.print(table if status.studies else f"site {site}: no ledger in {ledger_dir} yet")
+    for s in status.studies:
+        if s.error:
+            console.print(f"[bold red]{s.study}:[/] ", end="")
+            console.print(s.error, markup=False, highlight=False)
+        recent = ", ".join(f"{r['round']} {r['status']}" + ("" if r["epsilon_after"] is None else f" (ε {r['epsilon_after']:.3f})")
+                           for r in s.recent)
+        out.print(f"{s.study}: recent rounds {recent or '-'}", highlight=False)
+        for r in s.not_completed:
+            out.print(f"  round {r['round']} {r['status']}: charged in full (finished {r['finished_at']})", highlight=False)
+    if status.pinned_apps is not None:
+        out.print("pinned apps: " + (", ".join(status.pinned_apps) or "none"), highlight=False)
+    elif policy is not None:
+        out.print("pinned apps: none (this policy does not pin apps)", highlight=False)
+
+
 # ``fedcare node --help`` lists the commands in this order
 node_app.command("keygen")(node_keygen)
 node_app.command("pin-app")(node_pin_app)
 node_app.command("start")(node_start)
 node_app.command("stop")(node_stop)
+node_app.command("status")(node_status_command)

@@ -17,6 +17,15 @@ unless its policy opts out with ``allow_unpinned_apps = true`` (warned as weaken
 By default (``warm``) every ClientApp task is forked from a warm SuperExec that has torch,
 fedcare and the site's data loaded (:mod:`fedcare.client.warm_exec`), and the idle node polls
 the SuperLink every ``poll_interval_s`` (0.5 s; flwr waits 3 s: :mod:`fedcare.client.supernode_main`).
+
+TLS mismatches fail fast, naming the cause (:class:`NodeTlsError`). Before the SuperNode starts,
+:func:`probe_superlink_tls` opens one TLS handshake to the SuperLink's address with the node's own
+settings (Python's ``ssl``, ALPN ``h2`` as gRPC does): an ``--insecure`` node whose SuperLink
+completes a TLS handshake (flwr would retry its plaintext channel until the ready timeout, logging
+only "Connection attempt failed"), a CA that did not sign the SuperLink's certificate, a
+certificate issued for another name, and a SuperLink that does not speak TLS are refused at
+once. A SuperLink that does not answer yet is left to flwr's retries. A SuperNode that exits
+before it is ready is read the same way: its log's TLS error names the cause.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import logging
 import os
 import re
 import shlex
+import socket
+import ssl
 import tempfile
 import sys
 import time
@@ -38,7 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..flower_bridge import SUPERNODE_ID_LOG
 from ..privacy.policy import SitePolicy, load_policy
 from ..supervise import (
+    ProcessExitedError,
     ProcessHandle,
+    ReadyTimeoutError,
     find_executable,
     flower_env,
     spawn,
@@ -64,6 +77,7 @@ __all__ = [
     "NodePlaintextWarning",
     "NodeSettings",
     "NodeStarted",
+    "NodeTlsError",
     "PinAppError",
     "TrustedAppsFileError",
     "UnpinnedAppsWarning",
@@ -112,6 +126,10 @@ class NoPinnedAppsError(NodeDeployError):
 
 class NodeConfigValueError(NodeDeployError):
     """Raised when a node-config value cannot be quoted for ``--node-config``."""
+
+
+class NodeTlsError(NodeDeployError):
+    """Raised when the node's TLS settings do not match the SuperLink's (plaintext vs TLS, CA, name)."""
 
 
 class NodePlaintextWarning(UserWarning):
@@ -434,6 +452,99 @@ class NodeStarted:
     ready_s: float
 
 
+#: seconds one TLS probe of the SuperLink may take (connect + handshake)
+TLS_PROBE_TIMEOUT_S = 5.0
+#: X509 verify codes of a certificate issued for another host name / IP address
+_NAME_MISMATCH_CODES = frozenset({62, 64})
+#: what a SuperNode's log says when its TLS handshake failed (flwr 1.42: exit code 305)
+_LOG_TLS_CAUSES = (
+    ("CERTIFICATE_VERIFY_FAILED", "ca"),
+    ("WRONG_VERSION_NUMBER", "plaintext"),
+    ("SSL/TLS handshake error", "handshake"),
+)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too) into host and port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _tls_message(cause: str, settings: NodeSettings, detail: str) -> str:
+    """Return the one-line explanation of a TLS mismatch ``cause`` with what to do next."""
+    link, ca = settings.superlink, settings.ca_cert
+    if cause == "insecure":
+        return (f"the SuperLink at {link} speaks TLS, but this node was started with --insecure (plaintext): "
+                "start it with --ca BUNDLE/ca.crt (the federation's CA from the node bundle) and --key NODE.key "
+                "instead of --insecure")
+    if cause == "ca":
+        return (f"the SuperLink at {link} presented a certificate that the CA certificate {ca} (--ca) did not "
+                f"sign ({detail}): use the ca.crt of this federation's node bundle, or check --superlink")
+    if cause == "name":
+        return (f"the SuperLink's certificate is not issued for {_host_port(link)[0]!r} ({detail}): connect "
+                "with --superlink to a name or address the certificate lists (`fedcare certs init --ip/--dns`)")
+    if cause == "plaintext":
+        return (f"the SuperLink at {link} does not speak TLS ({detail}); it was started with --insecure: start "
+                "the SuperLink with --certs, or (test machines only) this node with --insecure")
+    return (f"the TLS handshake with the SuperLink at {link} failed ({detail}): check --superlink, --ca and "
+            "that the SuperLink runs with --certs")
+
+
+def probe_superlink_tls(settings: NodeSettings, *, timeout: float = TLS_PROBE_TIMEOUT_S) -> bool:
+    """Refuse TLS settings that cannot work with the SuperLink; return whether it answered the probe.
+
+    One TCP connection and TLS handshake with the node's settings (``--ca`` verified, host name
+    checked; or, ``--insecure``, no verification: only whether the peer speaks TLS at all).
+
+    Raises
+    ------
+    NodeTlsError
+        ``--insecure`` against a TLS SuperLink; a CA that did not sign its certificate; a
+        certificate for another name; a TLS node against a plaintext SuperLink.
+    """
+    host, port = _host_port(settings.superlink)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:  # not listening (yet): flwr's own retries and the ready timeout apply
+        logger.info("SuperLink %s did not answer the TLS probe (%s); the node will retry", settings.superlink, exc)
+        return False
+    if settings.insecure:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # only: does the peer speak TLS?
+    else:
+        context = ssl.create_default_context(cafile=str(settings.ca_cert))
+    context.set_alpn_protocols(["h2"])
+    with sock:
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                handshake = True
+        except ssl.SSLCertVerificationError as exc:
+            cause = "name" if exc.verify_code in _NAME_MISMATCH_CODES else "ca"
+            raise NodeTlsError(_tls_message(cause, settings, str(exc.verify_message))) from None
+        except ssl.SSLError as exc:
+            if settings.insecure:  # a plaintext SuperLink, as the node expects
+                return True
+            raise NodeTlsError(_tls_message("plaintext", settings, exc.reason or str(exc))) from None
+        except (TimeoutError, OSError) as exc:  # the peer closed or stalled: inconclusive for a TLS node
+            if settings.insecure:
+                return True
+            logger.info("TLS probe of %s inconclusive (%s); the node will try", settings.superlink, exc)
+            return False
+    if handshake and settings.insecure:
+        raise NodeTlsError(_tls_message("insecure", settings, "TLS handshake completed"))
+    return True
+
+
+def _tls_error_from_log(settings: NodeSettings, log_tail: str) -> NodeTlsError | None:
+    """Return the TLS error a SuperNode's log names (an early exit), or None."""
+    for marker, cause in _LOG_TLS_CAUSES:
+        if marker in log_tail:
+            line = next((ln.strip() for ln in log_tail.splitlines() if marker in ln or "[SSL" in ln), marker)
+            return NodeTlsError(_tls_message(cause, settings, line[:200]) + f"; the node's log: {settings.log_file}")
+    return None
+
+
 def start_node(
     settings: NodeSettings,
     *,
@@ -471,6 +582,7 @@ def start_node(
         )
         warnings.warn(message, NodePlaintextWarning, stacklevel=2)
         logger.warning(message)
+    probe_superlink_tls(settings)  # a TLS mismatch fails here, in seconds, naming the cause
     # every node runs behind the app gate; the pins: --trust-app and the policy's own
     pins = tuple(settings.trusted_app_hashes or ())
     policy_file = settings.extra_node_config.get("policy")
@@ -525,6 +637,12 @@ def start_node(
     )
     try:
         match = wait_for_log(handle, _READY, timeout=ready_timeout, what=f"SuperNode {site_name}")
+    except (ProcessExitedError, ReadyTimeoutError) as exc:
+        stop_process(handle)
+        tls = _tls_error_from_log(settings, exc.log_tail or "")
+        if tls is not None:
+            raise tls from None
+        raise
     except BaseException:
         stop_process(handle)
         raise

@@ -18,15 +18,18 @@ A manifest has top-level fields ``site``, ``study``, ``task``, ``classes`` and
     ...
 
 Relative paths in ``[data]`` resolve against the folder holding the manifest file (not the
-working directory), so a manifest and its data can move together.
+working directory), so a manifest and its data can move together. A path that starts with
+``${FEDCARE_DATA_ROOT}/`` is read under the folder that environment variable names (the one
+data-root variable; the shipped example manifests use it), and no other variable is expanded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -90,11 +93,41 @@ Scalar = Union[int, float, str]
 """A label or category value as written in TOML."""
 
 
+DATA_ROOT_ENV: Final = "FEDCARE_DATA_ROOT"
+"""The one data-root variable: a manifest path starting ``${FEDCARE_DATA_ROOT}/`` is read under it."""
+
+_DATA_ROOT_PREFIX: Final = "${" + DATA_ROOT_ENV + "}"
+
+
+def expand_data_root(value: Path) -> Path:
+    """Replace a leading ``${FEDCARE_DATA_ROOT}`` by that variable's value (no other variable is expanded).
+
+    Raises ``ValueError`` (naming the variable and what to set) when the path uses it and it is unset.
+    """
+    text = str(value)
+    if not text.startswith(_DATA_ROOT_PREFIX):
+        if "${" in text:
+            raise ValueError(
+                f"path {text!r} uses a variable; only a leading ${{{DATA_ROOT_ENV}}} is expanded "
+                "(write the path in full or relative to the manifest)"
+            )
+        return value
+    root = os.environ.get(DATA_ROOT_ENV, "").strip()
+    if not root:
+        raise ValueError(
+            f"path {text!r} starts with ${{{DATA_ROOT_ENV}}} but {DATA_ROOT_ENV} is not set: "
+            f"export {DATA_ROOT_ENV}=/path/to/the/data/folder (the folder holding the data sets)"
+        )
+    rest = text[len(_DATA_ROOT_PREFIX):].lstrip("/")
+    return Path(root).expanduser() / rest
+
+
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    """Resolve a relative path against ``context["base_dir"]`` (the manifest's folder)."""
+    """Resolve a path: a leading ``${FEDCARE_DATA_ROOT}`` is expanded, another relative path is
+    read against ``context["base_dir"]`` (the manifest's folder)."""
     if value is None:
         return None
-    value = value.expanduser()
+    value = expand_data_root(value).expanduser()
     base = (info.context or {}).get("base_dir")
     if base is not None and not value.is_absolute():
         value = Path(base) / value
@@ -774,7 +807,7 @@ def parse_manifest(
         lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
         raise ManifestError(
             f"invalid site manifest {source}:\n{lines}\n"
-            "Fix these fields (docs/sites/*.toml has a working example of every data kind).",
+            "Fix these fields (simulations/sites/*.toml has a working example of every data kind; docs/sites/README.md explains each).",
             path=source if source != "<manifest>" else None,
         ) from None
 
@@ -793,7 +826,7 @@ def load_manifest(path: Path | str) -> SiteManifest:
     if not path.is_file():
         raise MissingFileError(
             f"site manifest {path} not found; pass the path of a TOML manifest "
-            "(examples in docs/sites/)",
+            "(examples in simulations/sites/, copied out by `fedcare examples copy DIR`)",
             path=path,
         )
     try:

@@ -204,6 +204,12 @@ def _within_range(msg: Message, context: Context, call_next: ClientAppCallable, 
     params = parameters_to_ndarrays(compat.recorddict_to_fitres(out.content, keep_input=True).parameters)
     limit = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord()).get("clipping_range")
     if isinstance(limit, (int, float)) and limit > 0:
+        if not all(bool(np.all(np.isfinite(a))) for a in params):  # flwr would quantise NaN / Inf to garbage
+            raise SecureRoundError(
+                wire.ERROR_SECURE_ROUND,
+                "the trained model holds NaN or infinite parameters (training diverged); nothing was sent: "
+                "the coordinator must lower the learning rate (or the site check its data)",
+            )
         largest = max((float(np.max(np.abs(a))) for a in params if a.size), default=0.0)
         if largest > limit:
             raise SecureRoundError(

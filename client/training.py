@@ -308,7 +308,7 @@ def train_local(
         raise ValueError(f"site {data.name!r} has no training examples; check its manifest's split")
     device = select_device(train.device)
     model.to(device)
-    privacy.warn_if_weak(num_examples=n)
+    privacy.warn_if_weak(num_examples=n, site=data.name, study=ledger.study if ledger is not None else None)
     criterion = TaskLoss(data.task)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if train.proximal_mu > 0 else None

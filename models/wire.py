@@ -22,8 +22,15 @@ REASON: Final = "reason"
 EPSILON_TRAINING: Final = "epsilon-training"  # DP-SGD (the accountant's ε)
 EPSILON_COUNT: Final = "epsilon-count"  # the noised example count, released once per study
 EPSILON_EVALUATION: Final = "epsilon-evaluation"  # DP evaluations, all together
+EPSILON_BUDGET: Final = "epsilon-budget"  # the site's own ε budget for the study (its ledger's); -1: not bound yet
 EVALUATION_QUERIES: Final = "evaluation-queries"  # DP evaluations charged in the study
 EVALUATION_EXACT_QUERIES: Final = "evaluation-exact-queries"  # exact evaluations (policy opt-in, outside ε)
+# the site's ledger in the study (train replies; privacy.ledger.retry_summary): rounds charged, rounds
+# voided (never left the site), rounds charged again (retries), and the policy's retry reserve
+ROUNDS_CHARGED: Final = "rounds-charged"
+ROUNDS_VOIDED: Final = "rounds-voided"
+ROUND_RETRIES: Final = "round-retries"
+RETRY_RESERVE: Final = "retry-reserve"
 # what a training site says about itself (ConfigRecord of the train reply, beside SITE)
 MANIFEST_SHA256: Final = "manifest-sha256"  # SHA-256 of the site manifest / data description, never data
 ACCOUNTANT: Final = "accountant"  # the site's DP accountant (DP sites only)
@@ -62,3 +69,4 @@ REFUSAL_FORMAT: Final = "site '{site}' refused to {stage}: {reason}"  # Error.re
 PARAM_NAMES: Final = "param-names"  # JSON list of the model's array names, in Parameters order
 SECURE_AGGREGATION: Final = "secure-aggregation"  # train metric: 1 when the round went through SecAgg+
 ERROR_SECURE_ROUND: Final = 1005  # a SecAgg+ round's message could not be served (names, range)
+ERROR_UPDATE_REFUSED: Final = 1006  # the coordinator refused a site's update (server.update_checks)

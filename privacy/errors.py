@@ -12,6 +12,7 @@ import math
 import warnings
 
 __all__ = [
+    "log_privacy_warning",
     "warn_privacy",
     "BudgetExceededError",
     "DPTrainingError",
@@ -32,10 +33,43 @@ class PrivacyWarning(UserWarning):
     """Settings or events that weaken privacy (DP off, large ε, large δ); never silenced wholesale."""
 
 
-def warn_privacy(message: str, *, logger: logging.Logger, stacklevel: int = 3) -> None:
-    """Warn loudly that privacy is weakened: log ``PRIVACY WARNING: message`` and raise a ``PrivacyWarning``."""
-    logger.warning("PRIVACY WARNING: %s", message)
+#: (site, study, message) of every PRIVACY WARNING this process has logged (warn_privacy)
+_LOGGED: set[tuple[str | None, str | None, str]] = set()
+
+
+def warn_privacy(
+    message: str,
+    *,
+    logger: logging.Logger,
+    site: str | None = None,
+    study: str | None = None,
+    stacklevel: int = 3,
+) -> None:
+    """Warn loudly that privacy is weakened: log ``PRIVACY WARNING: message`` and raise a ``PrivacyWarning``.
+
+    A caller that names the ``site`` and/or ``study`` the warning is about gets the log line
+    once per ``(site, study, message)`` in a process (a setting that holds for a whole study is
+    not repeated every round); without either, every call logs. The ``PrivacyWarning`` is
+    raised every time, so a caller or a test that records warnings always sees it (Python's
+    own filters decide how often it is displayed).
+    """
+    log_privacy_warning(message, logger=logger, site=site, study=study)
     warnings.warn(message, PrivacyWarning, stacklevel=stacklevel)
+
+
+def log_privacy_warning(message: str, *, logger: logging.Logger, site: str | None = None, study: str | None = None) -> bool:
+    """Log ``PRIVACY WARNING: message``, once per ``(site, study, message)`` when either is named; return whether it logged.
+
+    The log half of :func:`warn_privacy`, for a place that logs without raising a warning
+    (a configuration parsed several times in one process, e.g. ``server.config.RunConfig``).
+    """
+    key = (site, study, message)
+    if site is not None or study is not None:
+        if key in _LOGGED:
+            return False
+        _LOGGED.add(key)
+    logger.warning("PRIVACY WARNING: %s", message)
+    return True
 
 
 class PrivacyError(Exception):

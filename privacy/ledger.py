@@ -21,10 +21,35 @@ A round is charged *before* any of the site's data is touched:
 
 If the process is killed at any moment, the file on disk is either the old or the new version
 (atomic replace), and the reservation, if any, is on disk before training starts. The next
-:meth:`open` (or :meth:`session`) finds the reservation, charges it in full and records the
-round as ``interrupted``: conservative (a round killed halfway costs its whole plan), and ε
-after a restart is never lower than before the kill. A model update therefore never leaves the
-site without its cost on disk.
+:meth:`open` (or :meth:`session`) finds the reservation of the dead process and resolves it:
+
+- **voided** (status ``voided``, with the reason, logged as a warning) when the reservation
+  provably produced no reply: it is *voidable* (made by ``reserve_round``, whose caller
+  returns the model only after the round is closed; never one of :meth:`commit_round`) and was
+  never *released*, and the study still has voids left (at most :attr:`retry_reserve`, the
+  site policy's ``retry_rounds``; a ledger without a reserve voids nothing). Its steps are not
+  charged: the noise drawn for them never left the process (docs/privacy.md, "Voided rounds").
+- charged in full otherwise (status ``interrupted``): conservative, a round killed halfway costs
+  its whole plan.
+
+ε after a restart is never lower than the ε of everything that left the site, and a model update
+never leaves the site without its cost on disk.
+
+Release marker. A node that hands the update to Flower holds the round open
+(``session(hold_release=True)``): :meth:`finalise_round` then keeps the trained round pending
+(phase ``trained``) and :meth:`release_round`, called *before* the reply is returned to Flower,
+moves it into the history, persisted. Whatever happens after that marker is on disk, the round
+stays charged; a round killed before it never left the site and is voided. A held round that
+the live process does not release (an error after training) is charged (``failed``): the error
+reply itself leaves the site.
+
+Retries. Every round entry records its ``attempt`` (how many entries of that round index exist
+before it, plus one) and whether it is a ``retry`` (an earlier entry of the same round index was
+charged: the server redid a round whose update had left the site). :meth:`retry_summary` says how
+much of the reserve the study used. Voiding lowers ε only by the reservation of a round that never
+left the site; the ε of everything that left (:meth:`committed_epsilon`) never decreases. A void is
+written to the site's spend record *before* the ledger (``privacy.spend_record``), so that a crash
+between the two leaves the ledger ahead of the record, never behind it.
 
 An inter-process lock (``fcntl.flock`` on ``<ledger>.lock``, released by the OS when a process
 dies) is held from :meth:`session` entry (or the reservation) to the end of the round, so a
@@ -80,6 +105,9 @@ _SUFFIX: Final = ".ledger.json"
 
 Entry = tuple[float, float, int]
 """One accountant history entry: (noise_multiplier, sample_rate, steps)."""
+
+_CHARGED: Final = ("completed", "interrupted", "failed")
+"""Round statuses whose steps are in the history (``voided`` and ``non_private`` are not)."""
 
 
 def _now() -> str:
@@ -224,7 +252,7 @@ class PrivacyLedger:
         How long a round waits for another process holding the same ledger.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the study's terms
         self,
         *,
         site: str,
@@ -248,6 +276,8 @@ class PrivacyLedger:
         self._rounds: list[dict[str, Any]] = []
         self._releases: list[dict[str, Any]] = []  # other mechanisms' releases (count, evaluation)
         self._calibration: dict[str, Any] | None = None
+        self._retry_reserve: int | None = None  # the site policy's retry_rounds (None: no voids)
+        self._hold_release = False  # this process hands updates to Flower: release_round marks it
         self._created_at = _now()
         self._updated_at = self._created_at
         self._live: IAccountant | None = None
@@ -289,7 +319,7 @@ class PrivacyLedger:
 
         A file for another site, study, accountant or δ raises :class:`LedgerMismatchError`; an
         unreadable one :class:`LedgerCorruptError`. A reservation left by a dead process is
-        charged in full (round ``interrupted``) and persisted.
+        voided or charged in full (see the module docstring) and persisted.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -308,7 +338,8 @@ class PrivacyLedger:
             if ledger._pending is not None and ledger._lock is not None and ledger._lock.try_acquire():
                 try:  # we hold the lock, so the process that reserved is gone
                     ledger._reload()
-                    ledger._fold_pending_as_interrupted()
+                    if ledger._pending is not None:
+                        ledger._resolve_dead_reservation()
                 finally:
                     ledger._lock.release()
         else:
@@ -388,8 +419,39 @@ class PrivacyLedger:
 
     @property
     def rounds_charged(self) -> int:
-        """Return the number of DP rounds charged (completed, interrupted or failed)."""
-        return sum(1 for r in self._rounds if r["status"] != "non_private")
+        """Return the number of DP rounds charged (completed, interrupted or failed; not voided)."""
+        return sum(1 for r in self._rounds if r["status"] in _CHARGED)
+
+    @property
+    def retry_reserve(self) -> int | None:
+        """Return the study's retry reserve (the site policy's ``retry_rounds``; None: never set, no voids)."""
+        return self._retry_reserve
+
+    def set_retry_reserve(self, rounds: int) -> None:
+        """Set the retry reserve (persisted with the next write); it also bounds the voids of the study."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"the retry reserve is a number of rounds >= 0, got {rounds!r}")
+        if self._retry_reserve is not None and rounds != self._retry_reserve:
+            logger.warning("site %r study %r: retry reserve changed from %d to %d rounds",
+                           self._site, self._study, self._retry_reserve, rounds)
+        self._retry_reserve = rounds
+
+    def retry_summary(self) -> dict[str, int]:
+        """Return the study's rounds charged, voided and retried, and the retry reserve used and left.
+
+        ``retries`` counts charged entries of a round index that was already charged (the server
+        redid a round whose update had left the site); each uses one round of the reserve.
+        """
+        charged = [r for r in self._rounds if r["status"] in _CHARGED]
+        retries = len(charged) - len({int(r["round"]) for r in charged})
+        reserve = self._retry_reserve or 0
+        return {
+            "rounds_charged": len(charged),
+            "rounds_voided": sum(1 for r in self._rounds if r["status"] == "voided"),
+            "retries": retries,
+            "retry_reserve": reserve,
+            "retry_reserve_left": max(reserve - retries, 0),
+        }
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -424,10 +486,12 @@ class PrivacyLedger:
         return any(r["status"] == "non_private" for r in self._rounds)
 
     def _charged_history(self) -> list[Entry]:
-        """Return the committed history plus the pending reservation."""
+        """Return the committed history plus the pending reservation (its trained steps once trained)."""
         if self._pending is None:
             return list(self._history)
         p = self._pending
+        if p.get("history_after") is not None:
+            return [(float(h[0]), float(h[1]), int(h[2])) for h in p["history_after"]]
         return merge_steps(self._history, noise_multiplier=p["noise_multiplier"],
                            sample_rate=p["sample_rate"], steps=p["steps"])
 
@@ -438,6 +502,19 @@ class PrivacyLedger:
         :meth:`release_epsilon`. Every budget check uses this total.
         """
         return self.training_epsilon() + self.release_epsilon()
+
+    def committed_epsilon(self) -> float:
+        """Return ε of everything that left (or may have left) the site: :meth:`spent_epsilon` without a pending round.
+
+        This is the value that never decreases: a void only ever removes a pending reservation.
+        """
+        releases = self.release_epsilon()
+        if self._has_non_private_round():
+            return math.inf
+        if not self._history:
+            return releases
+        self._require_terms()
+        return epsilon_of(self._history, accountant=self._accountant_name, delta=self._delta) + releases  # type: ignore[arg-type]
 
     def training_epsilon(self) -> float:
         """Return the DP-SGD accountant's ε, counting a pending reservation in full (inf after a non-DP round)."""
@@ -570,18 +647,29 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ sessions and rounds
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[PrivacyLedger]:
+    def session(self, *, hold_release: bool = False) -> Iterator[PrivacyLedger]:
         """Hold the ledger for one round: take the inter-process lock and reload the file.
 
-        A reservation found on entry was left by a dead process: it is charged in full
-        (``interrupted``). A reservation still pending on exit (the round neither finalised nor
-        aborted) is aborted, i.e. charged in full.
+        A reservation found on entry was left by a dead process: it is voided or charged in full
+        (module docstring). A reservation still pending on exit (the round neither finalised,
+        released nor aborted) is aborted, i.e. charged in full.
+
+        ``hold_release`` (outermost session only): the caller hands the update to Flower itself;
+        a finalised round stays pending until :meth:`release_round`, which must be called before
+        the reply is returned.
         """
+        outermost = self._depth == 0
         self._enter()
+        if outermost:
+            self._hold_release = bool(hold_release)
         try:
             yield self
         finally:
-            self._exit()
+            try:
+                self._exit()
+            finally:
+                if outermost:
+                    self._hold_release = False
 
     def _enter(self) -> None:
         """Enter a session level; the outermost takes the lock, reloads and folds a dead reservation."""
@@ -591,7 +679,7 @@ class PrivacyLedger:
             try:
                 self._reload()
                 if self._pending is not None:
-                    self._fold_pending_as_interrupted()
+                    self._resolve_dead_reservation()
             except BaseException:
                 if self._lock is not None:
                     self._lock.release()
@@ -604,13 +692,16 @@ class PrivacyLedger:
         if self._depth == 0:
             try:
                 if self._pending is not None:
-                    self.abort_round(reason="the round was neither finalised nor aborted")
+                    trained = self._pending.get("phase") == "trained"
+                    self.abort_round(reason="the trained round was not handed to Flower (an error after "
+                                     "training; the error reply left the site)" if trained else
+                                     "the round was neither finalised nor aborted")
             finally:
                 if self._lock is not None:
                     self._lock.release()
 
     def reserve_round(self, *, round_index: int, noise_multiplier: float, sample_rate: float,
-                      steps: int) -> float:
+                      steps: int, _voidable: bool = True) -> float:
         """Check the budget and persist a reservation of ``steps`` steps; return the projected ε.
 
         Raises :class:`BudgetExceededError` (nothing recorded) when the round would exceed the
@@ -637,6 +728,9 @@ class PrivacyLedger:
                 "reserved_at": _now(),
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "phase": "training",
+                "voidable": bool(_voidable),
+                "hold": self._hold_release,
             }
             reserved = True
             self._persist()
@@ -667,6 +761,17 @@ class PrivacyLedger:
         if self._pending is None:
             raise LedgerMismatchError("no round is reserved in this ledger; call reserve_round first")
         p = self._pending
+        if p.get("phase") == "trained":  # counted at finalise_round: charge exactly that
+            self._history = [(float(h[0]), float(h[1]), int(h[2])) for h in p["history_after"]]
+            self._pending = None
+            return self._append_closed(p, status, done=int(p["steps_done"]), charged=int(p["steps_charged"]))
+        history, done, charged = self._trained_history(p, steps_outside=steps_outside)
+        self._history = history
+        self._pending = None
+        return self._append_closed(p, status, done=done, charged=charged)
+
+    def _trained_history(self, p: dict[str, Any], *, steps_outside: bool) -> tuple[list[Entry], int, int]:
+        """Return (history with the round charged, steps done, steps charged) from the live accountant."""
         key = (p["noise_multiplier"], p["sample_rate"])
         before = _steps_by_key(self._history)
         after = _steps_by_key([tuple(h) for h in self.accountant.history])  # type: ignore[misc]
@@ -684,15 +789,30 @@ class PrivacyLedger:
         for (nm, sr), extra in foreign.items():
             if extra > 0:
                 history = merge_steps(history, noise_multiplier=nm, sample_rate=sr, steps=extra)
-        self._history = history
-        self._pending = None
-        epsilon = self.spent_epsilon()
-        self._rounds.append({
+        return history, done, charged
+
+    def _round_entry(self, p: dict[str, Any], status: str, **fields: Any) -> dict[str, Any]:
+        """Return a round entry for the reservation ``p`` with its attempt number and retry flag."""
+        same = [r for r in self._rounds if int(r["round"]) == int(p["round"])]
+        return {
             "round": p["round"], "status": status, "noise_multiplier": p["noise_multiplier"],
-            "sample_rate": p["sample_rate"], "steps_reserved": p["steps"], "steps_done": done,
-            "steps_charged": charged, "epsilon_after": _finite(epsilon), "started_at": p["reserved_at"],
-            "finished_at": _now(),
-        })
+            "sample_rate": p["sample_rate"], "steps_reserved": p["steps"], **fields,
+            "attempt": len(same) + 1, "retry": any(r["status"] in _CHARGED for r in same),
+            "started_at": p["reserved_at"], "finished_at": _now(),
+        }
+
+    def _append_closed(self, p: dict[str, Any], status: str, *, done: int, charged: int) -> float:
+        """Record the closed round ``p`` (history already updated), persist; return ε."""
+        epsilon = self.spent_epsilon()
+        entry = self._round_entry(p, status, steps_done=done, steps_charged=charged,
+                                  epsilon_after=_finite(epsilon))
+        if p.get("released_at"):
+            entry["released_at"] = p["released_at"]
+        if entry["retry"]:
+            logger.warning("site %r study %r: round %d charged again (attempt %d: its earlier attempt left the "
+                           "site); retry reserve used %d of %d", self._site, self._study, p["round"],
+                           entry["attempt"], self.retry_summary()["retries"] + 1, self._retry_reserve or 0)
+        self._rounds.append(entry)
         self._persist()
         self.accountant.load_state_dict(self._accountant_state(self._history))
         if self._reservation_opened_session:
@@ -701,10 +821,42 @@ class PrivacyLedger:
         return epsilon
 
     def finalise_round(self) -> float:
-        """Record the reserved round as completed (charging ≥ its reservation), persist; return ε."""
+        """Record the reserved round as completed (charging ≥ its reservation), persist; return ε.
+
+        In a session with ``hold_release`` the round stays pending (phase ``trained``, its steps
+        counted) until :meth:`release_round`.
+        """
+        p = self._pending
+        if p is not None and p.get("hold") and p.get("phase") == "training":
+            history, done, charged = self._trained_history(p, steps_outside=False)
+            p.update(phase="trained", history_after=[list(h) for h in history], steps_done=done,
+                     steps_charged=charged)
+            self._persist()
+            self.accountant.load_state_dict(self._accountant_state(self._history))
+            epsilon = self.spent_epsilon()
+            logger.info("site %r study %r: round %d trained; ε after it %.4f of %g once released",
+                        self._site, self._study, p["round"], epsilon, self._budget or math.nan)
+            return epsilon
         epsilon = self._close_round("completed")
         logger.info("site %r study %r: ε spent %.4f of %g", self._site, self._study, epsilon,
                     self._budget or math.nan)
+        return epsilon
+
+    def release_round(self) -> float:
+        """Mark the trained round as handed to Flower (persisted before the reply is returned); return ε.
+
+        From then on the round is charged whatever happens (the update may have left the site).
+        """
+        p = self._pending
+        if p is None or p.get("phase") != "trained":
+            raise LedgerMismatchError(
+                "no trained round is waiting to be released in this ledger; call release_round after "
+                "finalise_round inside session(hold_release=True)"
+            )
+        p["released_at"] = _now()
+        epsilon = self._close_round("completed")
+        logger.info("site %r study %r: round %d released; ε spent %.4f of %g", self._site, self._study,
+                    p["round"], epsilon, self._budget or math.nan)
         return epsilon
 
     def abort_round(self, *, reason: str) -> float:
@@ -722,7 +874,7 @@ class PrivacyLedger:
         """
         with self.session():
             self.reserve_round(round_index=round_index, noise_multiplier=noise_multiplier,
-                               sample_rate=sample_rate, steps=steps)
+                               sample_rate=sample_rate, steps=steps, _voidable=False)
             return self._close_round("completed", steps_outside=True)
 
     def record_non_private_round(self, *, round_index: int) -> None:
@@ -738,25 +890,68 @@ class PrivacyLedger:
         logger.warning("site %r study %r: round %d trained WITHOUT DP; the study has no ε bound now",
                        self._site, self._study, round_index)
 
-    def _fold_pending_as_interrupted(self) -> None:
+    def _may_void(self, p: dict[str, Any]) -> str | None:
+        """Return why the dead reservation ``p`` cannot be voided, or None when it can."""
+        if not p.get("voidable", False):
+            return "it was not made by a training round (or by an older fedcare)"
+        if p.get("released_at"):
+            return "its update was handed to Flower"
+        if self._retry_reserve is None:
+            return "the study has no retry reserve (site policy retry_rounds)"
+        voided = sum(1 for r in self._rounds if r["status"] == "voided")
+        if voided >= self._retry_reserve:
+            return f"the study already voided {voided} round(s), its retry reserve"
+        return None
+
+    def _resolve_dead_reservation(self) -> None:
+        """Void a dead process's reservation that provably produced no reply, else charge it in full; persist."""
+        assert self._pending is not None
+        p = self._pending
+        why_not = self._may_void(p)
+        if why_not is None:
+            self._void_pending(p)
+        else:
+            self._fold_pending_as_interrupted(why_not)
+
+    def _void_pending(self, p: dict[str, Any]) -> None:
+        """Void the reservation ``p`` of a dead process: not charged, recorded with the reason, persisted."""
+        reason = (
+            f"the node process (pid {p.get('pid')} on {p.get('host')}) died while the round was "
+            f"{'trained but not yet handed to Flower' if p.get('phase') == 'trained' else 'training'}: "
+            "its update never left the site"
+        )
+        logger.warning("site %r study %r: round %d VOIDED (%d reserved steps not charged): %s",
+                       self._site, self._study, p["round"], p["steps"], reason)
+        self._pending = None
+        self._rounds.append(self._round_entry(
+            p, "voided", steps_done=None, steps_charged=0, epsilon_after=_finite(self.spent_epsilon()),
+            reason=reason,
+        ))
+        self._live = None
+        self._persist(decreasing=True)
+
+    def _fold_pending_as_interrupted(self, why_not_voided: str) -> None:
         """Charge a reservation left by a dead process in full and persist it."""
         assert self._pending is not None
         p = self._pending
         logger.warning(
             "site %r study %r: round %d was interrupted (reserved %s by pid %s on %s); its %d "
-            "reserved steps are charged in full",
+            "reserved steps are charged in full (not voided: %s)",
             self._site, self._study, p["round"], p["reserved_at"], p.get("pid"), p.get("host"),
-            p["steps"],
+            p["steps"], why_not_voided,
         )
-        self._history = merge_steps(self._history, noise_multiplier=p["noise_multiplier"],
-                                    sample_rate=p["sample_rate"], steps=p["steps"])
+        if p.get("phase") == "trained":  # counted at finalise_round (≥ the reservation)
+            self._history = [(float(h[0]), float(h[1]), int(h[2])) for h in p["history_after"]]
+            charged = int(p["steps_charged"])
+        else:
+            self._history = merge_steps(self._history, noise_multiplier=p["noise_multiplier"],
+                                        sample_rate=p["sample_rate"], steps=p["steps"])
+            charged = int(p["steps"])
         self._pending = None
-        self._rounds.append({
-            "round": p["round"], "status": "interrupted", "noise_multiplier": p["noise_multiplier"],
-            "sample_rate": p["sample_rate"], "steps_reserved": p["steps"], "steps_done": None,
-            "steps_charged": p["steps"], "epsilon_after": _finite(self.spent_epsilon()),
-            "started_at": p["reserved_at"], "finished_at": _now(),
-        })
+        self._rounds.append(self._round_entry(
+            p, "interrupted", steps_done=None, steps_charged=charged,
+            epsilon_after=_finite(self.spent_epsilon()), reason=f"not voided: {why_not_voided}",
+        ))
         self._live = None
         self._persist()
 
@@ -785,6 +980,8 @@ class PrivacyLedger:
         }
         if self._releases:  # absent while empty: ledgers without releases keep their old form
             payload["releases"] = copy.deepcopy(self._releases)
+        if self._retry_reserve is not None:  # absent until set: older ledgers keep their form
+            payload["retry_reserve"] = self._retry_reserve
         payload["checksum"] = _checksum(payload)
         return payload
 
@@ -872,9 +1069,13 @@ class PrivacyLedger:
                         raise ValueError(f"pending reservation lacks {k!r}")
             rounds = [dict(r) for r in state["rounds"]]
             for r in rounds:
-                if r.get("status") not in ("completed", "interrupted", "failed", "non_private"):
+                if r.get("status") not in (*_CHARGED, "voided", "non_private"):
                     raise ValueError(f"unknown round status {r.get('status')!r}")
             budget = state.get("epsilon_budget")
+            retry_reserve = state.get("retry_reserve")
+            if retry_reserve is not None and (isinstance(retry_reserve, bool) or not isinstance(retry_reserve, int)
+                                              or retry_reserve < 0):
+                raise ValueError(f"malformed retry_reserve {retry_reserve!r}")
             releases = [dict(r) for r in state.get("releases", [])]
             for r in releases:
                 eps = r.get("epsilon")
@@ -898,6 +1099,7 @@ class PrivacyLedger:
         self._rounds = rounds
         self._calibration = state.get("calibration")
         self._releases = releases
+        self._retry_reserve = retry_reserve
         self._created_at = state.get("created_at", self._created_at)
         self._updated_at = state.get("updated_at", self._updated_at)
         self._live = None
@@ -926,16 +1128,22 @@ class PrivacyLedger:
 
         SpendRecord(directory, site=self._site).check(epsilon_now)
 
-    def _persist(self) -> None:
-        """Write the ledger atomically, then append the write to the site's spend record (no-op in memory)."""
+    def _persist(self, *, decreasing: bool = False) -> None:
+        """Write the ledger atomically and append the write to the site's spend record (no-op in memory).
+
+        The record line follows the file, so a crash between the two leaves the ledger ahead of
+        the record; ``decreasing`` (a void) puts the line first, for the same reason.
+        """
         self._updated_at = _now()
         if self._path is None:
             return
         state = self.state_dict()
+        record = SpendRecord(self._path.parent, site=self._site)
+        if decreasing:
+            record.append(study=self._study, epsilon=self.spent_epsilon(), ledger_sha256=state["checksum"])
         _atomic_write_json(self._path, state)
-        SpendRecord(self._path.parent, site=self._site).append(  # after the file: privacy.spend_record
-            study=self._study, epsilon=self.spent_epsilon(), ledger_sha256=state["checksum"]
-        )
+        if not decreasing:  # after the file: privacy.spend_record
+            record.append(study=self._study, epsilon=self.spent_epsilon(), ledger_sha256=state["checksum"])
 
     def __repr__(self) -> str:
         """Return a summary (never patient data)."""

@@ -24,6 +24,7 @@ Policy file (TOML, top-level keys, every key optional; a missing key takes the s
     require_secure_aggregation = true
     allowed_app_hashes = ["<sha256 of the Flower app .fab, 64 hex digits>"]   # the apps the node runs
     allow_unpinned_apps = false   # true: run apps nobody pinned (weakens privacy, warned)
+    retry_rounds = 2               # rounds the noise plan sets aside for rounds redone after a failure
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ STRICT_DEFAULTS: dict[str, Any] = {
     "require_secure_aggregation": True,
     "allowed_app_hashes": None,
     "allow_unpinned_apps": False,
+    "retry_rounds": 2,
 }
 
 
@@ -169,6 +171,11 @@ class SitePolicy(FiniteFrozenModel):
         Whether the node may run apps that no pin names (``True`` weakens privacy and warns: an
         app that skips the policy, the ledger and DP would run). By default a node refuses
         every app that is not pinned, before its code is loaded.
+    retry_rounds : int
+        The retry reserve: DP-SGD noise is planned for the study's rounds plus this many, so that
+        up to ``retry_rounds`` rounds redone after a failure (a round whose update had left the
+        site is charged again) fit the budget; it also bounds how many rounds a study may void
+        (``privacy.ledger``). The ε budget stays the hard stop.
     """
 
     max_epsilon_per_study: float = Field(default=STRICT_DEFAULTS["max_epsilon_per_study"], gt=0)
@@ -192,6 +199,7 @@ class SitePolicy(FiniteFrozenModel):
         default=STRICT_DEFAULTS["allowed_app_hashes"], min_length=1
     )
     allow_unpinned_apps: bool = STRICT_DEFAULTS["allow_unpinned_apps"]
+    retry_rounds: int = Field(default=STRICT_DEFAULTS["retry_rounds"], ge=0, le=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -19,8 +19,9 @@ Choices, so that nobody has to guess them:
   A round whose projected ε exceeds it is refused before training (``BudgetExceededError``).
 - **secure_mode is impossible here**: Opacus's ``secure_mode=True`` needs ``torchcsprng``,
   which the package index lacks, so noise and Poisson sampling use torch's (non-cryptographic)
-  pseudo-random generators, and Opacus says so with a warning every round. That warning is left
-  on deliberately.
+  pseudo-random generators seeded from OS entropy (``privacy.randomness``). Opacus's "Secure
+  RNG turned off" notice, printed every round, is filtered at its source (``fedcare.notices``);
+  every privacy report states it instead.
 """
 
 from __future__ import annotations
@@ -246,9 +247,13 @@ class PrivacySettings(FiniteFrozenModel):
             )
         return found
 
-    def warn_if_weak(self, *, num_examples: int) -> list[str]:
-        """Warn loudly (``PrivacyWarning`` + a WARNING log) on each weakness; return the messages."""
+    def warn_if_weak(self, *, num_examples: int, site: str | None = None, study: str | None = None) -> list[str]:
+        """Warn loudly (``PrivacyWarning`` + a WARNING log) on each weakness; return the messages.
+
+        With ``site`` / ``study`` the log line is written once per site, study and message in a
+        process (:func:`~fedcare.privacy.errors.warn_privacy`); the warning is raised every time.
+        """
         found = self.weaknesses(num_examples=num_examples)
         for message in found:
-            warn_privacy(message, logger=logger)
+            warn_privacy(message, logger=logger, site=site, study=study)
         return found

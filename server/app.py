@@ -32,7 +32,8 @@ from .lifecycle import (
 from .messages import arrays_from_record, arrays_to_record, evaluate_config, train_config
 from .safekeeping import warn_plaintext
 from .secagg import run_secure
-from .strategy import build_strategy
+from .strategy import TooFewSitesError, build_strategy
+from .tracking import open_run_tracker, split_tracking
 
 __all__ = [
     "CheckpointExistsError",
@@ -88,6 +89,7 @@ def run_server(
         return run_secure(grid, config, on_round=on_round, write_report=write_report)
     study = Study.open(config, on_round=on_round, write_report=write_report)
     strategy = build_strategy(config, history=study.history, round_offset=study.done)
+    strategy.on_stage = study.progress.stage  # the status page's current stage
     if study.strategy_state is not None:
         strategy.load_state_dict(study.strategy_state)
 
@@ -133,11 +135,21 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        """Parse the run config once and run the study."""
-        run = config if config is not None else RunConfig.from_run_config(context.run_config)
+        """Parse the run config once and run the study (logged to MLflow / TensorBoard when asked)."""
+        tracking, rest = split_tracking(context.run_config)  # server.tracking: `fedcare run --mlflow-uri`
+        run = config if config is not None else RunConfig.from_run_config(rest)
         if config is None:  # a deployment: its models should not sit unencrypted on the coordinator
             warn_plaintext(run)
-        run_server(grid, run, on_round=on_round, write_report=write_report)
+        tracker = open_run_tracker(tracking, experiment=run.study, params=run.to_run_config())
+        try:
+            run_server(grid, run, on_round=tracker.round_callback(on_round), write_report=write_report)
+        except TooFewSitesError:
+            tracker.close("stopped")
+            raise
+        except BaseException:
+            tracker.close("failed")
+            raise
+        tracker.close("completed")
 
     return server_app
 

@@ -79,6 +79,10 @@ __all__ = [
     "CheckpointTamperedError",
     "MetricsHistory",
     "RoundRecord",
+    "MODEL_PREPROCESSING",
+    "MODEL_THRESHOLD",
+    "MODEL_TRAINING_DATA",
+    "amend_model_file",
     "load_checkpoint",
     "build_saved_model",
     "load_model_file",
@@ -106,6 +110,12 @@ _WHAT_TO_DO: Final = (
     "or start a new run in another checkpoint-dir (the sites' ledgers keep the ε already spent)"
 )
 _HISTORY_KIND: Final = "fedcare-metrics-history/1"
+MODEL_THRESHOLD: Final = "threshold"
+"""Model-file meta key: a binary model's operating threshold on P(class 1), chosen on validation data."""
+MODEL_PREPROCESSING: Final = "preprocessing"
+"""Model-file meta key: the input preprocessing the model expects (``models.preprocessing``)."""
+MODEL_TRAINING_DATA: Final = "training_data"
+"""Model-file meta key: digests of the training sites' source files and splits (never record ids)."""
 
 
 class CheckpointError(RuntimeError):
@@ -614,11 +624,57 @@ def save_model_file(
 def load_model_file(
     path: Path | str, *, key: ArtefactKey | None = None, expected: Mapping[str, Any] | None = None
 ) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
-    """Read a model written by :func:`save_model_file` (decrypted with ``key``): (named arrays, meta)."""
+    """Read a model written by :func:`save_model_file` (decrypted with ``key``): (named arrays, meta).
+
+    A stored operating threshold (``meta["threshold"]``) outside [0, 1] is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no model file at {path}; pass the final_model.npz of a run")
     source = _read_npz_bytes(path, key, expected, "model file")
+    arrays, meta = _read_model_npz(path, source)
+    threshold = meta.get(MODEL_THRESHOLD)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        raise CheckpointError(
+            f"model file {path} stores the operating threshold {threshold!r}, not a probability in [0, 1]; "
+            "the file is damaged or was edited: use the model file the run wrote"
+        )
+    return arrays, meta
+
+
+def amend_model_file(
+    path: Path | str,
+    updates: Mapping[str, Any],
+    *,
+    key: ArtefactKey | None = None,
+    expected: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge ``updates`` (threshold, preprocessing, training data) into a model file's meta; return the new meta.
+
+    The arrays are unchanged. An encrypted file is authenticated and decrypted with ``key``, then
+    encrypted again under the same key and the same bound metadata (AES-GCM, a fresh nonce); the
+    write is atomic. ``format`` and ``names`` cannot be changed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no model file at {path}; pass the final_model.npz of a run")
+    bound: ArtefactMetadata | None = None
+    if key is not None:
+        _read_npz_bytes(path, key, expected, "model file")  # refuses plaintext / wrong key / tampered
+        data, bound = decrypt_bytes(path.read_bytes(), key=key, expected=expected)
+        arrays, meta = _read_model_npz(path, io.BytesIO(data))
+    else:
+        arrays, meta = _read_model_npz(path, _read_npz_bytes(path, None, expected, "model file"))
+    fixed = {"format", "names"} & set(updates)
+    if fixed:
+        raise ValueError(f"cannot change {sorted(fixed)} of a model file; pass only new meta keys")
+    meta = {k: v for k, v in meta.items() if k not in ("format", "names")} | dict(updates)
+    save_model_file(path, arrays, meta, key=key, metadata=bound)
+    return meta
+
+
+def _read_model_npz(path: Path, source: io.BytesIO | Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
+    """Return (named arrays, meta) of a model npz opened from ``source``."""
     try:
         with np.load(source, allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta"]).decode("utf-8"))

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -38,9 +38,12 @@ from .deploy import (
 )
 from .release import release_command
 
+if TYPE_CHECKING:
+    from .status_page import StatusSource
+
 # .flower_app imports torch (via ..models): loaded by the commands that use it, so --help stays fast.
 
-__all__ = ["certs_app", "release_command", "run_command", "server_app"]
+__all__ = ["certs_app", "release_command", "run_command", "server_app", "study_app"]
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -196,14 +199,119 @@ def server_register_node(
     flwr_home: Annotated[
         Path | None, typer.Option("--flwr-home", help="FLWR_HOME for flwr (default: temporary).")
     ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state",
+            help="The SuperLink's state folder: the node's hospital name is recorded in "
+            "STATE/nodes.json for `fedcare server status`; --control-token defaults to "
+            "STATE/control.token.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="The hospital's name on the status page (default: the key file's name)."),
+    ] = None,
 ) -> None:
     """Allow a hospital's node to connect: register its public key with the SuperLink."""
+    from .status_page import record_node_name  # noqa: PLC0415 - keep --help fast
+
+    if control_token is None and state is not None:
+        control_token = state / "control.token"
     with _errors():
         conn = FlowerConnection.from_certs_dir(
             superlink, certs, insecure=insecure, control_token_file=control_token
         )
         node_id = register_node(public_key, conn, flwr_home=flwr_home)
-    out.print(f"registered {public_key} as node {node_id}")
+        if state is not None:
+            record_node_name(state, node_id, name or public_key.stem, public_key=public_key)
+    out.print(f"registered {public_key} as node {node_id}"
+              + (f" ({name or public_key.stem})" if state is not None else ""), highlight=False)
+
+
+def _status_source(state: Path, superlink: str, certs: Path | None, insecure: bool,
+                   control_token: Path | None, study_dir: list[Path] | None) -> StatusSource:
+    from .status_page import StatusSource  # noqa: PLC0415 - keep --help fast, F811
+
+    conn = FlowerConnection.from_certs_dir(
+        superlink, certs, insecure=insecure, control_token_file=control_token or state / "control.token"
+    )
+    return StatusSource(state_dir=state, connection=conn, study_dirs=tuple(study_dir or ()))
+
+
+_StateOpt = Annotated[Path, typer.Option("--state", help="The SuperLink's state folder (nodes.json, control.token).")]
+_SuperlinkOpt = Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink's Control API.")]
+_CertsOpt = Annotated[Path | None, typer.Option("--certs", help="Folder holding ca.crt.")]
+_InsecureOpt = Annotated[bool, typer.Option("--insecure", help="Plaintext connection.")]
+_TokenOpt = Annotated[
+    Path | None, typer.Option("--control-token", help="The Control API token (default STATE/control.token).")
+]
+_StudyOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--study-dir", help="A study's checkpoint-dir (its progress.json); repeat for more studies."),
+]
+
+
+@server_app.command("status")
+def server_status(
+    state: _StateOpt,
+    superlink: _SuperlinkOpt,
+    certs: _CertsOpt = None,
+    insecure: _InsecureOpt = False,
+    control_token: _TokenOpt = None,
+    study_dir: _StudyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
+) -> None:
+    """Show the federation: hospitals online or offline, runs, each study's round, ε per site, refusals."""
+    import json  # noqa: PLC0415
+
+    from rich.table import Table  # noqa: PLC0415
+
+    from .status_page import collect_status, format_rows  # noqa: PLC0415 - keep --help fast
+
+    with _errors():
+        snapshot = collect_status(_status_source(state, superlink, certs, insecure, control_token, study_dir))
+    if as_json:
+        out.print_json(json.dumps(snapshot))
+        return
+    if snapshot["superlink"]["error"]:
+        console.print(f"[bold red]SuperLink {superlink}:[/] ", end="")
+        console.print(snapshot["superlink"]["error"], markup=False, highlight=False)
+    rows = format_rows(snapshot)
+    heads = {
+        "hospitals": ("hospital", "node", "status", "last seen"),
+        "sites": ("study", "status", "round", "stage", "site", "ε spent", "ε budget", "remaining"),
+        "refusals": ("study", "round", "stage", "site", "reason"),
+        "runs": ("run", "app", "status", "elapsed", "details"),
+    }
+    for key, head in heads.items():
+        if not rows[key]:
+            continue
+        table = Table(*head, title=key, title_justify="left", expand=False)
+        for row in rows[key]:
+            table.add_row(*row)
+        out.print(table)
+
+
+@server_app.command("status-page")
+def server_status_page(
+    state: _StateOpt,
+    superlink: _SuperlinkOpt,
+    certs: _CertsOpt = None,
+    insecure: _InsecureOpt = False,
+    control_token: _TokenOpt = None,
+    study_dir: _StudyOpt = None,
+    listen: Annotated[str, typer.Option("--listen", help="Loopback HOST:PORT to serve the page on.")] = "127.0.0.1:9400",
+    refresh: Annotated[float, typer.Option("--refresh", min=1.0, help="Seconds between snapshots.")] = 5.0,
+) -> None:
+    """Serve the live status page on a loopback address (foreground; open http://HOST:PORT/#token=TOKEN)."""
+    from .status_page import serve  # noqa: PLC0415 - keep --help fast
+
+    with _errors():
+        source = _status_source(state, superlink, certs, insecure, control_token, study_dir)
+        out.print(f"status page on http://{listen}/ : open it as http://{listen}/#token=<the token in "
+                  f"{source.connection.control_token_file}> (Ctrl-C stops it)", highlight=False, soft_wrap=True)
+        serve(source, listen=listen, refresh_s=refresh)
 
 
 def run_command(
@@ -228,13 +336,43 @@ def run_command(
     flwr_home: Annotated[
         Path | None, typer.Option("--flwr-home", help="FLWR_HOME for flwr (default: temporary).")
     ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option("--mlflow-uri", help="The ServerApp logs the run to MLflow: sqlite:///PATH/mlflow.db or "
+                     "http(s)://HOST:PORT, no credentials in it (needs the tracking extra of fedcare on the coordinator)."),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option("--tensorboard", help="The ServerApp writes TensorBoard events under this folder of the "
+                     "coordinator (needs the tracking extra of fedcare)."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the study from its checkpoint-dir (after a crash or a stop): a "
+                     "run-config override, so the app and its hash stay those the hospitals pinned."),
+    ] = False,
 ) -> None:
     """Build the study's Flower App, submit it, stream its log, exit non-zero unless it completed."""
     from .flower_app import app_hash, build_flower_app, load_study  # noqa: PLC0415 - keep --help fast
 
+    from .tracking import TrackingError, tracking_settings  # noqa: PLC0415
+
     with _errors():
+        try:  # the same app (and hash) with tracking on or off: the keys travel as run-config overrides
+            overrides = tracking_settings(mlflow_uri=mlflow_uri, tensorboard_dir=tensorboard).run_config_overrides()
+        except TrackingError as err:
+            _fail(err, 2)
         study = load_study(study_file)
         run_config = study.run_config()
+        if resume:
+            from .config import InvalidRunConfigError, resume_override  # noqa: PLC0415
+
+            try:
+                overrides = {**overrides, **resume_override(run_config)}
+            except InvalidRunConfigError as err:
+                _fail(err, 2)
+            out.print(f"resuming study {study.study.name} from {run_config.checkpoint_dir}: the checkpoint's "  # type: ignore[union-attr]
+                      "rounds are kept, the log shows the study's round numbers", highlight=False)
         if run_config is not None and run_config.checkpoint_dir is not None and run_config.artefact_key is None:
             console.print(
                 "[bold yellow]warning:[/] this study writes its checkpoints and final model UNENCRYPTED; "
@@ -253,6 +391,7 @@ def run_command(
                 timeout=timeout,
                 flwr_home=flwr_home,
                 on_line=lambda line: out.print(Text.from_ansi(line)),
+                run_config=overrides,
             )
     if not outcome.completed:
         console.print(f"[bold red]run {outcome.run_id} ended {outcome.status}:[/] ", end="")
@@ -274,3 +413,28 @@ def server_app_hash(
         with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
             digest = app_hash(build_flower_app(study, Path(tmp) / study.app_name))
     out.print(digest, highlight=False)
+
+
+study_app = typer.Typer(no_args_is_help=True, help="Work with study files (what `fedcare run` submits).")
+
+
+@study_app.command("convert")
+def study_convert(
+    study_file: Annotated[Path, typer.Argument(help="A study TOML in the old form (every setting in [run]).")],
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the converted study here (a new file); default: print it.")
+    ] = None,
+) -> None:
+    """Rewrite a study file into the tables a scenario uses ([model], [training], [strategy]…);
+    the run configuration and the app hash stay the same."""
+    from .flower_app import convert_study_file  # noqa: PLC0415 - keep --help fast
+
+    try:
+        with _errors():
+            text = convert_study_file(study_file, output)
+    except FileExistsError:
+        _fail(FileExistsError(f"{output} exists; choose a new --out file (the converter never overwrites)"))
+    if output is None:
+        out.print(text, end="", markup=False, highlight=False)
+    else:
+        console.print(f"wrote {output} (same run configuration and app hash as {study_file})")

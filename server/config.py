@@ -23,6 +23,8 @@ except ``input-shape``)::
                                    # instead of two); the evaluate stage runs after the last round only
     min-sites = 2                  # minimum available / training / evaluating sites
     round-timeout-s = 600.0
+    max-update-norm = 0.0          # > 0: refuse a site's update longer than this L2 norm (0: no
+                                   # bound; NaN / Inf, names and shapes are always checked)
     local-epochs = 1               # sent to the sites each round
     batch-size = 32
     lr = 0.05
@@ -37,7 +39,8 @@ except ``input-shape``)::
     input-shape = "13"             # one example's shape: "F", "C,H,W" or "T,F"
     has-mask = false               # sequences with a missingness mask
     checkpoint-dir = ""            # "" = no checkpoints
-    resume = false
+    resume = false                 # better: `fedcare run STUDY --resume`, a run-config override that
+                                   # leaves the app (and the hash hospitals pinned) unchanged
     seed = 0
     artefact-key = ""              # AES key of checkpoints / final model: a 0600 key file, "env"
                                    # (FEDCARE_ARTEFACT_KEY) or "env:NAME"; "" = plaintext (warned)
@@ -66,14 +69,17 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..models import ModelSpec, Task
+from ..privacy.errors import log_privacy_warning
 
 __all__ = [
     "RUN_CONFIG_KEYS",
     "STRATEGY_NAMES",
     "STRATEGY_PARAMS",
     "InvalidRunConfigError",
+    "RESUME_KEY",
     "RunConfig",
     "SECURE_AGGREGATION_STRATEGIES",
+    "resume_override",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +99,33 @@ _SECURE_FIELDS: Final = frozenset({
 
 class InvalidRunConfigError(ValueError):
     """Raised when the run configuration has an unknown key, a missing key or a bad value."""
+
+
+#: the run-config key ``fedcare run --resume`` overrides (``flwr run --run-config resume=true``)
+RESUME_KEY: Final = "resume"
+
+
+def resume_override(config: RunConfig | None) -> dict[str, bool]:
+    """Return the run-config override that resumes ``config``'s study from its checkpoint folder.
+
+    An override, not an edit of the study: the Flower App, and so the hash hospitals pinned
+    (``allowed_app_hashes``), stay the same.
+
+    Raises
+    ------
+    InvalidRunConfigError
+        For a study that is not fedcare's apps (None) or that keeps no checkpoints.
+    """
+    if config is None:
+        raise InvalidRunConfigError(
+            "--resume applies to studies that run fedcare's own ServerApp and ClientApp; remove --resume"
+        )
+    if config.checkpoint_dir is None:
+        raise InvalidRunConfigError(
+            f"study {config.study!r} keeps no checkpoints (checkpoint-dir is empty), so there is nothing to "
+            "resume from: set checkpoint-dir in its [run] table for the next run, or run it again without --resume"
+        )
+    return {RESUME_KEY: True}
 
 
 #: which strategy each strategy-specific field belongs to
@@ -134,6 +167,7 @@ RUN_CONFIG_KEYS: Final[Mapping[str, str]] = {
     "evaluate-with-train": "evaluate_with_train",
     "min-sites": "min_sites",
     "round-timeout-s": "round_timeout_s",
+    "max-update-norm": "max_update_norm",
     "local-epochs": "local_epochs",
     "batch-size": "batch_size",
     "lr": "lr",
@@ -189,6 +223,10 @@ class RunConfig(BaseModel):
         training replies stops the run.
     round_timeout_s : float
         How long the server waits for replies in each stage of a round.
+    max_update_norm : float
+        The largest L2 norm of a site's update (its model minus the global model sent) the
+        server aggregates; a longer one is refused and the round goes on without it
+        (``server.update_checks``). Under SecAgg+ it bounds the mean update. 0: no bound.
     local_epochs, batch_size, lr :
         Local training settings sent to the sites.
     clip_grad_norm : float
@@ -245,6 +283,7 @@ class RunConfig(BaseModel):
     evaluate_with_train: bool = False
     min_sites: int = Field(default=2, ge=1)
     round_timeout_s: float = Field(default=600.0, gt=0.0)
+    max_update_norm: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.05, gt=0.0)
@@ -346,11 +385,12 @@ class RunConfig(BaseModel):
         if isinstance(self.secagg_num_shares, int) and not isinstance(self.secagg_num_shares, bool) \
                 and self.secagg_num_shares == 2:
             raise ValueError("secagg-num-shares as a count must be greater than 2 (or a fraction in (0, 1])")
-        if self.client_dp_clipping_norm == 0:
-            logger.warning(
-                "PRIVACY WARNING: secure-aggregation = true without client-level DP "
+        if self.client_dp_clipping_norm == 0:  # logged once per study (the config is parsed several times)
+            log_privacy_warning(
+                "secure-aggregation = true without client-level DP "
                 "(client-dp-clipping-norm = 0): the released model carries no client-level "
-                "guarantee; set client-dp-clipping-norm and client-dp-noise-multiplier"
+                "guarantee; set client-dp-clipping-norm and client-dp-noise-multiplier",
+                logger=logger, study=self.study,
             )
 
     @property
@@ -407,6 +447,8 @@ class RunConfig(BaseModel):
                 continue
             if target in _SECURE_FIELDS and not self.secure_aggregation:
                 continue
+            if target == "max_update_norm" and self.max_update_norm == 0:
+                continue  # the default: a study without the bound keeps its configuration hash
             if target.startswith("model."):
                 value: Any = getattr(self.model, target.removeprefix("model."))
             else:

@@ -34,7 +34,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,8 @@ __all__ = [
     "SuperLinkSettings",
     "UnsafeControlAddressError",
     "default_control_address",
+    "list_nodes",
+    "list_runs",
     "parse_address",
     "read_control_token",
     "register_node",
@@ -707,6 +709,36 @@ def run_status(
     return dict(runs[0])
 
 
+def list_nodes(
+    connection: FlowerConnection, *, flwr_home: Path | None = None, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """Return ``flwr supernode ls CONN --format json``'s nodes (node id, status, online / offline at)."""
+    with _flwr_home(connection, flwr_home) as home:
+        proc = _flwr(["supernode", "ls", CONNECTION_NAME, "--format", "json"], flwr_home=home, timeout=timeout)
+    data = _json_from(proc.stdout, "flwr supernode ls")
+    if not data.get("success"):
+        raise FlowerCommandError(
+            f"`flwr supernode ls` failed: {data.get('error-message', proc.stderr)}; check the "
+            "address, CA certificate and Control API token"
+        )
+    return [dict(n) for n in data.get("nodes") or []]
+
+
+def list_runs(
+    connection: FlowerConnection, *, flwr_home: Path | None = None, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """Return ``flwr ls CONN --format json``'s runs (run id, app, status, times)."""
+    with _flwr_home(connection, flwr_home) as home:
+        proc = _flwr(["ls", CONNECTION_NAME, "--format", "json"], flwr_home=home, timeout=timeout)
+    data = _json_from(proc.stdout, "flwr ls")
+    if not data.get("success"):
+        raise FlowerCommandError(
+            f"`flwr ls` failed: {data.get('error-message', proc.stderr)}; check the address, CA "
+            "certificate and Control API token"
+        )
+    return [dict(r) for r in data.get("runs") or []]
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """How a submitted run ended.
@@ -749,6 +781,20 @@ def _pump(stream: Any, on_line: Callable[[str], None], seen: list[str]) -> None:
         on_line(line)
 
 
+def _run_config_args(overrides: Mapping[str, str | bool] | None) -> list[str]:
+    """Return ``--run-config 'key="value"'`` arguments (values quoted as TOML strings; quotes refused;
+    a bool as a TOML bool: ``key=true``)."""
+    args: list[str] = []
+    for key, value in (overrides or {}).items():
+        if isinstance(value, bool):  # fedcare run --resume
+            args += ["--run-config", f"{key}={'true' if value else 'false'}"]
+            continue
+        if '"' in value or "'" in value or "\\" in value:
+            raise RunSubmissionError(f"run-config override {key} may not contain quotes or backslashes; change it")
+        args += ["--run-config", f'{key}="{value}"']
+    return args
+
+
 def submit_run(
     app_dir: Path,
     connection: FlowerConnection,
@@ -758,6 +804,7 @@ def submit_run(
     on_line: Callable[[str], None] | None = None,
     flwr_home: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    run_config: Mapping[str, str | bool] | None = None,
 ) -> RunOutcome:
     """Submit the Flower App in ``app_dir`` with ``flwr run --stream``; return its final status.
 
@@ -781,6 +828,9 @@ def submit_run(
         FLWR_HOME for the ``flwr`` CLI (default: a temporary folder).
     extra_env : dict, optional
         More environment variables for ``flwr`` (it imports the app's modules to validate them).
+    run_config : dict, optional
+        Text overrides of keys the app's config holds (``flwr run --run-config``; the app and its
+        hash are unchanged), e.g. the tracking keys of ``server.tracking``.
 
     Raises
     ------
@@ -796,7 +846,7 @@ def submit_run(
         env["FLWR_HOME"] = str(home)
         proc = subprocess.Popen(  # noqa: S603 - argv built here, no shell
             [find_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME,
-             "--stream"],
+             "--stream", *_run_config_args(run_config)],
             env=flower_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -1,19 +1,30 @@
 """A study file and the Flower App folder built from it for ``flwr run``.
 
 A study TOML names the study and holds the run configuration the ServerApp reads from
-``context.run_config``::
+``context.run_config``, in the tables a simulation scenario uses (``server/study_tables.py``)::
 
+    rounds = 2
     [study]
     name = "heart-disease"            # at most 24 lowercase letters, digits, '-'
     version = "1.0.0"                 # optional
     description = "..."               # optional
 
-    [run]                             # becomes [tool.flwr.app.config]; nested tables allowed
-    num-server-rounds = 2
-    ...
-    secure-aggregation = true         # optional: SecAgg+ (server.secagg), with client-level DP:
-    client-dp-clipping-norm = 1.0     #   every key of server.config.RunConfig is allowed here
-    client-dp-noise-multiplier = 1.0
+    [model]                           # ModelSpec + task, num_classes, input_shape, has_mask
+    family = "logistic"
+    input_shape = [15]
+    [strategy]
+    name = "fedavg"
+    [training]
+    batch_size = 32
+    [secure_aggregation]              # optional: SecAgg+ (server.secagg); [client_dp] optional
+    enabled = true
+
+    [run]                             # deployment keys of server.config.RunConfig
+    min-sites = 3                     # (the old form, every key here, still reads; convert it
+    checkpoint-dir = "heart-model"    #  with ``fedcare study convert``)
+
+The app ships the full run configuration (every RunConfig key, sorted), so its hash depends only
+on the configuration, not on the file's spelling.
 
     [app]                             # optional: other installed components (tests, plug-ins)
     serverapp = "fedcare.server.app:app"
@@ -38,11 +49,22 @@ from pathlib import Path
 from typing import Any, Union
 
 import tomli_w
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .. import __version__
 from ..config_base import FrozenModel
 from .config import InvalidRunConfigError, RunConfig
+from .tracking import TRACKING_DEFAULTS
+from .study_tables import (
+    RUN_KEYS_WITH_TABLES,
+    ClientDpSpec,
+    SecureAggregationSpec,
+    StrategySpec,
+    StudyModelSpec,
+    TrainingSpec,
+    convert_run_table,
+    tables_to_run_config,
+)
 
 __all__ = [
     "DEFAULT_CLIENTAPP",
@@ -54,6 +76,7 @@ __all__ = [
     "AppComponents",
     "app_hash",
     "build_flower_app",
+    "convert_study_file",
     "load_study",
 ]
 
@@ -133,9 +156,22 @@ class AppComponents(FrozenModel):
 
 
 class Study(FrozenModel):
-    """A study file: its name, its run configuration and the components that run it."""
+    """A study file: its name, its training tables, its deployment settings and the components that run it.
+
+    The training tables (``rounds``, ``seed``, ``[model]``, ``[strategy]``, ``[training]``,
+    ``[secure_aggregation]``, ``[client_dp]``) are those of a simulation scenario
+    (``server/study_tables.py``); ``[run]`` holds the deployment keys. The old form (every key
+    in ``[run]``) is still read, with a warning naming ``fedcare study convert``.
+    """
 
     study: StudyInfo
+    rounds: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    model: StudyModelSpec | None = None
+    strategy: StrategySpec | None = None
+    training: TrainingSpec | None = None
+    secure_aggregation: SecureAggregationSpec | None = None
+    client_dp: ClientDpSpec | None = None
     run: dict[str, ConfigValue] = Field(default_factory=dict)
     app: AppComponents = AppComponents()
 
@@ -161,12 +197,51 @@ class Study(FrozenModel):
         """Return whether the study runs fedcare's own ServerApp (whose config is RunConfig)."""
         return self.app.serverapp == DEFAULT_SERVERAPP
 
+    @model_validator(mode="after")
+    def _one_spelling(self) -> Study:
+        """Refuse a setting given both in a table and in ``[run]``; warn on the old form."""
+        tables = self.table_config()
+        both = sorted(set(tables) & set(self.run))
+        if both:
+            raise ValueError(
+                f"[run] repeats {', '.join(both)}, already set by the study's tables; keep the "
+                "tables' spelling and remove them from [run]"
+            )
+        old = sorted(set(self.run) & RUN_KEYS_WITH_TABLES)
+        if old:
+            logger.warning(
+                "study %s: [run] keys %s have table spellings now ([model], [training], "
+                "[strategy]…, as in a scenario); `fedcare study convert FILE` rewrites the file "
+                "(same run configuration, same app hash)", self.study.name, ", ".join(old),
+            )
+        return self
+
+    def table_config(self) -> dict[str, ConfigValue]:
+        """Return the run-config keys the training tables stand for (kebab-case, flat)."""
+        return tables_to_run_config(
+            rounds=self.rounds, seed=self.seed, model=self.model, strategy=self.strategy,
+            training=self.training, secure_aggregation=self.secure_aggregation, client_dp=self.client_dp,
+        )
+
     def app_config(self) -> dict[str, ConfigValue]:
-        """Return the ``[tool.flwr.app.config]`` table: ``[run]``, with ``study`` defaulting
-        to the study's name for fedcare's apps (sites keep one privacy ledger per study)."""
-        if self.uses_fedcare_apps and "study" not in self.run:
-            return {"study": self.study.name, **self.run}
-        return dict(self.run)
+        """Return the ``[tool.flwr.app.config]`` table: the tables' keys and ``[run]``, sorted, with
+        ``study`` defaulting to the study's name for fedcare's apps (one privacy ledger per study).
+
+        Sorted, so that a study in the old form and its conversion build the same app (same hash).
+        """
+        config: dict[str, ConfigValue] = {**self.table_config(), **self.run}
+        if self.uses_fedcare_apps and "study" not in config:
+            config["study"] = self.study.name
+        return dict(sorted(config.items()))
+
+    def canonical_app_config(self) -> dict[str, ConfigValue]:
+        """Return the config the app ships: for fedcare's apps every RunConfig key, written in full
+        (:meth:`RunConfig.to_run_config`), so the app hash depends only on the run configuration,
+        never on how the file spells it; for other components :meth:`app_config`."""
+        run_config = self.run_config()
+        if run_config is None:
+            return self.app_config()
+        return dict(sorted(run_config.to_run_config().items()))
 
     def run_config(self) -> RunConfig | None:
         """Return the validated :class:`RunConfig` (None for a study with other components).
@@ -239,7 +314,7 @@ def flower_pyproject(study: Study) -> dict[str, Any]:
             "license": "Apache-2.0",
             # documentation only: runtime dependency installation is off, every host runs
             # the fedcare it has installed
-            "dependencies": [f"fedcare=={__version__}", "flwr>=1.41,<1.42"],
+            "dependencies": [f"fedcare=={__version__}", "flwr>=1.41,<1.43"],
         },
         "tool": {
             "flwr": {
@@ -249,11 +324,23 @@ def flower_pyproject(study: Study) -> dict[str, Any]:
                         "serverapp": study.app.serverapp,
                         "clientapp": study.app.clientapp,
                     },
-                    "config": study.app_config(),
+                    "config": _with_tracking_keys(study),
                 }
             }
         },
     }
+
+
+def _with_tracking_keys(study: Study) -> dict[str, ConfigValue]:
+    """Return the app's config plus, for fedcare's apps, the tracking keys with their empty defaults.
+
+    ``fedcare run --mlflow-uri/--tensorboard`` sets them as run-config overrides (Flower refuses an
+    override of a key the app lacks); the app, hence its hash, is the same with tracking on or off.
+    """
+    config = study.canonical_app_config()
+    if not study.uses_fedcare_apps:
+        return config
+    return dict(sorted({**config, **TRACKING_DEFAULTS}.items()))
 
 
 def build_flower_app(study: Study, out_dir: Path, *, check_modules: bool = True) -> Path:
@@ -311,3 +398,39 @@ def app_hash(app_dir: Path) -> str:
     from ..flower_bridge import build_fab_from_disk  # noqa: PLC0415 - flwr CLI-only import
 
     return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
+def convert_study_file(source: Path, destination: Path | None = None) -> str:
+    """Rewrite a study file from the old form (everything in ``[run]``) into the training tables.
+
+    Returns the new TOML text; writes it to ``destination`` when given (a new file: an existing
+    one is never overwritten). The conversion is checked: the new document must describe the
+    same run configuration and build the same app (hence the same app hash) as the old one.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``source`` does not exist.
+    InvalidStudyError
+        When ``source`` is invalid, or a key is given both in ``[run]`` and in its table.
+    FileExistsError
+        When ``destination`` already exists.
+    """
+    from ..files import write_new  # noqa: PLC0415 - only this command writes
+
+    old = load_study(Path(source))
+    raw = tomllib.loads(Path(source).read_text(encoding="utf-8"))
+    try:
+        document = convert_run_table(raw)
+        new = Study.model_validate(document)
+    except (ValueError, ValidationError) as err:
+        raise InvalidStudyError(f"cannot convert {source}: {err}") from None
+    if new.canonical_app_config() != old.canonical_app_config():
+        raise InvalidStudyError(  # a defect of the converter, never silently written
+            f"converting {source} would change its run configuration; convert it by hand "
+            "(docs/deployment.md shows the tables)"
+        )
+    text = tomli_w.dumps(document)
+    if destination is not None:
+        write_new(Path(destination), text.encode("utf-8"), mode=0o644)
+    return text

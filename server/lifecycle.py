@@ -26,6 +26,14 @@ strategy's restored state (:attr:`Study.strategy_state`, FedAdam moments) and a 
 (:attr:`Study.done`) so that round numbers (in messages, in FedAdam's bias correction, in the
 history) continue where they stopped. Nothing the server sends can rewind a site's privacy
 ledger: sites account every round they train, including a round redone after a crash.
+
+A resumed run is asked for with ``fedcare run STUDY --resume`` (a run-config override: the app and
+its hash stay those the hospitals pinned). flwr's own ``[ROUND k/n]`` log lines count the rounds of
+this run; while a resumed study runs they are rewritten to the study's round numbers
+(:class:`RealRoundNumbers`). Each site's train reply says what its ledger holds for the study
+(rounds charged, voided, retried, and its retry reserve: ``privacy.ledger``); the round close logs a
+site whose ledger voided or retried a round, and ``history.json`` keeps the last such figures per
+site under ``site_ledgers``.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import torch
 
-from ..models import build_for_data, get_weights
+from ..models import build_for_data, get_weights, wire
 from ..privacy.artefacts import ArtefactKey, sha256_file
 from ..privacy.report import write_report as save_report
 from .checkpoint import (
@@ -63,6 +71,7 @@ from .checkpoint import (
 )
 from .client_dp import client_level_privacy
 from .config import RunConfig
+from .progress import ProgressWriter
 from .safekeeping import (
     RunAudit,
     artefact_metadata,
@@ -77,6 +86,7 @@ from .strategy import TooFewSitesError
 
 __all__ = [
     "CheckpointExistsError",
+    "RealRoundNumbers",
     "ResumeMismatchError",
     "RoundCallback",
     "RoundFailedError",
@@ -86,6 +96,7 @@ __all__ = [
     "initial_arrays",
     "model_meta",
     "read_outcome",
+    "site_ledgers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +113,38 @@ _MUST_MATCH: Final = (
     "task", "num-classes", "input-shape", "has-mask", "proximal-mu", "eta", "eta-l", "beta-1",
     "beta-2", "tau", "trim-beta", "num-malicious-nodes",
 )  # fmt: skip
+
+
+#: flwr's round headers (message API strategy; legacy workflow), rewritten in a resumed run
+_ROUND_HEADERS: Final = ("[ROUND %s/%s]", "[ROUND %s]")
+_FLOWER_LOGGER: Final = "flwr"
+#: what a site's train reply says of its ledger (``client.app``), and the names ``history.json`` uses
+_LEDGER_FIELDS: Final = (
+    (wire.ROUNDS_CHARGED, "rounds_charged"), (wire.ROUNDS_VOIDED, "rounds_voided"),
+    (wire.ROUND_RETRIES, "retries"), (wire.RETRY_RESERVE, "retry_reserve"),
+)
+
+
+class RealRoundNumbers(logging.Filter):
+    """Rewrite flwr's ``[ROUND k/n]`` (and ``[ROUND k]``) lines of a resumed run to the study's numbers.
+
+    flwr counts the rounds of each run from 1; a run resumed after round ``offset`` plays the study's
+    rounds ``offset + 1`` … so its headers become ``[ROUND offset+k/offset+n]``. Other records pass
+    unchanged. Install on flwr's logger for the length of the run (:meth:`Study.run` does).
+    """
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = int(offset)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Shift the round numbers of a round header; always let the record through."""
+        args = record.args
+        if (record.msg in _ROUND_HEADERS and isinstance(args, tuple) and args
+                and all(isinstance(a, int) for a in args) and not getattr(record, "fedcare_round_offset", False)):
+            record.args = tuple(a + self.offset for a in args)
+            record.fedcare_round_offset = True
+        return True
 
 
 class CheckpointExistsError(FileExistsError):
@@ -197,6 +240,7 @@ class Study:
         self.write_report = write_report
         self.audit = RunAudit(None)
         self.run_id: str | None = None
+        self.progress = ProgressWriter(folder, study=config.study, num_rounds=config.num_rounds)  # status page
 
     # ------------------------------------------------------------------ open / resume
 
@@ -242,8 +286,8 @@ class Study:
         config = self.config
         if not config.resume:
             raise CheckpointExistsError(
-                f"a checkpoint exists at {path}; set resume = true to continue that run, "
-                "or use another checkpoint-dir"
+                f"a checkpoint exists at {path}; continue that run with `fedcare run STUDY --resume` "
+                "(in process: set resume = true in the run config), or use another checkpoint-dir"
             )
         ckpt = load_checkpoint(path, key=self.key, expected={"study": safe_name(config.study), "kind": "checkpoint"})
         _check_resumable(ckpt, config, path)
@@ -264,6 +308,12 @@ class Study:
             random.setstate(_rng_from_json(ckpt.rng_state))
         self.done = ckpt.round
         logger.info("resuming %s from %s after round %d of %d", config.study, path, self.done, config.num_rounds)
+        if self.done < config.num_rounds:
+            logger.warning(
+                "study %s: round %d is played again from the checkpoint; a site whose update for it had "
+                "already left charges it again (its retry reserve), a site that never sent it charges it once",
+                config.study, self.done + 1,
+            )
 
     @property
     def remaining(self) -> int:
@@ -282,9 +332,13 @@ class Study:
         leaves the last checkpoint as the study's state. The audit log is closed in every case.
         """
         self.audit = RunAudit.open(self.config)
+        renumber = RealRoundNumbers(self.done) if self.done else None
+        if renumber is not None:
+            logging.getLogger(_FLOWER_LOGGER).addFilter(renumber)
         try:
             self.run_id, app_hash = run_identity(grid, self.config)
             self.audit.run_start(self.config, run_id=self.run_id, app_hash=app_hash)
+            self.progress.start(run_id=self.run_id, rounds_complete=self.done)
             started = time.perf_counter()
             try:
                 if self.remaining > 0:
@@ -300,6 +354,8 @@ class Study:
             logger.info("study %s completed after %.1f s", self.config.study, time.perf_counter() - started)
             self.finish()
         finally:
+            if renumber is not None:
+                logging.getLogger(_FLOWER_LOGGER).removeFilter(renumber)
             self.audit.close()
         return self.history
 
@@ -331,9 +387,16 @@ class Study:
             )
         self.audit.round(record, aggregate_update_norm=update_norm(previous, arrays),
                          secure_aggregation=self.config.secure_aggregation)
+        for site, ledger in site_ledgers(record).items():
+            if ledger.get("rounds_voided") or ledger.get("retries"):
+                logger.warning("round %d/%d: site %s's ledger: %d round(s) charged, %d voided (never left the "
+                               "site), %d retried, of a retry reserve of %d", rnd, self.config.num_rounds, site,
+                               ledger.get("rounds_charged", 0), ledger.get("rounds_voided", 0),
+                               ledger.get("retries", 0), ledger.get("retry_reserve", 0))
         self.audit.refusals(record)
         if path is not None:
             self.audit.checkpoint(rnd, path, self.key)
+        self.progress.close_round(record, node_sites=self.history.node_sites)
         if self.on_round is not None:
             self.on_round(record)
         return record
@@ -343,6 +406,7 @@ class Study:
     def finish(self) -> None:
         """Write the final model, ``history.json`` (completed) and, unless deferred, the privacy report."""
         model_path = self._write_outputs("completed")
+        self.progress.end("completed")
         if model_path is None or not self.write_report:
             return
         report = build_privacy_report(
@@ -360,15 +424,22 @@ class Study:
             if not record.complete:
                 self.audit.refusals(record)
         self._write_outputs("stopped", reason=str(exc))
+        unfinished = [r for r in self.history.rounds if not r.complete]
+        self.progress.end("stopped", reason=str(exc), rnd=unfinished[-1].round if unfinished else None,
+                          refusals=[x for r in unfinished for x in r.refusals])
 
     def fail(self, exc: RoundFailedError) -> None:
         """Record the failed round (each failing site, then the failure) and ``history.json``; no final model."""
-        logger.error("study %s FAILED: %s", self.config.study, exc)
+        logger.error("study %s FAILED in round %d (%d site failure(s), as the audit log records them): %s",
+                     self.config.study, self.history.last_complete + 1, len(exc.site_errors), exc)
         self.audit.round_failed(
             self.history.last_complete + 1, stage=exc.stage, secure_aggregation=self.config.secure_aggregation,
             failures=[(self._site_name(node), code, reason) for node, code, reason in exc.site_errors],
         )  # fmt: skip
         self._write_history("failed", str(exc))
+        self.progress.end("failed", reason=str(exc), rnd=self.history.last_complete + 1, refusals=[
+            {"stage": exc.stage, "node_id": node, "site": self._site_name(node), "code": code, "reason": reason}
+            for node, code, reason in exc.site_errors])
 
     def _write_outputs(self, status: Status, *, reason: str | None = None) -> Path | None:
         """Write the final model (audited) and ``history.json``; return the model's path (None without a folder)."""
@@ -391,6 +462,11 @@ class Study:
         if reason is not None:
             payload["reason"] = reason
         payload |= {"run_config": self.config.to_run_config(), **self.history.state_dict()}
+        ledgers: dict[str, dict[str, int]] = {}
+        for record in self.history.rounds:  # the last figures each site reported
+            ledgers.update(site_ledgers(record))
+        if ledgers:
+            payload["site_ledgers"] = dict(sorted(ledgers.items()))
         write_json_atomic(self.config.checkpoint_dir / HISTORY_FILE, payload)
 
     def _site_name(self, node_id: int | None) -> str:
@@ -437,6 +513,18 @@ def read_outcome(folder: Path) -> StudyOutcome | None:
     history.load_state_dict({k: v for k, v in raw.items() if k in ("kind", "rounds", "node_sites")})
     reason = raw.get("reason")
     return StudyOutcome(str(raw["status"]), None if reason is None else str(reason), history)
+
+
+def site_ledgers(record: RoundRecord) -> dict[str, dict[str, int]]:
+    """Return, per training site of ``record``, what its reply said of its ledger (rounds charged,
+    voided, retried; retry reserve); sites that said nothing are left out."""
+    out: dict[str, dict[str, int]] = {}
+    for site, metrics in record.site_train.items():
+        values = {name: int(metrics[key]) for key, name in _LEDGER_FIELDS
+                  if isinstance(metrics.get(key), (int, float)) and metrics[key] == metrics[key]}
+        if values:
+            out[site] = values
+    return out
 
 
 def _check_resumable(ckpt: Checkpoint, config: RunConfig, path: Path) -> None:

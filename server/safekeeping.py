@@ -80,8 +80,11 @@ _RULES: Final[Mapping[int, str]] = {
     wire.ERROR_BUDGET_SPENT: "budget_spent",
     wire.ERROR_LEDGER: "ledger_unusable",
     wire.ERROR_POLICY: "policy",
+    wire.ERROR_UPDATE_REFUSED: "update_refused",
 }
-_REASON_LOGGED: Final = frozenset({wire.ERROR_BUDGET_SPENT, wire.ERROR_LEDGER, wire.ERROR_POLICY})
+#: the coordinator's own update-check reasons name arrays, shapes, counts and norms, never values
+_REASON_LOGGED: Final = frozenset({wire.ERROR_BUDGET_SPENT, wire.ERROR_LEDGER, wire.ERROR_POLICY,
+                                   wire.ERROR_UPDATE_REFUSED})
 NO_DIGEST: Final = "0" * 64  # a site that sent no manifest digest (documented in docs/privacy.md)
 
 

@@ -4,16 +4,27 @@ flwr 1.41 offers SecAgg+ only in its legacy workflow API, so this path runs a
 ``flwr.server.workflow.DefaultWorkflow`` inside a ``LegacyContext`` with:
 
 - :class:`StrictSecAggPlusWorkflow` as the fit workflow: flwr's ``SecAggPlusWorkflow``, except that
-  a stage that halts (too few shares, a dropped or refusing site) raises
-  :class:`SecureAggregationError` instead of logging "Secure aggregation halted" and leaving the
-  model unchanged; the run then ends failed, ``history.json`` says ``status = "failed"`` with the
-  reason, and no final model is written;
+  a stage that halts (too few shares, too few sites left) raises :class:`SecureAggregationError`
+  instead of logging "Secure aggregation halted" and leaving the model unchanged; the run then
+  ends failed, ``history.json`` says ``status = "failed"`` with the reason, no final model is
+  written, and the study resumes from its last checkpoint. Dropouts (a site that dies, refuses or
+  does not reply) are tolerated as far as SecAgg+ allows: from the masked-vector stage on, while
+  every surviving site keeps ``reconstruction-threshold`` active neighbours and at least
+  ``min-sites`` sites remain; the round then aggregates the survivors and records each dropped
+  site (stage, node, reason) in the round's refusals (hence the audit log). Before the masked
+  vectors (setup, share-keys) a lost site fails the round: its key shares were never dealt, so
+  its masks could not be removed. A site's policy refusal at unmask (its secure-cohort rule) is
+  never overridden: the round fails before anything is unmasked;
 - a legacy ``FedAvg`` (or ``FedProx``) wrapped, with client-level DP, in
   ``DifferentialPrivacyClientSideFixedClipping`` (sites clip their update with
   ``fixedclipping_mod``; the server adds N(0, (σ C / m)²) to the mean of the m clipped updates),
   and wrapped again in :class:`_LegacyRecorder`, which records each site's plaintext metrics,
-  refuses a round with any failure and reports the client-level ε (RDP accountant for fixed-size
-  sampling of sites without replacement, replace-one neighbours: :func:`client_level_epsilon`);
+  checks the unmasked mean (``server.update_checks.check_secure_aggregate``: finite, the model's
+  shapes, update norm within ``max-update-norm`` and, with client-level DP, within the clipping
+  norm), sizes the server's noise to the sites actually summed (σ C / m' for m' survivors) and
+  reports the client-level ε (RDP accountant for fixed-size sampling of sites without replacement,
+  replace-one neighbours: :func:`client_level_epsilon`; the sample rate stays that of the m sites
+  sampled, never lower);
 - an evaluation step that reuses :class:`~fedcare.server.strategy.FedcareStrategy` (Message API,
   the same per-site evaluation, worst site and history as the plain path) and then closes the round.
 
@@ -72,7 +83,7 @@ from ..flower_bridge import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, RunNotRunni
 from ..flower_bridge import WorkflowKey as Key
 from ..flower_bridge import recorddict_compat as compat
 from ..models import wire
-from .checkpoint import MetricsHistory
+from .checkpoint import MetricsHistory, RoundRecord
 from .client_dp import (
     CLIENT_DELTA,
     CLIENT_EPSILON,
@@ -88,6 +99,7 @@ from .config import RunConfig
 from .lifecycle import RoundCallback, RoundFailedError, SiteError, Study
 from .messages import arrays_to_record, evaluate_config, train_config
 from .strategy import FedcareStrategy, TooFewSitesError, aggregate_train_metrics, build_strategy
+from .update_checks import check_secure_aggregate
 
 __all__ = [
     "CLIENT_DELTA",
@@ -96,6 +108,7 @@ __all__ = [
     "CLIENT_SAMPLE_RATE",
     "CLIENT_SITES_AVAILABLE",
     "CLIENT_SITES_SAMPLED",
+    "SITES_LOST",
     "SecureAggregationError",
     "StrictSecAggPlusWorkflow",
     "client_level_epsilon",
@@ -106,6 +119,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SECURE_STATE_KIND: Final = "fedcare-secagg/1"
+_QUANTISATION_RANGE: Final = 4194304  # 2**22, flwr's default: integers each parameter is quantised to
+SITES_LOST: Final = "secagg-sites-lost"  # train metric: sites a tolerated secure round lost (not summed)
 
 
 class SecureAggregationError(RoundFailedError):
@@ -139,35 +154,136 @@ def _failure_reasons(failures: list[Any]) -> list[str]:
     return reasons
 
 
-class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """flwr's SecAgg+ workflow, but any stage that halts or loses a site raises SecureAggregationError.
+#: error codes a site answers the unmask stage with when it must not be unmasked: never overridden
+_UNMASK_REFUSALS: Final = frozenset({wire.ERROR_POLICY, wire.ERROR_SECURE_ROUND})
+#: stages after which flwr's SecAgg+ can still remove a lost site's masks (its shares were dealt)
+_TOLERANT_STAGES: Final = frozenset({"collect-masked-vectors", "unmask"})
 
-    flwr logs "Secure aggregation halted" and keeps the old model; here a round either aggregates
-    every sampled site or fails the run. ``stages_s`` holds the last round's time per stage.
+Dropout = tuple[str, int, int, str]
+"""A site lost in a tolerated SecAgg+ stage: (stage, node id, error code or -1, reason)."""
+
+
+class _StageGrid:
+    """Delegate one SecAgg+ stage's exchange to a Grid; note which sent node answered, erred or was silent.
+
+    At the unmask stage, an error reply carrying a site's refusal to be unmasked
+    (:data:`_UNMASK_REFUSALS`) raises :class:`SecureAggregationError` at once, before flwr
+    reconstructs any secret from the other sites' shares.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, grid: Grid, stage: str) -> None:
+        self._grid = grid
+        self.stage = stage
+        self.sent: list[int] = []
+        self.answered: set[int] = set()
+        self.errors: dict[int | None, list[tuple[int, str]]] = {}
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Send through the wrapped grid; sort the replies into answers and errors by sending node."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+        dsts = {int(m.metadata.dst_node_id) for m in messages}
+        self.sent += [int(m.metadata.dst_node_id) for m in messages]
+        for reply in replies:
+            node: int | None = sent.get(reply.metadata.reply_to_message_id)
+            if node is None and int(reply.metadata.src_node_id) in dsts:
+                node = int(reply.metadata.src_node_id)
+            if not reply.has_error():
+                if node is not None:
+                    self.answered.add(node)
+                continue
+            self.errors.setdefault(node, []).append((int(reply.error.code), str(reply.error.reason)))
+        if self.stage == "unmask":
+            refusals = [(n, c, r) for n, errs in self.errors.items() for c, r in errs if c in _UNMASK_REFUSALS]
+            if refusals:
+                raise SecureAggregationError(
+                    f"secure aggregation failed in its unmask stage: {len(refusals)} site(s) refused to be "
+                    "unmasked: " + "; ".join(dict.fromkeys(r for _, _, r in refusals))
+                    + ". Nothing was unmasked and the model was NOT updated; the last checkpoint holds the "
+                    "previous round. Bring back enough sites for every site's minimum secure cohort, then resume.",
+                    stage="unmask", site_errors=tuple(refusals),
+                )
+        return replies
+
+    def lost(self) -> list[Dropout]:
+        """Return each node sent to that did not answer: its error reply, or silence until the timeout."""
+        out: list[Dropout] = []
+        for node in dict.fromkeys(self.sent):
+            if node in self.answered:
+                continue
+            errs = self.errors.get(node) or self.errors.get(None) or []
+            code, reason = errs[0] if errs else (-1, "no reply within round-timeout-s (the node stopped or is unreachable)")
+            out.append((self.stage, node, code, reason))
+        return out
+
+    def site_errors(self) -> tuple[SiteError, ...]:
+        """Return every error reply of the stage as (node id or None, code, reason)."""
+        return tuple((n, c, r) for n, errs in self.errors.items() for c, r in errs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Delegate everything else to the wrapped grid."""
+        return getattr(self._grid, name)
+
+
+class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """flwr's SecAgg+ workflow; a stage that halts raises, and dropouts are tolerated only where SecAgg+ can.
+
+    Setup and share-keys: any lost site fails the round (its key shares were not dealt, flwr could
+    not remove its masks). Masked vectors and unmask: lost sites are tolerated while flwr's
+    threshold check passes and at least ``min_sites`` sites remain; they are kept in
+    ``dropped`` (the round's, cleared at setup). A halted stage, too few survivors, or a site's
+    refusal to be unmasked raises :class:`SecureAggregationError` naming the stage and the reason.
+    ``stages_s`` holds the last round's time per stage.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        flwr's ``SecAggPlusWorkflow`` arguments.
+    min_sites : int
+        Fewest sites whose masked vectors a round may sum (the run's ``min-sites``).
+    """
+
+    def __init__(self, *args: Any, min_sites: int = 2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.min_sites = min_sites
         self.stages_s: dict[str, float] = {}
+        self.dropped: list[Dropout] = []
 
     def _strict(self, name: str, stage: Callable[..., bool], grid: Grid, context: Any, state: Any) -> bool:
-        """Run one stage; raise when it halts or any site failed in it."""
-        seen: list[SiteError] | None = getattr(grid, "errors", None)
-        if seen is not None:
-            seen.clear()
+        """Run one stage through a :class:`_StageGrid`; raise when it halts or loses a site it cannot lose."""
+        if name == "setup":
+            self.dropped = []
+        watched = _StageGrid(grid, name)
         started = time.perf_counter()
-        ok = stage(grid, context, state)
+        ok = stage(watched, context, state)
         self.stages_s[name] = time.perf_counter() - started
-        if not ok or state.failures:
-            reasons = _failure_reasons(state.failures) or ["too few sites or shares to continue"]
+        lost = watched.lost()
+        survivors = len(state.active_node_ids)
+        if ok and name in _TOLERANT_STAGES and name != "unmask" and lost and survivors < self.min_sites:
+            ok = False
+            why = [f"only {survivors} site(s) remain, fewer than min-sites = {self.min_sites}"]
+        else:
+            why = []
+        if not ok or (lost and name not in _TOLERANT_STAGES):
+            reasons = why + (_failure_reasons(state.failures) or [r for *_, r in lost]
+                             or ["too few sites or shares to continue"])
+            if not ok and name in _TOLERANT_STAGES and not why:
+                reasons.insert(0, f"{survivors} site(s) remain, too few for the reconstruction threshold "
+                                  f"{state.threshold} (or a lost site's shares)")
             raise SecureAggregationError(
-                f"secure aggregation failed in its {name} stage ({len(state.failures)} failure(s)): "
-                + "; ".join(reasons)
-                + ". The model was NOT updated; the last checkpoint holds the previous round. Fix or "
-                "bring back the sites (every sampled site must complete a secure round), then resume.",
+                f"secure aggregation failed in its {name} stage ({len(lost)} site(s) lost): "
+                + "; ".join(dict.fromkeys(reasons))
+                + ". The model was NOT updated; the last checkpoint holds the previous round. Bring back "
+                "the sites (a secure round tolerates losing sites only from its collect-masked-vectors stage "
+                "on, down to its reconstruction threshold and min-sites), then resume.",
                 stage=name,
-                site_errors=tuple(seen) if seen else _site_errors(state.failures),
+                site_errors=watched.site_errors() or tuple((n, c, r) for _, n, c, r in lost),
             )
+        if lost:
+            logger.warning("secure round: %d site(s) lost in the %s stage (%s); %d remain, the round goes on",
+                           len(lost), name, ", ".join(f"node {n}" for _, n, _, _ in lost), survivors)
+            self.dropped += lost
         return True
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
@@ -179,11 +295,11 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
         return self._strict("share-keys", super().share_keys_stage, grid, context, state)
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        """Run flwr's masked-vector stage strictly."""
+        """Run flwr's masked-vector stage; lost sites are tolerated down to the threshold and min-sites."""
         return self._strict("collect-masked-vectors", super().collect_masked_vectors_stage, grid, context, state)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        """Run flwr's unmask stage strictly."""
+        """Run flwr's unmask stage; a site refusing to be unmasked stops it before anything is unmasked."""
         return self._strict("unmask", super().unmask_stage, grid, context, state)
 
 
@@ -208,6 +324,8 @@ class _LegacyRecorder(Strategy):
         self.dp = dp
         self.sample_rate = 1.0
         self.sampled, self.available = 1, 1  # set by configure_fit: sites sampled / available this round
+        self.names: list[str] = []  # the model's array names, in Parameters order (set by _legacy_strategy)
+        self.sent: list[np.ndarray] = []  # the global model of this round's fit messages
 
     def __repr__(self) -> str:
         """Return the wrapped strategy's description."""
@@ -232,6 +350,7 @@ class _LegacyRecorder(Strategy):
                 )
             time.sleep(min(1.0, self.config.round_timeout_s))
         instructions = self.strategy.configure_fit(rnd, parameters, client_manager)
+        self.sent = parameters_to_ndarrays(parameters)
         self.sample_rate = len(instructions) / max(available, 1)
         self.sampled, self.available = len(instructions), available
         if self.dp is not None:  # noise std σC/m must use this round's m
@@ -244,14 +363,15 @@ class _LegacyRecorder(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Record each site's plaintext metrics; refuse failures; aggregate; add client-level ε."""
+        """Record each site's plaintext metrics; check the unmasked mean; aggregate; add client-level ε.
+
+        ``failures`` are the sites the workflow lost in stages where SecAgg+ tolerates it
+        (:class:`StrictSecAggPlusWorkflow` raised on any other); ``results`` are the sites summed.
+        """
         rnd = server_round + self.round_offset
         if failures:
-            raise SecureAggregationError(
-                f"round {rnd}: {len(failures)} site(s) failed in the secure round: "
-                + "; ".join(_failure_reasons(list(failures)))
-                + ". The model was NOT updated; fix the sites, then resume."
-            )
+            logger.warning("round %d: the secure round lost site(s) and sums %d: %s", rnd, len(results),
+                           "; ".join(_failure_reasons(list(failures))))
         if len(results) < self.config.min_sites:
             raise TooFewSitesError(
                 f"round {rnd}: only {len(results)} site(s) trained, fewer than min-sites = "
@@ -272,7 +392,10 @@ class _LegacyRecorder(Strategy):
             record.site_info[site] = _site_info(res.metrics)
             if wire.NUM_EXAMPLES in scalars:
                 records.append(RecordDict({wire.METRICS: MetricRecord(scalars)}))
-        params, _ = self.strategy.aggregate_fit(rnd, results, failures)
+        self._check_mean(rnd, results)
+        if self.dp is not None:  # the noise std σC/m' must use the m' sites actually summed, not those sampled
+            self.dp.num_sampled_clients = max(len(results), 1)
+        params, _ = self.strategy.aggregate_fit(rnd, results, [])  # flwr's DP wrapper drops a round with failures
         if params is None:
             raise SecureAggregationError(
                 f"round {rnd}: the secure aggregate is empty (the strategy returned no model); "
@@ -296,6 +419,30 @@ class _LegacyRecorder(Strategy):
                         self.available)  # fmt: skip
         record.train = train
         return params, {}
+
+    def _check_mean(self, rnd: int, results: list[tuple[ClientProxy, FitRes]]) -> None:
+        """Raise SecureAggregationError when the unmasked mean fails ``check_secure_aggregate``."""
+        if not results or not self.names or len(self.sent) != len(self.names):
+            return
+        mean = parameters_to_ndarrays(results[0][1].parameters)  # SecAgg+ gives every result the mean
+        if len(mean) != len(self.names):
+            problem: str | None = (f"the secure aggregate has {len(mean)} arrays, the model {len(self.names)}: the "
+                                   "sites run another model version")
+        else:
+            reference = dict(zip(self.names, self.sent, strict=True))
+            problem = check_secure_aggregate(
+                reference,  # SecAgg+ dequantises to float64: compared in the model's dtypes
+                {n: np.asarray(a).astype(reference[n].dtype) for n, a in zip(self.names, mean, strict=True)},
+                max_update_norm=self.config.max_update_norm,
+                clipping_norm=self.config.client_dp_clipping_norm,
+                quantisation_step=2 * self.config.secagg_clipping_range / _QUANTISATION_RANGE,
+            )
+        if problem is not None:
+            raise SecureAggregationError(
+                f"round {rnd}: {problem}. The aggregate was refused and the model NOT updated; the last "
+                "checkpoint holds the previous round. Find the site (its node log, its mods), then resume.",
+                stage="aggregate",
+            )
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -328,16 +475,6 @@ def _site_info(metrics: dict[str, Scalar]) -> dict[str, Any]:
     if isinstance(norm, (int, float)) and not isinstance(norm, bool):
         out["max_grad_norm"] = float(norm)
     return out
-
-
-def _site_errors(failures: list[Any]) -> tuple[SiteError, ...]:
-    """Return SecAgg+ failures (``Exception(Error)``) as site errors without node ids."""
-    out: list[SiteError] = []
-    for failure in failures:
-        error = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
-        code = getattr(error, "code", None)
-        out.append((None, int(code) if isinstance(code, int) else -1, str(getattr(error, "reason", "") or error)))
-    return tuple(out)
 
 
 class _StoppableGrid:
@@ -440,7 +577,9 @@ def _legacy_strategy(config: RunConfig, study: Study) -> _LegacyRecorder:
         )
         inner = dp
     initial = ndarrays_to_parameters(list(study.arrays.values()))
-    return _LegacyRecorder(inner, config, study.history, initial, study.done, dp)
+    recorder = _LegacyRecorder(inner, config, study.history, initial, study.done, dp)
+    recorder.names = list(study.arrays)
+    return recorder
 
 
 def _secagg_workflow(config: RunConfig) -> StrictSecAggPlusWorkflow:
@@ -450,7 +589,9 @@ def _secagg_workflow(config: RunConfig) -> StrictSecAggPlusWorkflow:
         config.secagg_reconstruction_threshold,
         max_weight=1.0,  # every site reports weight 1 (unweighted mean), so no precision is lost
         clipping_range=config.secagg_clipping_range,
+        quantization_range=_QUANTISATION_RANGE,
         timeout=config.round_timeout_s,
+        min_sites=config.min_sites,
     )
 
 
@@ -473,10 +614,19 @@ class _RoundCloser:
             raise SecureAggregationError(f"round {rnd} ended without a secure aggregate; the model was NOT updated")
         params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
         arrays = _named(params, self.reference)
+        self._record_dropouts(record)
         if self.study.config.fraction_evaluate > 0:
             self._evaluate(grid, server_round, arrays)
         record.train.update({f"secagg-{k}-s": v for k, v in self.workflow.stages_s.items()})
         self.study.close_round(rnd, arrays, strategy_state={"kind": _SECURE_STATE_KIND})
+
+    def _record_dropouts(self, record: RoundRecord) -> None:
+        """Add each site the workflow lost (and tolerated) to the round's refusals, hence the audit log."""
+        for stage, node, code, reason in self.workflow.dropped:
+            site = self.study.history.node_sites.get(node, f"node-{node}")
+            record.refusals.append({"stage": stage, "node_id": node, "site": site, "code": code, "reason": reason})
+        if self.workflow.dropped:
+            record.train[SITES_LOST] = float(len({node for _, node, _, _ in self.workflow.dropped}))
 
     def _evaluate(self, grid: Grid, server_round: int, arrays: OrderedDict[str, np.ndarray]) -> None:
         """Send the model to the sites to evaluate and aggregate their replies into the history."""

@@ -10,6 +10,10 @@ how flwr aggregates:
   site of each round, and every refusal (error reply) with the site and its reason, in a
   :class:`~fedcare.server.checkpoint.MetricsHistory`;
 - replies aggregated in site-name order rather than arrival order (reproducible sums);
+- every training reply's update checked before aggregation (``server.update_checks``: NaN / Inf,
+  names, shapes, dtypes, weight, and the L2 norm against ``max-update-norm``): a bad one is
+  refused, recorded with the site and its reason (code ``wire.ERROR_UPDATE_REFUSED``, hence in
+  the audit log) and the round goes on with the others;
 - a minimum of successful training replies: below ``min_sites`` the run stops with
   :class:`TooFewSitesError` instead of aggregating one or two sites silently; likewise when
   fewer than ``min_sites`` sites connect within ``round-timeout-s`` (flwr waits forever);
@@ -60,6 +64,7 @@ from ..models import wire
 from ..privacy.release_mechanisms import STAT_PREFIX, metrics_from_statistics, sum_statistics
 from .checkpoint import MetricsHistory
 from .config import STRATEGY_NAMES, RunConfig
+from .update_checks import UpdateCheck
 
 __all__ = [
     "STRATEGIES",
@@ -82,7 +87,8 @@ STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
 _STATE_KIND: Final = "fedcare-strategy/1"
 _STATE_ATTRS: Final = ("m_t", "v_t", "momentum_vector")
 _MAX_OVER_SITES: Final = (wire.EPSILON, wire.DELTA, wire.EPSILON_TRAINING, wire.EPSILON_COUNT, wire.EPSILON_EVALUATION,
-                           wire.EVALUATION_QUERIES, wire.EVALUATION_EXACT_QUERIES)
+                           wire.EVALUATION_QUERIES, wire.EVALUATION_EXACT_QUERIES, wire.EPSILON_BUDGET,
+                           wire.ROUNDS_CHARGED, wire.ROUNDS_VOIDED, wire.ROUND_RETRIES, wire.RETRY_RESERVE)
 _PRIVACY_KEYS: Final = frozenset(_MAX_OVER_SITES)
 _METRIC_NAMES: Final = ("loss", "accuracy", "mae")  # present when a site sent its exact metrics
 _REFUSAL = re.compile(r"^site '(?P<site>[^']*)' refused")
@@ -327,6 +333,9 @@ class FedcareStrategy(Strategy):
         evaluate stage is skipped except after round ``num_rounds``.
     num_rounds : int or None
         The run's last round (counted like :meth:`run_round`); needed with ``evaluate_with_train``.
+    update_check : UpdateCheck, optional
+        Checks each training reply's update before aggregation (default: finiteness, names,
+        shapes, dtypes and weight, no norm bound).
     """
 
     def __init__(
@@ -339,6 +348,7 @@ class FedcareStrategy(Strategy):
         connect_timeout_s: float = 600.0,
         evaluate_with_train: bool = False,
         num_rounds: int | None = None,
+        update_check: UpdateCheck | None = None,
     ) -> None:
         if evaluate_with_train and num_rounds is None:
             raise ValueError("evaluate_with_train needs num_rounds (the run's last round evaluates separately)")
@@ -349,6 +359,10 @@ class FedcareStrategy(Strategy):
         self.connect_timeout_s = connect_timeout_s
         self.evaluate_with_train = evaluate_with_train
         self.num_rounds = num_rounds
+        self.update_check = update_check if update_check is not None else UpdateCheck()
+        self._sent: dict[str, np.ndarray] = {}  # the global model of the round's train messages
+        #: called with (round, stage) when a round enters a stage (the study's progress file)
+        self.on_stage: Callable[[int, str], None] | None = None
 
     def __repr__(self) -> str:
         """Return the wrapped strategy's name."""
@@ -357,6 +371,11 @@ class FedcareStrategy(Strategy):
     def run_round(self, server_round: int) -> int:
         """Return the run's round number for ``start()``'s ``server_round``."""
         return server_round + self.round_offset
+
+    def _stage(self, rnd: int, stage: str) -> None:
+        """Tell ``on_stage`` (the study's progress file, when set) that round ``rnd`` entered ``stage``."""
+        if self.on_stage is not None:
+            self.on_stage(rnd, stage)
 
     def summary(self) -> None:
         """Log the wrapped strategy's configuration."""
@@ -387,9 +406,11 @@ class FedcareStrategy(Strategy):
     ) -> Iterable[Message]:
         """Let the wrapped strategy sample sites and build the training messages."""
         rnd = self.run_round(server_round)
+        self._stage(rnd, "train")
         self._wait_for_sites(grid, rnd)
         if self.evaluate_with_train and rnd > 1:  # the arrays are round rnd - 1's global model
             config = ConfigRecord({**config, wire.EVALUATE_RECEIVED: True})
+        self._sent = {name: np.array(array.numpy(), copy=True) for name, array in arrays.items()}
         return self.strategy.configure_train(rnd, arrays, config, grid)
 
     def _skips_evaluate_stage(self, rnd: int) -> bool:
@@ -463,21 +484,39 @@ class FedcareStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record per-site results, stop below ``min_sites``, then aggregate as the wrapped strategy does."""
         rnd = self.run_round(server_round)
+        self._stage(rnd, "aggregate")
         replies = _in_site_order(replies)
         valid, errors = self._record_replies(rnd, replies, "train")
+        sent = len(valid)
+        valid = self._refuse_bad_updates(rnd, valid)
         if self.evaluate_with_train:  # the previous round's model, evaluated by these sites
             self._record_received_evaluation(rnd, valid)
         if len(valid) < self.min_sites:
             refused = "; ".join(r["reason"] for r in self.history.round(rnd).refusals) or "none replied"
             raise TooFewSitesError(
                 f"round {rnd}: only {len(valid)} site(s) trained, fewer than min-sites = "
-                f"{self.min_sites} ({len(errors)} error replies: {refused}). The last checkpoint "
+                f"{self.min_sites} ({len(errors)} error replies, {sent - len(valid)} updates refused: "
+                f"{refused}). The last checkpoint "
                 "holds the model of the previous round; fix the sites or lower min-sites, then resume."
             )
-        arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        arrays, metrics = self.strategy.aggregate_train(rnd, valid + errors)
         if metrics is not None:
             self.history.round(rnd).train = _metrics_of_record(metrics)
         return arrays, metrics
+
+    def _refuse_bad_updates(self, rnd: int, valid: list[Message]) -> list[Message]:
+        """Return the replies whose update passes :attr:`update_check`; record each refused one."""
+        if not self._sent:  # aggregate_train without configure_train (a caller's own replies): names from the first
+            return valid
+        accepted, refused = self.update_check.screen(valid, self._sent)
+        record = self.history.round(rnd)
+        for item in refused:
+            site = self.history.node_sites.get(item.node_id, f"node-{item.node_id}")
+            reason = f"the coordinator refused the update of site '{site}': {item.reason}"
+            record.refusals.append({"stage": "train", "node_id": item.node_id, "site": site,
+                                    "code": wire.ERROR_UPDATE_REFUSED, "reason": reason})
+            logger.warning("round %d: %s; the round goes on without it", rnd, reason)
+        return accepted
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -486,6 +525,7 @@ class FedcareStrategy(Strategy):
         rnd = self.run_round(server_round)
         if self._skips_evaluate_stage(rnd):
             return []
+        self._stage(rnd, "evaluate")
         if getattr(self.strategy, "fraction_evaluate", 1.0) > 0:
             self._wait_for_sites(grid, rnd)
         return self.strategy.configure_evaluate(rnd, arrays, config, grid)
@@ -548,4 +588,5 @@ def build_strategy(
         connect_timeout_s=config.round_timeout_s,
         evaluate_with_train=config.evaluate_with_train,
         num_rounds=config.num_rounds,
+        update_check=UpdateCheck(max_update_norm=config.max_update_norm),
     )

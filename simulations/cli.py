@@ -51,9 +51,13 @@ def _setup_logging(verbose: bool) -> None:
     wrapping). Flower configures its own ``flwr`` logger and console handler when it is imported;
     call this after the imports. Its records are not propagated as well (they would print twice).
     """
-    quiet_flower()
+    from .console import WrappedFormatter  # noqa: PLC0415
+
+    quiet_flower()  # also the known third-party notices (fedcare.notices)
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(WrappedFormatter())  # wrapped to the terminal's width, like the tables
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     flower = logging.getLogger("flwr")
     flower.setLevel(level)
     flower.propagate = False
@@ -71,9 +75,31 @@ def simulate(
     scenario: Annotated[
         Optional[Path], typer.Argument(help="Scenario TOML (default: the built-in breast-cancer scenario).")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("fedcare-sim"),
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output folder (default: a new runs/<date>-<time>-<scenario> per run)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log Flower's and fedcare's progress.")] = False,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option("--ray-address", help="Run on this running Ray cluster (head host:port, or 'auto'); "
+                     "overrides [simulation] ray_address. fedcare never starts or stops it."),
+    ] = None,
+    set_values: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a scenario value, e.g. --set training.lr=0.05 (repeatable; "
+                     "validated as the file is)."),
+    ] = None,
+    mlflow_uri: Annotated[
+        Optional[str],
+        typer.Option("--mlflow-uri", help="Log to MLflow: sqlite:///PATH/mlflow.db or http(s)://HOST:PORT "
+                     "(needs the tracking extra of fedcare)."),
+    ] = None,
+    tensorboard: Annotated[
+        Optional[Path],
+        typer.Option("--tensorboard", help="Write TensorBoard events under this folder (needs the tracking extra of fedcare)."),
+    ] = None,
 ) -> None:
     """Run a federated simulation scenario and write summary.json, metrics.csv, the model and plots."""
     from ..client.errors import DataValidationError  # noqa: PLC0415 - keep --help fast
@@ -82,43 +108,32 @@ def simulate(
     from ..server.app import CheckpointExistsError, ResumeMismatchError  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
     from .release import LedgerMismatchError  # noqa: PLC0415
+    from .console import default_out_dir, summary_renderables  # noqa: PLC0415
     from .runner import run_scenario  # noqa: PLC0415
-    from .scenario import DEFAULT_SCENARIO, InvalidScenarioError, load_scenario  # noqa: PLC0415
+    from .scenario import DEFAULT_SCENARIO, InvalidScenarioError, load_scenario, with_ray_address  # noqa: PLC0415
+    from ..server.tracking import TrackingError, tracking_settings  # noqa: PLC0415
+    from .overrides import apply_overrides  # noqa: PLC0415
+    from .provenance import collect_provenance  # noqa: PLC0415
 
     _setup_logging(verbose)
     try:
-        spec = load_scenario(scenario or DEFAULT_SCENARIO)
-        summary = run_scenario(spec, out, resume=resume, console=_errors)
+        spec = apply_overrides(load_scenario(scenario or DEFAULT_SCENARIO), set_values or [])
+        provenance = collect_provenance(scenario or DEFAULT_SCENARIO, seed=spec.seed, overrides=set_values or [])
+        tracking = tracking_settings(mlflow_uri=mlflow_uri, tensorboard_dir=tensorboard)
+        if ray_address is not None:
+            spec = with_ray_address(spec, ray_address)
+        if out is None and resume:
+            raise InvalidScenarioError("--resume continues the run in --out: give --out with the run's folder")
+        out_dir = out if out is not None else default_out_dir(spec.name)  # a new folder per run
+        summary = run_scenario(spec, out_dir, resume=resume, console=_errors, tracking=tracking, provenance=provenance)
     except (InvalidScenarioError, DataValidationError, CheckpointExistsError, ResumeMismatchError) as exc:
+        raise _fail(exc, 2) from None
+    except TrackingError as exc:  # --mlflow-uri / --tensorboard refused, or the backend cannot be opened
         raise _fail(exc, 2) from None
     except (CheckpointError, KeyFileError, AuditError, LedgerMismatchError) as exc:
         raise _fail(exc, 2) from None
-    table = Table(title=f"{summary.scenario}: {summary.status}, {summary.rounds_completed}/{summary.rounds_planned} rounds")
-    table.add_column("model")
-    metrics = sorted(summary.final_global)
-    for name in metrics:
-        table.add_column(name, justify="right")
-    table.add_row("federated", *(_fmt(summary.final_global[m]) for m in metrics))
-    pooled = summary.baselines.get("pooled")
-    if isinstance(pooled, dict):
-        table.add_row("pooled", *(_fmt(pooled.get(m, "-")) for m in metrics))
-    released = summary.final_federated_evaluation
-    if released and released != summary.final_global:
-        table.add_row("federated, as released", *(_fmt(released.get(m, "-")) for m in metrics))
-    _console.print(table)
-    if released and released != summary.final_global:
-        _console.print("federated and pooled: scored by the researcher on every site's evaluation split; "
-                       "'as released': what the sites' policies released (DP-noised statistics by default)")
-    if summary.gap_vs_pooled:
-        _console.print("federated − pooled: " + ", ".join(f"{k} {v:+.4f}" for k, v in sorted(summary.gap_vs_pooled.items())))
-    if summary.privacy:
-        _console.print("privacy spent: " + ", ".join(
-            f"{site} ε={_fmt(p.get('epsilon'))} δ={p.get('delta'):g}" if p.get("delta") is not None
-            else f"{site} ε={_fmt(p.get('epsilon'))}"
-            for site, p in sorted(summary.privacy.items())
-        ))
-    _console.print(f"wall time {summary.wall_time_s:.1f} s (federated part {summary.federated_time_s:.1f} s); "
-                   f"results in {summary.out_dir}")
+    for renderable in summary_renderables(summary):  # federated, pooled, local, as released; ε per site
+        _console.print(renderable)
     if summary.status != "completed":
         _errors.print(f"[red]{summary.status}:[/red] ", end="")
         _errors.print(str(summary.reason), markup=False, highlight=False)
@@ -136,7 +151,7 @@ def evaluate(
         typer.Option("--key", help="Artefact key of an encrypted model (.npz.enc): a key file, 'env' or 'env:NAME'."),
     ] = None,
 ) -> None:
-    """Validate a saved global model externally on any site's data; print and write the metrics."""
+    """Validate a saved model (federated or baseline) on any site's data at its stored threshold; print and write the metrics."""
     from ..client.errors import DataValidationError  # noqa: PLC0415
     from ..privacy.artefacts import KeyFileError  # noqa: PLC0415
     from ..server.checkpoint import CheckpointError  # noqa: PLC0415
@@ -150,9 +165,17 @@ def evaluate(
     table = Table(title=f"{result['site']} ({result['split']}, {result['num_examples']} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("95 % interval", justify="right")
     for name, value in result["metrics"].items():
-        table.add_row(name, _fmt(value))
+        low, high = result["intervals"].get(name, (None, None))
+        table.add_row(name, _fmt(value), "-" if low is None else f"{_fmt(low)} – {_fmt(high)}")
     _console.print(table)
+    if result.get("threshold") is not None:
+        origin = "stored in the model file" if result.get("threshold_stored") else "default: the model file stores none"
+        _console.print(f"operating threshold {result['threshold']:.2f} ({origin}); preprocessing: {result['preprocessing']}")
+    for text in result.get("warnings", []):
+        _errors.print("[yellow]warning:[/yellow] ", end="")
+        _errors.print(text, markup=False, highlight=False)
     _console.print(f"written to {result['file']}")
 
 
@@ -229,3 +252,26 @@ def membership_command(
             _errors.print(f"[bold red]{decision.reason}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         _console.print(decision.reason, highlight=False)
+
+
+examples_app = typer.Typer(no_args_is_help=True, help="The shipped example scenarios and site manifests.")
+
+
+@examples_app.command("copy")
+def examples_copy(
+    destination: Annotated[Path, typer.Argument(help="Folder to copy into (new or empty): gets scenarios/ and sites/.")],
+) -> None:
+    """Copy the example scenarios and site manifests out of the package; set FEDCARE_DATA_ROOT to run them."""
+    from .examples import ExamplesExistError, copy_examples  # noqa: PLC0415
+
+    try:
+        written = copy_examples(destination)
+    except ExamplesExistError as exc:
+        _errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _console.print(
+        f"copied {len(written)} files into {destination} (scenarios/, sites/); the site manifests read "
+        "their data under ${FEDCARE_DATA_ROOT}: export FEDCARE_DATA_ROOT=/path/to/data, then e.g. "
+        f"fedcare simulate {destination}/scenarios/heart_disease.toml",
+        highlight=False, soft_wrap=True, markup=False,
+    )

@@ -143,7 +143,7 @@ def plot_arms(results: Mapping[str, Any], metric: str, out_path: Path | str) -> 
             shown = True
     ax.set_xticks(x, arms)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: pooled vs local vs federated")
+    ax.set_title(f"{metric}: {' vs '.join(arms)}")  # the arms drawn, no more
     everything = [*heights, *(v for d in dots for v in d)]
     top = max(everything)
     ax.set_ylim(min(0.0, min(everything)), top * 1.25 if top > 0 else 1.0)  # room for the legend

@@ -2,7 +2,7 @@
 
 :func:`run_scenario` builds the virtual hospitals, writes each one (data + privacy policy) to
 ``out_dir/.sites/``, starts ``flwr.simulation.run_simulation`` in-process with the ServerApp
-and ClientApp of :func:`~fedcare.server.app.make_server_app` /
+and ClientApp of :func:`~fedcare.server.app.run_server` (round 1 once every virtual node registered) /
 :func:`~fedcare.client.app.make_client_app` (a provider maps each node's ``partition-id`` to its
 hospital; Ray workers load a hospital once per process), shows finished rounds in a live table,
 and writes to ``out_dir``:
@@ -25,28 +25,27 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from ..client.app import LocalSite, make_client_app
-from ..client.dataset import SiteData, Split
+from ..client.dataset import SiteData
 from ..client.loaders import load_site_file
-from ..client.metrics import evaluate
 from ..models import build_for_data
 from ..privacy.policy import SitePolicy, node_default_policy
-from ..server.app import CheckpointExistsError, make_server_app
+from ..server.app import CheckpointExistsError, run_server
 from ..server.checkpoint import (
     CHECKPOINT_FILE,
     ENCRYPTED_SUFFIX,
@@ -63,13 +62,20 @@ from ..server.lifecycle import read_outcome
 from ..server.safekeeping import artefact_path, load_artefact_key, safe_name
 from ..server.secagg import SecureAggregationError
 from ..server.strategy import TooFewSitesError
+from ..server.tracking import Tracker, TrackingSettings
 from ..supervise import quiet_flower
 from .baselines import CentralEvaluation, evaluate_centrally, run_baselines
 from .builtin import load_builtin
+from .external import evaluate_model_file as _external_evaluation
+from .external import store_operating_point, training_data_of
+from .console import RoundProgress, quiet_simulation_notices
 from .inprocess import InProcessGrid
 from .partition import partition
 from .secure import secure_summary
 from .plots import plot_summary
+from .provenance import Provenance, collect_provenance
+from .report_html import REPORT_FILE, write_report
+from .tracking import open_simulation_tracker, track_summary
 from .release import ReleaseOutcome, release_model, security_fields
 from .scenario import (
     InvalidScenarioError,
@@ -114,7 +120,11 @@ class Summary(BaseModel):
     rounds_planned: int
     rounds_completed: int
     final_global: dict[str, float | None]
-    final_pooled_test: dict[str, float | None] = {}
+    final_pooled_test: dict[str, float | None] = {}  # = final_global when every site evaluates on its test split
+    final_global_intervals: dict[str, list[float | None]] = {}  # 95 % intervals of final_global (issue 14)
+    final_global_binned: dict[str, float | None] = {}  # binary: AUROC from summed 10-bin histograms
+    final_threshold: float | None = None  # the operating threshold stored in the model file
+    final_site_weighted_mean: dict[str, float | None] = {}  # example-weighted mean of per-site metrics
     final_federated_evaluation: dict[str, float | None] = {}
     final_train: dict[str, float | None]
     final_sites: dict[str, dict[str, float | None]]
@@ -129,21 +139,26 @@ class Summary(BaseModel):
     files: dict[str, str]
     secure_aggregation: dict[str, Any] | None = None  # simulations.secure.secure_summary
     release: dict[str, Any] | None = None
+    configuration: dict[str, Any] | None = None  # the scenario as it ran (after --set overrides)
+    provenance: dict[str, Any] | None = None  # simulations.provenance.Provenance
 
 
 @dataclass(frozen=True)
 class PartitionProvider:
     """Map a simulated node's ``partition-id`` to its hospital, written to ``folder`` by the runner.
 
-    Picklable (Ray ships it to its workers); each worker process loads a hospital once.
+    Picklable (Ray ships it to its workers); each worker process loads a hospital once and keeps
+    up to ``num_sites`` hospitals (every hospital of the run: a worker never reloads one it has
+    seen; the workers' memory holds at most the run's data once each).
     """
 
     folder: Path
+    num_sites: int = 128
 
     def __call__(self, context: Context) -> LocalSite:
         """Return the LocalSite of this node's partition."""
         pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-        return _load_local_site(str(self.folder / f"site-{pid}.pkl"))
+        return _load_local_site(str(self.folder / f"site-{pid}.pkl"), capacity=self.num_sites)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (in a Ray worker, before its first message): restore the fields, quiet flwr.
@@ -158,13 +173,25 @@ class PartitionProvider:
             object.__setattr__(self, key, value)
 
 
-@lru_cache(maxsize=128)
-def _load_local_site(path: str) -> LocalSite:
-    """Load one hospital written by the runner (once per worker process)."""
+_SITE_CACHE: OrderedDict[tuple[str, int, int], LocalSite] = OrderedDict()
+"""Hospitals this process loaded, by (path, mtime, size), least recently used first."""
+
+
+def _load_local_site(path: str, *, capacity: int = 128) -> LocalSite:
+    """Load one hospital written by the runner (once per process and file version; keeps ``capacity``)."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)  # a rewritten file (another run, same folder) is reloaded
+    site = _SITE_CACHE.get(key)
+    if site is not None:
+        _SITE_CACHE.move_to_end(key)
+        return site
     with open(path, "rb") as fh:
         site = pickle.load(fh)  # noqa: S301 - the runner wrote this file moments ago
     if not isinstance(site, LocalSite):
         raise TypeError(f"{path} does not hold a LocalSite")
+    _SITE_CACHE[key] = site
+    while len(_SITE_CACHE) > max(capacity, 1):
+        _SITE_CACHE.popitem(last=False)
     return site
 
 
@@ -220,56 +247,6 @@ def run_config_for(
         seed=scenario.seed,
         **security_fields(scenario.artefacts, scenario.audit),
     )
-
-
-def _headline(metrics: dict[str, float]) -> tuple[str, float | None]:
-    """Return the metric a table shows first: AUROC, accuracy, RMSE or MAE."""
-    for key in ("auroc", "accuracy", "rmse", "mae"):
-        if key in metrics:
-            return key, metrics[key]
-    return "-", None
-
-
-class _Progress:
-    """A live table of finished rounds (updated from the ServerApp thread)."""
-
-    def __init__(self, scenario: Scenario, console: Console | None) -> None:
-        self.scenario = scenario
-        self.rows: list[RoundRecord] = []
-        self.started = time.perf_counter()
-        self.times: list[float] = []
-        self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False) if console else None
-
-    def _table(self) -> Table:
-        table = Table(title=f"{self.scenario.name}: {self.scenario.strategy.name}, {self.scenario.rounds} rounds")
-        for col in ("round", "time s", "train loss", "global", "worst site", "max ε", "refusals"):
-            table.add_column(col, justify="right", no_wrap=True)
-        for rec, t in zip(self.rows, self.times, strict=True):
-            name, value = _headline(rec.evaluate)
-            worst = rec.worst_site
-            table.add_row(
-                str(rec.round),
-                f"{t:.1f}",
-                _fmt(rec.train.get("train-loss")),
-                f"{name} {_fmt(value)}",
-                f"{worst['site']} {_fmt(worst['value'])}" if worst else "-",
-                _fmt(rec.train.get("epsilon")),
-                str(len(rec.refusals)),
-            )
-        return table
-
-    def __call__(self, record: RoundRecord) -> None:
-        """Add a finished round."""
-        self.rows.append(record)
-        self.times.append(time.perf_counter() - self.started)
-        logger.info("round %d finished: %s", record.round, record.evaluate)
-        if self.live is not None:
-            self.live.update(self._table(), refresh=True)
-
-
-def _fmt(value: float | None) -> str:
-    """Format a metric for the table ("-" when missing or NaN)."""
-    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 def _site_policy(scenario: Scenario) -> SitePolicy:
@@ -395,11 +372,12 @@ def _privacy_by_site(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float 
     return out
 
 
-def _run_baselines(scenario: Scenario, hospitals: list[SiteData]) -> dict[str, Any]:
-    """Train the pooled and local-only baselines the scenario asks for (simulations.baselines)."""
+def _run_baselines(scenario: Scenario, hospitals: list[SiteData], out: Path | None = None) -> dict[str, Any]:
+    """Train the pooled and local-only baselines the scenario asks for (simulations.baselines); save them under ``out``."""
     if not scenario.baselines:
         return {}
-    return run_baselines(scenario, hospitals, which=list(scenario.baselines))
+    return run_baselines(scenario, hospitals, which=list(scenario.baselines), out_dir=out,
+                         training_data=training_data_of(scenario, hospitals))  # fmt: skip
 
 
 def _gap(final: dict[str, float | None], baselines: dict[str, Any]) -> dict[str, float]:
@@ -419,7 +397,8 @@ def _plots(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 def _quiet_environment() -> None:
     """Set the environment every Flower process (and Ray worker) inherits."""
-    quiet_flower()
+    quiet_flower()  # also the known third-party notices (fedcare.notices)
+    quiet_simulation_notices()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -427,11 +406,23 @@ def _quiet_environment() -> None:
 def ray_backend_config(sim: SimulationSettings) -> dict[str, Any]:
     """Return Flower's Ray backend config for ``sim``; refuse GPUs this machine does not have.
 
+    With ``sim.ray_address`` the backend connects to that running Ray cluster (flwr's Ray
+    backend passes ``init_args`` to ``ray.init``; Ray refuses ``num_cpus`` / ``num_gpus`` /
+    ``object_store_memory`` when connecting, so they are left to the cluster), and the actor
+    pool is sized from the cluster's nodes. flwr's backend ends with ``ray.shutdown()``, which
+    on a connected driver only disconnects: the cluster keeps running.
+
     Raises
     ------
     InvalidScenarioError
-        ``num_gpus`` is above the CUDA devices torch sees here.
+        ``num_gpus`` is above the CUDA devices torch sees here (a private local Ray only).
     """
+    client_resources = {"num_cpus": sim.client_num_cpus, "num_gpus": sim.client_num_gpus}
+    if sim.ray_address is not None:
+        return {
+            "client_resources": client_resources,
+            "init_args": {"address": sim.ray_address, "logging_level": "ERROR"},
+        }
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if sim.num_gpus > available:
         raise InvalidScenarioError(
@@ -439,7 +430,7 @@ def ray_backend_config(sim: SimulationSettings) -> dict[str, Any]:
             f"set num_gpus to at most {available} (and client_num_gpus = 0 when it is 0)"
         )
     return {
-        "client_resources": {"num_cpus": sim.client_num_cpus, "num_gpus": sim.client_num_gpus},
+        "client_resources": client_resources,
         "init_args": {
             "num_cpus": sim.num_cpus,
             "num_gpus": sim.num_gpus,
@@ -457,6 +448,8 @@ def run_scenario(
     resume: bool = False,
     console: Console | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    tracking: TrackingSettings | None = None,
+    provenance: Provenance | None = None,
 ) -> Summary:
     """Run ``scenario`` on Flower's simulation engine and write its results to ``out_dir``.
 
@@ -472,22 +465,67 @@ def run_scenario(
         Where the live progress table goes (none when omitted).
     on_round : callable, optional
         Also called with each finished round's record.
+    tracking : TrackingSettings, optional
+        MLflow / TensorBoard to log the run to (``simulations.tracking``; off when omitted).
+    provenance : Provenance, optional
+        The run's provenance (``simulations.provenance``; default: collected here, no scenario file).
     """
     _quiet_environment()
     started = time.perf_counter()
     _refuse_plain_rounds_the_sites_refuse(scenario)
     backend_config = ray_backend_config(scenario.simulation)  # before any file is written
+    _refuse_an_unreachable_cluster(scenario.simulation)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     hospitals = build_hospitals(scenario)
     _refuse_data_the_model_or_sites_refuse(scenario, hospitals)
     config = run_config_for(scenario, hospitals, out, resume=resume)
     _refuse_an_earlier_run(config, out, resume=resume)
+    provenance = provenance or collect_provenance(None, seed=scenario.seed)
+    configuration = scenario.model_dump(mode="json")
+    tracker = open_simulation_tracker(tracking, scenario_name=scenario.name, configuration=configuration,
+                                      provenance=provenance.model_dump(mode="json"))  # fmt: skip
+    try:
+        summary = _run_tracked(scenario, hospitals, config, out, backend_config, tracker=tracker, console=console,
+                               on_round=on_round, started=started, configuration=configuration,
+                               provenance=provenance)  # fmt: skip
+    except BaseException:
+        tracker.close("failed")
+        raise
+    track_summary(tracker, summary.model_dump(mode="json"), out)
+    if summary.status == "failed":  # a failed secure round fails the run loudly (summary.json says why)
+        raise SecureAggregationError(f"{summary.reason} (summary: {out / SUMMARY_FILE})")
+    return summary
+
+
+def _run_tracked(
+    scenario: Scenario,
+    hospitals: list[SiteData],
+    config: RunConfig,
+    out: Path,
+    backend_config: dict[str, Any],
+    *,
+    tracker: Tracker,
+    console: Console | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    started: float,
+    configuration: dict[str, Any],
+    provenance: Provenance,
+) -> Summary:
+    """Simulate, release and write the results (``run_scenario`` after its checks); log each round to ``tracker``."""
+
+    def round_done(record: RoundRecord) -> None:
+        tracker.log_round(record.to_dict())
+        if on_round is not None:
+            on_round(record)
+
     fed_started = time.perf_counter()
-    status, reason = _simulate(scenario, hospitals, config, out, backend_config, console=console, on_round=on_round)
+    status, reason = _simulate(scenario, hospitals, config, out, backend_config, console=console, on_round=round_done)
     federated_time = time.perf_counter() - fed_started
     history = _read_history(config, status)
-    baselines = _run_baselines(scenario, hospitals)
+    if status == "completed":  # threshold (validation histograms), preprocessing, data digests: in the model file
+        store_operating_point(config, scenario, hospitals)
+    baselines = _run_baselines(scenario, hospitals, out)
     release = None
     if status == "completed":
         release = release_model(scenario, hospitals, config, history, out, ledger_dir=out / LEDGER_DIR,
@@ -495,13 +533,11 @@ def run_scenario(
         if not release.released:
             status, reason = "blocked", release.reason
     central = _central_evaluation(config, hospitals) if history.completed else None
-    summary = _write_summary(
+    return _write_summary(
         scenario, hospitals, history, out, status=status, reason=reason, baselines=baselines, release=release,
-        central=central, federated_time=federated_time, started=started,
+        central=central, federated_time=federated_time, started=started, configuration=configuration,
+        provenance=provenance,
     )  # fmt: skip
-    if status == "failed":  # a failed secure round fails the run loudly (summary.json says why)
-        raise SecureAggregationError(f"{reason} (summary: {out / SUMMARY_FILE})")
-    return summary
 
 
 def _central_evaluation(config: RunConfig, hospitals: list[SiteData]) -> CentralEvaluation | None:
@@ -519,7 +555,8 @@ def _central_evaluation(config: RunConfig, hospitals: list[SiteData]) -> Central
         return None
     expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
     arrays, meta = load_model_file(source, key=key, expected=expected)
-    return evaluate_centrally(build_saved_model(arrays, meta), hospitals)
+    return evaluate_centrally(build_saved_model(arrays, meta), hospitals, threshold=meta.get("threshold"),
+                              seed=config.seed)  # fmt: skip
 
 
 def _refuse_an_earlier_run(config: RunConfig, out: Path, *, resume: bool) -> None:
@@ -552,18 +589,19 @@ def _simulate(
 
     sites_dir = out / _SITES_DIR
     _write_hospitals(scenario, hospitals, sites_dir, out / LEDGER_DIR)
-    progress = _Progress(scenario, console)
+    progress = RoundProgress(f"{scenario.name}: {scenario.strategy.name}, {scenario.rounds} rounds",
+                             scenario.rounds, console)  # simulations.console: live table or a line per round
 
     def round_done(record: RoundRecord) -> None:
         progress(record)
+        logger.info("round %d finished: %s", record.round, record.evaluate)
         if on_round is not None:
             on_round(record)
 
-    server_app = make_server_app(config, on_round=round_done, write_report=False)
-    client_app = make_client_app(PartitionProvider(sites_dir))
+    server_app = _server_app_after_registration(config, len(hospitals), on_round=round_done)
+    client_app = make_client_app(PartitionProvider(sites_dir, num_sites=len(hospitals)))
     try:
-        if progress.live is not None:
-            progress.live.start()
+        progress.start()
         try:
             run_simulation(
                 server_app=server_app,
@@ -572,8 +610,7 @@ def _simulate(
                 backend_config=backend_config,  # type: ignore[arg-type]
             )
         finally:
-            if progress.live is not None:
-                progress.live.stop()
+            progress.stop()
     except SecureAggregationError as exc:  # history.json says failed; no model is released
         logger.error("secure aggregation FAILED: %s", exc)
         return "failed", str(exc)
@@ -583,6 +620,65 @@ def _simulate(
     finally:
         shutil.rmtree(sites_dir, ignore_errors=True)
     return "completed", None
+
+
+def _server_app_after_registration(
+    config: RunConfig, num_nodes: int, *, on_round: Callable[[RoundRecord], None]
+) -> ServerApp:
+    """Return the ServerApp of ``config`` that starts round 1 only once all ``num_nodes`` virtual nodes registered.
+
+    flwr's simulation starts the ServerApp thread and then registers the virtual nodes one by
+    one; a strategy that samples at once draws round 1 from the nodes registered so far (10 of
+    100 sampled in one run of 1,000 hospitals). The wait is bounded by the round timeout: past
+    it, the run goes on with the nodes there are (and says so).
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Wait for every virtual node, then run the study."""
+        _wait_for_nodes(grid, num_nodes, timeout_s=config.round_timeout_s)
+        run_server(grid, config, on_round=on_round, write_report=False)
+
+    return server_app
+
+
+def _wait_for_nodes(grid: Grid, expected: int, *, timeout_s: float, poll_s: float = 0.05) -> int:
+    """Return the number of nodes ``grid`` reports once it reaches ``expected``, or at ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (found := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    if found < expected:
+        logger.warning(
+            "only %d of %d virtual nodes registered within %g s; round 1 samples from those "
+            "(raise [simulation] round_timeout_s on a slow machine)", found, expected, timeout_s,
+        )
+    return found
+
+
+def _refuse_an_unreachable_cluster(sim: SimulationSettings) -> None:
+    """Raise ``InvalidScenarioError`` (before any file is written) when no Ray cluster answers at ``ray_address``.
+
+    A bounded TCP connection to the cluster's GCS port; ``"auto"`` and ``ray://`` addresses are
+    left to Ray. fedcare never starts a cluster in place of the one named.
+    """
+    address = sim.ray_address
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidScenarioError(
+            f"[simulation] ray_address = {address!r} is not host:port; give the head node's address as "
+            "printed by `ray start --head` (e.g. 10.0.0.5:6379), or \"auto\""
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5.0).close()
+    except OSError as exc:
+        raise InvalidScenarioError(
+            f"no Ray cluster answers at [simulation] ray_address = {address!r} ({type(exc).__name__}); "
+            "start it first (`ray start --head --port=...` on the head node), fix the address, or remove "
+            "ray_address to run on a private local Ray instance"
+        ) from None
 
 
 def _read_history(config: RunConfig, status: str) -> MetricsHistory:
@@ -612,8 +708,10 @@ def _write_summary(
     central: CentralEvaluation | None,
     federated_time: float,
     started: float,
+    configuration: dict[str, Any] | None = None,
+    provenance: Provenance | None = None,
 ) -> Summary:
-    """Write ``metrics.csv``, the plots and ``summary.json``; return the summary."""
+    """Write ``metrics.csv``, the plots, ``report.html`` and ``summary.json``; return the summary."""
     rounds = [r.to_dict() for r in history.completed]
     last = rounds[-1] if rounds else {}
     federated_evaluation = last.get("evaluate", {})
@@ -636,6 +734,10 @@ def _write_summary(
         "rounds_completed": len(rounds),
         "final_global": final_global,
         "final_pooled_test": dict(central.pooled_test) if central is not None else {},
+        "final_global_intervals": dict(central.intervals) if central is not None else {},
+        "final_global_binned": dict(central.binned) if central is not None else {},
+        "final_threshold": central.threshold if central is not None else None,
+        "final_site_weighted_mean": dict(central.site_weighted_mean) if central is not None else {},
         "final_federated_evaluation": federated_evaluation,
         "final_train": last.get("train", {}),
         "final_sites": last.get("site_evaluate", {}),
@@ -650,9 +752,13 @@ def _write_summary(
         "files": files,
         "secure_aggregation": secure_summary(scenario.secure_aggregation, scenario.client_dp, rounds),
         "release": None if release is None else release.model_dump(mode="json"),
+        "configuration": configuration,
+        "provenance": None if provenance is None else provenance.model_dump(mode="json"),
     }
     files.update(_plots(data, out))
+    files["report_html"] = str(out / REPORT_FILE)
     data["wall_time_s"] = time.perf_counter() - started
+    write_report(data, out)  # simulations.report_html: the same content as summary.json, with the plots
     summary = Summary.model_validate(data)
     write_json_atomic(out / SUMMARY_FILE, summary.model_dump(mode="json"))
     return summary
@@ -666,53 +772,5 @@ def evaluate_model_file(
     out: Path | str | None = None,
     key: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved global model on a site manifest's data (external validation).
-
-    Writes ``{"model", "site", "manifest", "split", "num_examples", "metrics"}`` as JSON to
-    ``out`` (default ``<model folder>/external_<site>_<split>.json``) and returns it with the
-    file's path under ``"file"``.
-
-    ``key`` (a key file, ``"env"`` or ``"env:NAME"``) decrypts a ``final_model.npz.enc``.
-
-    Raises
-    ------
-    CheckpointError
-        When the model file is unreadable, tampered, or encrypted and no (or the wrong) key given.
-    DataValidationError
-        When the site's data fails validation.
-    ValueError
-        When the site's data does not fit the model, or ``split`` is unknown.
-    """
-    arrays, meta = load_model_file(model_path, key=load_artefact_key(key))
-    data = load_site_file(site_path)
-    expected = (meta["task"], int(meta["num_classes"]), tuple(meta["input_shape"]), bool(meta["has_mask"]))
-    found = (data.task, data.num_classes, tuple(data.input_shape), data.has_mask)
-    if expected[0] != found[0] or expected[2:] != found[2:] or (
-        data.task != "regression" and expected[1] != found[1]
-    ):
-        raise ValueError(
-            f"site {data.name!r} has (task, classes, input shape, mask) = {found}, the model expects "
-            f"{expected}; validate on a site with the study's features and classes"
-        )
-    model = build_saved_model(arrays, meta)
-    choices = {"test": data.test, "val": data.val, "train": data.train}
-    if split == "all":
-        chosen = Split.concat([data.train, data.val, data.test])
-    elif split in choices:
-        chosen = choices[split]
-    else:
-        raise ValueError(f"unknown split {split!r}; use test, val, train or all")
-    if len(chosen) == 0:
-        raise ValueError(f"site {data.name!r} has no {split} examples; pick another --split")
-    metrics = {k: float(v) for k, v in evaluate(model, chosen, data.task).items()}
-    target = Path(out) if out is not None else Path(model_path).parent / f"external_{data.name}_{split}.json"
-    result: dict[str, Any] = {
-        "model": str(model_path),
-        "site": data.name,
-        "manifest": str(site_path),
-        "split": split,
-        "num_examples": len(chosen),
-        "metrics": metrics,
-    }
-    write_json_atomic(target, result)
-    return {**result, "file": str(target)}
+    """Evaluate a saved model on a site manifest's data at its stored threshold (:func:`.external.evaluate_model_file`)."""
+    return _external_evaluation(model_path, site_path, split=split, out=out, key=key)

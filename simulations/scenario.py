@@ -68,7 +68,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..config_base import FrozenModel
 from ..models import ModelSpec
@@ -76,6 +76,7 @@ from ..models.families import FAMILIES
 from ..privacy.policy import SitePolicy
 from ..privacy.settings import PrivacySettings
 from ..server.config import RunConfig
+from ..server.study_tables import StrategySpec, TrainingSpec
 from .builtin import BUILTIN_SOURCES
 from .partition import PartitionScheme
 from .secure import ClientDpSpec, SecureAggregationSpec, secure_run_fields
@@ -94,6 +95,7 @@ __all__ = [
     "StrategySpec",
     "TrainingSpec",
     "load_scenario",
+    "with_ray_address",
 ]
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml"
@@ -172,36 +174,21 @@ class PartitionSpec(PartitionScheme):
         return PartitionScheme(**self.model_dump(exclude={"hospitals"}))
 
 
-class StrategySpec(FrozenModel):
-    """The strategy name plus its parameters, spelled as run-config keys (``proximal-mu``…)."""
-
-    model_config = ConfigDict(extra="allow")  # frozen (FrozenModel); extra keys are the parameters
-
-    name: str = "fedavg"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Return the strategy parameters (every field but ``name``)."""
-        return dict(self.model_extra or {})
-
-
-class TrainingSpec(FrozenModel):
-    """Local training settings the server sends every round."""
-
-    local_epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=0.1, gt=0.0)
-    clip_grad_norm: float = Field(default=0.0, ge=0.0)
-
-
 class SimulationSettings(FrozenModel):
     """Resources and limits of the simulation engine.
 
     ``num_gpus`` GPUs are given to Ray, and each virtual hospital's ClientApp reserves
     ``client_num_gpus`` of one (a fraction shares a GPU between hospitals); a hospital that
     reserved one trains on it (device ``auto``), the others on CPU.
+
+    ``ray_address`` (e.g. ``"10.0.0.5:6379"`` or ``"auto"``) connects to a Ray cluster that is
+    already running (``ray start --head`` ...) and uses its resources instead of starting a
+    private local Ray instance; ``num_cpus``, ``num_gpus`` and ``object_store_mb`` are then the
+    cluster's business and are not passed. fedcare never starts or stops a cluster it connects
+    to: it only disconnects (docs/simulation.md).
     """
 
+    ray_address: str | None = Field(default=None, min_length=1)
     num_cpus: int = Field(default=2, ge=1)
     client_num_cpus: float = Field(default=1.0, gt=0.0)
     num_gpus: int = Field(default=0, ge=0)
@@ -216,7 +203,7 @@ class SimulationSettings(FrozenModel):
     @model_validator(mode="after")
     def _gpus_to_reserve(self) -> SimulationSettings:
         """Refuse a per-hospital GPU share without GPUs for Ray."""
-        if self.client_num_gpus > 0 and self.num_gpus == 0:
+        if self.client_num_gpus > 0 and self.num_gpus == 0 and self.ray_address is None:  # a cluster: its GPUs
             raise ValueError(
                 f"client_num_gpus = {self.client_num_gpus:g} but num_gpus = 0: give Ray the GPUs to "
                 "share (num_gpus = 1 or more), or set client_num_gpus = 0 to train on CPU"
@@ -272,7 +259,7 @@ class Scenario(FrozenModel):
         fields.update({k.replace("-", "_"): v for k, v in self.strategy.params.items()})
         fields.update(secure_run_fields(self.secure_aggregation, self.client_dp))
         try:
-            RunConfig(input_shape=(1,), **fields)  # type: ignore[arg-type]
+            RunConfig(input_shape=(1,), study=self.name, **fields)  # type: ignore[arg-type]  # study: warnings once per study
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'strategy'}: {str(e['msg']).removeprefix('Value error, ')}"
@@ -287,6 +274,23 @@ class Scenario(FrozenModel):
         if isinstance(self.data, ManifestsSource):
             return len(self.data.paths)
         return (self.partition or PartitionSpec()).hospitals
+
+
+def with_ray_address(scenario: Scenario, address: str) -> Scenario:
+    """Return ``scenario`` run on the Ray cluster at ``address`` (``fedcare simulate --ray-address``).
+
+    Raises
+    ------
+    InvalidScenarioError
+        When the address is empty.
+    """
+    try:
+        sim = SimulationSettings.model_validate({**scenario.simulation.model_dump(), "ray_address": address})
+    except ValidationError as exc:
+        raise InvalidScenarioError(
+            f"--ray-address {address!r} is invalid ({exc.errors()[0]['msg']}); give the head node's host:port"
+        ) from None
+    return scenario.model_copy(update={"simulation": sim})
 
 
 def load_scenario(path: Path | str) -> Scenario:

@@ -1,4 +1,5 @@
-"""A scenario's secure aggregation and client-level DP: its TOML tables, run-config fields and summary.
+"""A scenario's secure aggregation and client-level DP: its TOML tables (``server/study_tables.py``,
+shared with study files) and its summary entry.
 
 ::
 
@@ -18,52 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
-from ..config_base import FrozenModel
+from ..server.study_tables import ClientDpSpec, SecureAggregationSpec, secure_run_fields
 
 __all__ = ["ClientDpSpec", "SecureAggregationSpec", "secure_run_fields", "secure_summary"]
-
-
-class SecureAggregationSpec(FrozenModel):
-    """The ``[secure_aggregation]`` table (RunConfig ``secure-aggregation`` / ``secagg-*``)."""
-
-    enabled: bool = False
-    num_shares: int | float = Field(default=1.0, gt=0)
-    reconstruction_threshold: int | float = Field(default=0.67, gt=0)
-    clipping_range: float = Field(default=8.0, gt=0)
-
-
-class ClientDpSpec(FrozenModel):
-    """The ``[client_dp]`` table (RunConfig ``client-dp-*``)."""
-
-    clipping_norm: float = Field(gt=0)
-    noise_multiplier: float = Field(default=1.0, ge=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-
-
-def secure_run_fields(secure: SecureAggregationSpec, client_dp: ClientDpSpec | None) -> dict[str, Any]:
-    """Return the RunConfig fields of the two tables (empty when secure aggregation is off).
-
-    Raises ``ValueError`` for ``[client_dp]`` without ``[secure_aggregation] enabled = true``.
-    """
-    if not secure.enabled:
-        if client_dp is not None:
-            raise ValueError("[client_dp] needs [secure_aggregation] enabled = true (client-level DP runs on the SecAgg+ path)")
-        return {}
-    fields: dict[str, Any] = {
-        "secure_aggregation": True,
-        "secagg_num_shares": secure.num_shares,
-        "secagg_reconstruction_threshold": secure.reconstruction_threshold,
-        "secagg_clipping_range": secure.clipping_range,
-    }
-    if client_dp is not None:
-        fields |= {
-            "client_dp_clipping_norm": client_dp.clipping_norm,
-            "client_dp_noise_multiplier": client_dp.noise_multiplier,
-            "client_dp_delta": client_dp.delta,
-        }
-    return fields
 
 
 def secure_summary(secure: SecureAggregationSpec, client_dp: ClientDpSpec | None,

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# the example manifests (simulations/sites) read their data under ${FEDCARE_DATA_ROOT}; set before
+# any test starts, so the nodes, ServerApps and Ray workers the tests start inherit it
+os.environ.setdefault("FEDCARE_DATA_ROOT", str(SHARED_DATA.resolve()))
 
 
 def _need(path: Path) -> Path:

@@ -97,7 +97,9 @@ def test_pooled_baseline_reports_per_site_weighted_and_pooled_test_metrics(arms:
     assert set(result.sites) == {"site-a", "site-b", "site-c"}
     for metric in ("auroc", "accuracy", "loss"):
         expected = sum(result.sites[s][metric] * n for s, n in result.num_examples.items()) / sum(result.num_examples.values())
-        assert result.metrics[metric] == pytest.approx(expected, rel=1e-12)
+        assert result.site_weighted_mean[metric] == pytest.approx(expected, rel=1e-12)
+    assert result.metrics["loss"] == pytest.approx(result.site_weighted_mean["loss"], rel=1e-9)  # a mean: both agree
+    assert result.intervals["auroc"][0] <= result.metrics["auroc"] <= result.intervals["auroc"][1]
     assert set(result.pooled_test) >= {"auroc", "accuracy", "loss"}
     assert result.pooled_test["auroc"] > 0.9  # DP logistic regression still separates WDBC well
     assert result.epochs == ROUNDS * TRAIN.local_epochs
@@ -130,7 +132,7 @@ def test_local_baselines_evaluate_each_model_on_its_site_and_on_the_pooled_test(
         expected = sum(local.site_pooled_test[s][metric] * weights[s] for s in weights) / sum(weights.values())
         assert local.pooled_test[metric] == pytest.approx(expected, rel=1e-12)
         expected = sum(local.sites[s][metric] * weights[s] for s in weights) / sum(weights.values())
-        assert local.metrics[metric] == pytest.approx(expected, rel=1e-12)
+        assert local.site_weighted_mean[metric] == pytest.approx(expected, rel=1e-12)
     assert pooled_test_size == len(pool_sites(arms["sites"]).test)
     assert local.metrics["auroc"] > 0.8
 

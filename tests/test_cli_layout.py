@@ -11,12 +11,15 @@ from fedcare.cli import app
 EXPECTED = {
     "simulate": None,
     "evaluate": None,
+    "compare": None,
     "run": None,
     "release": None,
-    "node": ["check", "keygen", "pin-app", "start", "stop"],
+    "node": ["check", "keygen", "pin-app", "start", "stop", "status"],
     "certs": ["init", "node-bundle"],
-    "server": ["start", "stop", "register-node", "app-hash"],
+    "server": ["start", "stop", "register-node", "status", "status-page", "app-hash"],
     "audit": ["verify", "keygen", "artefact-key", "rotate", "membership"],
+    "study": ["convert"],
+    "examples": ["copy"],
 }
 
 

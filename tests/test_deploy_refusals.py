@@ -31,6 +31,7 @@ from fedcare.client.deploy import (  # noqa: E402
     NodeInsecureNotRequestedError,
     NodePlaintextWarning,
     NodeSettings,
+    NodeTlsError,
     node_config_string,
     start_node,
 )
@@ -50,7 +51,7 @@ from fedcare.server.flower_app import (  # noqa: E402
     build_flower_app,
     load_study,
 )
-from fedcare.supervise import ProcessExitedError, ReadyTimeoutError  # noqa: E402
+from fedcare.supervise import ProcessExitedError  # noqa: E402
 
 REGISTERED = "cleveland"
 UNREGISTERED = "hungarian"
@@ -185,9 +186,13 @@ def test_built_app_ships_only_a_pyproject_pointing_at_installed_modules(tmp_path
         "serverapp": "fedcare.server.app:app",
         "clientapp": "fedcare.client.app:app",
     }
-    assert doc["tool"]["flwr"]["app"]["config"] == {
-        "study": "heart", "input-shape": "15", "min-sites": 3
-    }
+    config = doc["tool"]["flwr"]["app"]["config"]
+    # the full run configuration, every key written and sorted: the hash depends on it alone
+    # (plus the empty tracking keys `fedcare run --mlflow-uri/--tensorboard` may override)
+    expected = {**load_study(study).run_config().to_run_config(), "tracking-mlflow-uri": "", "tracking-tensorboard": ""}
+    assert config == dict(sorted(expected.items()))
+    assert (config["study"], config["input-shape"], config["min-sites"]) == ("heart", "15", 3)
+    assert list(config) == sorted(config)
     with pytest.raises(AppFolderExistsError):
         (folder / "stray.py").write_text("")
         build_flower_app(load_study(study), folder)
@@ -237,12 +242,11 @@ def test_plaintext_node_cannot_connect_to_tls_superlink(
         trusted_app_hashes=(NO_APP_PIN,),
     )
     # Execute
-    with pytest.warns(NodePlaintextWarning), pytest.raises((ProcessExitedError, ReadyTimeoutError)) as info:
+    with pytest.warns(NodePlaintextWarning), pytest.raises(NodeTlsError) as info:
         start_node(settings, ready_timeout=45.0)
 
-    # Assert: it never got a node id; flwr gave up with a connection error
-    assert "SuperNode ID" not in info.value.log_tail
-    assert "Failed to initialize the connection" in info.value.log_tail
+    # Assert: refused before any SuperNode started, naming the cause (tests/test_tls_failures.py)
+    assert "speaks TLS, but this node was started with --insecure" in str(info.value)
     assert not (tmp_path / "plain" / "supernode.pid").exists()
 
 

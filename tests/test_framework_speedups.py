@@ -130,7 +130,7 @@ def test_node_command_runs_the_tuned_loop_only_below_flwrs_poll(tmp_path: Path) 
     (tmp_path / "ca.crt").write_text("x", encoding="utf-8")
     key = tmp_path / "node.key"
     key.write_text("x", encoding="utf-8")
-    manifest = Path(__file__).resolve().parents[1] / "docs" / "sites" / "heart_va.toml"
+    manifest = Path(__file__).resolve().parents[1] / "simulations" / "sites" / "heart_va.toml"
 
     def command(**kwargs: Any) -> list[str]:
         settings = NodeSettings(site_manifest=manifest, superlink="127.0.0.1:9300", port=9401,

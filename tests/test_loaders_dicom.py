@@ -32,7 +32,7 @@ from fedcare.client.loaders.dicom_images import voi_window
 from fedcare.client.manifest import parse_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
+SITES = REPO / "simulations" / "sites"
 PATIENT_NAME = "Doe^Jane-Identifying"
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*min_cohort_size = \\d+ is below the default")
@@ -220,7 +220,7 @@ def torch_equal(a: Any, b: Any) -> bool:
 
 
 def test_example_manifest_reads_a_dicom_folder(tmp_path: Path, xrays: Any) -> None:
-    # Prepare: docs/sites/dicom_chest_xray.toml pointed at 30 files (one patient each), 15
+    # Prepare: simulations/sites/dicom_chest_xray.toml pointed at 30 files (one patient each), 15
     # normal and 15 pneumonia X-rays
     images, labels = xrays
     pick = np.concatenate([np.flatnonzero(labels == 0)[:15], np.flatnonzero(labels == 1)[:15]])
@@ -236,7 +236,7 @@ def test_example_manifest_reads_a_dicom_folder(tmp_path: Path, xrays: Any) -> No
     write_labels(folder / "labels.csv", rows, key=raw["data"]["key_column"],
                  label=raw["data"]["label_column"])  # fmt: skip
     text = (SITES / "dicom_chest_xray.toml").read_text().replace(
-        "../../../shared/data/dicom/chest_xray", str(folder)
+        "${FEDCARE_DATA_ROOT}/dicom/chest_xray", str(folder)
     )
     manifest = tmp_path / "site.toml"
     manifest.write_text(text)

@@ -20,17 +20,17 @@ from fedcare.client.manifest import parse_manifest
 from fedcare.models import ModelSpec, build_for_data
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
-PREFIX = "../../../shared/data"
+SITES = REPO / "simulations" / "sites"
+PREFIX = "${FEDCARE_DATA_ROOT}"
 
 
 def example(name: str, shared_data: Path, **data_changes: object) -> SiteData:
-    """Load docs/sites/<name>.toml with its shared-data paths pointed at ``shared_data``."""
+    """Load simulations/sites/<name>.toml with its shared-data paths pointed at ``shared_data``."""
     return load_site(example_manifest(name, shared_data, **data_changes))
 
 
 def example_manifest(name: str, shared_data: Path, **data_changes: object):  # type: ignore[no-untyped-def]
-    """Parse docs/sites/<name>.toml, rewriting ``../../../shared/data`` to ``shared_data``."""
+    """Parse simulations/sites/<name>.toml, rewriting ``${FEDCARE_DATA_ROOT}`` to ``shared_data``."""
     raw = tomllib.loads((SITES / f"{name}.toml").read_text())
     for key in ("path", "outcomes"):
         if key in raw["data"]:

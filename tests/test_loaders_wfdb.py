@@ -31,7 +31,7 @@ from fedcare.client.loaders import load_site_result
 from fedcare.client.manifest import parse_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
+SITES = REPO / "simulations" / "sites"
 NPZ_NAME = "mitbih_12records_mlii_360hz.npz"
 ADU_PER_MV = 200.0
 
@@ -169,19 +169,19 @@ def test_records_are_discovered_and_the_lead_is_chosen_by_name_or_index(
 
 
 def test_example_manifest_reads_a_wfdb_folder(tmp_path: Path, shared_data: Path, mitbih: Any) -> None:
-    # Prepare: the six records of docs/sites/mitbih_wfdb.toml, and that manifest pointed at them
+    # Prepare: the six records of simulations/sites/mitbih_wfdb.toml, and that manifest pointed at them
     raw = tomllib.loads((SITES / "mitbih_wfdb.toml").read_text())
     folder = tmp_path / "wfdb"
     for rec in raw["data"]["records"]:
         write_from_npz(folder, mitbih, rec)
     text = (SITES / "mitbih_wfdb.toml").read_text().replace(
-        "../../../shared/data/mitbih/wfdb", str(folder)
+        "${FEDCARE_DATA_ROOT}/mitbih/wfdb", str(folder)
     )
     site = tmp_path / "mitbih_wfdb.toml"
     site.write_text(text)
     npz = SITES / "mitbih_site_a.toml"
     npz_site = tmp_path / "a.toml"
-    npz_site.write_text(npz.read_text().replace("../../../shared/data", str(shared_data)))
+    npz_site.write_text(npz.read_text().replace("${FEDCARE_DATA_ROOT}", str(shared_data)))
     # Execute
     report = check_site_file(site)
     reference = check_site_file(npz_site)

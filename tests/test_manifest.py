@@ -1,4 +1,4 @@
-"""Site manifests: parsing, defaults, path resolution and the example manifests in docs/sites."""
+"""Site manifests: parsing, defaults, path resolution and the example manifests in simulations/sites."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedcare.client.manifest import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
+SITES = REPO / "simulations" / "sites"
 
 TABLE = {
     "site": "a",
@@ -160,7 +160,7 @@ def test_every_data_kind_but_png_has_an_example() -> None:
 def test_example_manifests_parse_and_point_at_shared_data(path: Path) -> None:
     # Execute
     m = load_manifest(path)
-    # Assert: paths resolved against docs/sites/, into ../shared/data beside the repo
+    # Assert: paths resolved under ${FEDCARE_DATA_ROOT} (tests/conftest.py: ../shared/data beside the repo)
     assert isinstance(m, SiteManifest)
     data_path = getattr(m.data, "path", None) or m.data.folder  # type: ignore[union-attr]
     assert data_path.is_absolute()

@@ -13,12 +13,12 @@ from fedcare.client.check import check_site_file, report_renderables
 from fedcare.client.cli import node_app
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
-PREFIX = "../../../shared/data"
+SITES = REPO / "simulations" / "sites"
+PREFIX = "${FEDCARE_DATA_ROOT}"
 
 
 def site_copy(name: str, tmp_path: Path, shared_data: Path) -> Path:
-    """Copy docs/sites/<name>.toml into tmp_path with absolute shared-data paths."""
+    """Copy simulations/sites/<name>.toml into tmp_path with absolute shared-data paths."""
     text = (SITES / f"{name}.toml").read_text().replace(PREFIX, str(shared_data))
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
@@ -120,7 +120,7 @@ def test_cli_check_needs_a_site() -> None:
 
 
 def mitbih_records(tmp_path: Path, shared_data: Path, records: list[str], split: str) -> Path:
-    """docs/sites/mitbih_site_a.toml for ``records`` only, cohort floor 1, the given [split]."""
+    """simulations/sites/mitbih_site_a.toml for ``records`` only, cohort floor 1, the given [split]."""
     site = site_copy("mitbih_site_a", tmp_path, shared_data)
     text = site.read_text()
     start, end = text.index("[split]"), text.index("[data]")

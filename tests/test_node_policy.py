@@ -95,7 +95,7 @@ def _ledger_files(site: LocalSite) -> list[Path]:
         ({"privacy": PrivacySettings.with_target(epsilon=3.0, delta=1e-4)}, {}, None, Rule.DELTA, "exceeds the site's ceiling 1e-05"),
         ({"policy": {"min_noise_multiplier": 5.0}}, {}, None, Rule.NOISE_MULTIPLIER, "below the site's minimum 5"),
         ({"privacy": PrivacySettings.with_target(epsilon=3.0, max_grad_norm=3.0)}, {}, None, Rule.MAX_GRAD_NORM, "exceeds the site's maximum 2"),
-        ({"privacy": PrivacySettings.with_target(epsilon=5.0)}, {}, None, Rule.EPSILON_STUDY, "per-study maximum 3"),
+        ({"privacy": PrivacySettings.with_target(epsilon=5.0)}, {"rounds": 1}, None, Rule.EPSILON_STUDY, "per-study maximum 3"),
         ({"policy": {"max_epsilon_per_study": 0.5, "max_epsilon_total": 0.5}}, {}, None, Rule.EPSILON_STUDY, "per-study maximum 0.5"),
     ],
 )
@@ -212,7 +212,7 @@ def test_a_node_without_a_policy_file_applies_the_strict_epsilon_limit_in_a_secu
     (tmp_path / "privacy.toml").write_text("[privacy]\ntarget_epsilon = 5.0\n")
     node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger"),
             "privacy-settings": str(tmp_path / "privacy.toml")}
-    msg, _ = _train_message()
+    msg, _ = _train_message(rounds=1)  # + the default retry reserve of 2: noise planned over 3 rounds
     context = _context(node)
     context.state.config_records[SECURE_ROUND_STATE] = ConfigRecord({"active": True})
 

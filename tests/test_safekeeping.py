@@ -111,7 +111,8 @@ def test_an_encrypted_run_keeps_no_plaintext_and_a_flipped_byte_stops_the_resume
     with pytest.raises(_Stop):
         run_server(_grid(tmp_path), config, on_round=_stop_after(1))
     ckpt = tmp_path / "ckpt" / "checkpoint.npz.enc"
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".fedcare-state", "checkpoint.npz.enc"]
+    # progress.json: the status page's round and stage record (no model, no patient value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".fedcare-state", "checkpoint.npz.enc", "progress.json"]
     # the state folder holds the checkpoint's head record and its HMAC key only, no model
     assert sorted(p.name for p in (tmp_path / "ckpt" / ".fedcare-state").iterdir()) == [
         "checkpoint-mac.key", "checkpoint.npz.enc.head.json"]

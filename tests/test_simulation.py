@@ -185,7 +185,9 @@ def test_evaluate_a_saved_model_on_another_site(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "external_wdbc-external_test.json").read_text())
     assert written["site"] == "wdbc-external" and written["split"] == "test"
     assert written["num_examples"] == 285
-    assert set(written["metrics"]) == {"loss", "accuracy", "balanced_accuracy", "auroc", "auprc"}
+    assert set(written["metrics"]) == {"loss", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
+                                       "auroc", "auprc", "brier", "calibration_error"}
+    assert written["threshold"] == 0.5 and not written["threshold_stored"]  # a model file without one
     assert written["metrics"]["auroc"] > 0.9
     assert "auroc" in result.output
 

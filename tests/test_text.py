@@ -1,7 +1,7 @@
 """Clinical free text: the ``text`` site kind, the hashing tokeniser and the text model families.
 
 Real files only: small CSV / Parquet tables written in ``tmp_path``, and the Medical Abstracts
-corpus of ``../shared/data`` through ``docs/sites/medical_abstracts.toml``.
+corpus of ``../shared/data`` through ``simulations/sites/medical_abstracts.toml``.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def test_text_kind_refuses_regression_and_one_column_for_both(tmp_path: Path) ->
 
 def test_medical_abstracts_manifest_loads_the_real_corpus(shared_data: Path) -> None:
     # Execute
-    result = load_site_result(load_manifest(REPO / "docs" / "sites" / "medical_abstracts.toml"))
+    result = load_site_result(load_manifest(REPO / "simulations" / "sites" / "medical_abstracts.toml"))
     data = result.data
     # Assert: 2,888 abstracts, 5 classes, stratified 70/15/15, ids within the 4096 buckets
     assert result.patients == 2888 and result.class_names == ["1", "2", "3", "4", "5"]

@@ -2,7 +2,7 @@
 
 One test per data set (UCI heart disease: Cleveland alone and the four hospitals pooled;
 PhysioNet 2012 set A; MIT-BIH site a; BreastMNIST; PneumoniaMNIST). Each loads the site from a
-manifest file (``docs/sites/<name>.toml`` copied into ``tmp_path`` with its data paths pointed
+manifest file (``simulations/sites/<name>.toml`` copied into ``tmp_path`` with its data paths pointed
 at the ``shared_data`` fixture, plus the few changes a recipe makes), trains the family meant
 for the data with :func:`~fedcare.client.training.train_local` under a real target ε with a
 persistent :class:`~fedcare.privacy.ledger.PrivacyLedger`, then asserts
@@ -42,8 +42,8 @@ from fedcare.simulations.baselines import pool_sites
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = REPO / "docs" / "sites"
-PREFIX = "../../../shared/data"
+SITES = REPO / "simulations" / "sites"
+PREFIX = "${FEDCARE_DATA_ROOT}"
 HEART_HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 
 
@@ -103,7 +103,7 @@ MITBIH_WINDOWS = {"decimate": 18, "before": 0.8}
 
 
 def write_manifest(tmp_path: Path, shared_data: Path, name: str, **data_changes: Any) -> Path:
-    """Write docs/sites/<name>.toml into ``tmp_path`` with data paths under ``shared_data``."""
+    """Write simulations/sites/<name>.toml into ``tmp_path`` with data paths under ``shared_data``."""
     raw = tomllib.loads((SITES / f"{name}.toml").read_text(encoding="utf-8"))
     for key in ("path", "outcomes"):
         if key in raw["data"]:

@@ -1,6 +1,6 @@
 """Loaders, one per kind of site data, and the dispatch from a manifest to validated data.
 
->>> data = load_site_file("docs/sites/heart_cleveland.toml")  # doctest: +SKIP
+>>> data = load_site_file("simulations/sites/heart_cleveland.toml")  # doctest: +SKIP
 >>> data.num_train, data.input_shape  # doctest: +SKIP
 """
 

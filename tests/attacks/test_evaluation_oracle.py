@@ -33,7 +33,7 @@ from fedcare.privacy.policy import Rule, SitePolicy, node_default_policy
 from fedcare.privacy.release_mechanisms import BINS, STAT_PREFIX
 from fedcare.privacy.settings import PrivacySettings
 
-SITES = Path(__file__).resolve().parents[2] / "docs" / "sites"
+SITES = Path(__file__).resolve().parents[2] / "simulations" / "sites"
 STUDY = "heart-disease"
 FEATURE = "age"
 SLOPE = 1e4  # p = sigmoid(SLOPE (x - t)): 1 above the threshold, 0 below

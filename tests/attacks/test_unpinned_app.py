@@ -74,7 +74,7 @@ app = ClientApp()
 
 def test_default_node_without_any_pin_does_not_start(tmp_path: Path) -> None:
     # Prepare: a node as `fedcare node start` builds it with no --trust-app and no --policy
-    manifest = Path(__file__).resolve().parents[2] / "docs" / "sites" / "heart_va.toml"
+    manifest = Path(__file__).resolve().parents[2] / "simulations" / "sites" / "heart_va.toml"
     (tmp_path / "ca.crt").write_text("not used: the node must refuse before connecting")
     (tmp_path / "node.key").write_text("not used")
     settings = NodeSettings(site_manifest=manifest, superlink="127.0.0.1:9", port=free_port(),

@@ -1,0 +1,587 @@
+"""Chaos run: a real deployment under random ``kill -9``, restarted and resumed (issue 13 item 7).
+
+A loopback deployment as docs/deployment.md lays it out: ``fedcare certs init``, a TLS SuperLink
+with SuperNode authentication (``server.deploy.start_superlink``), five hospital nodes each with
+its own key, policy, state folder and privacy ledger (``client.deploy.start_node``; the heart-
+disease sites Cleveland, Hungarian and VA, and Cleveland and Hungarian once more under other
+site names), and a sequence of studies, alternately plain and SecAgg+, each submitted with
+``fedcare run`` as the coordinator would. A seeded random schedule (``--seed``) gives each study
+``--faults`` faults, each a ``kill -9`` (SIGKILL) at a random time after the study's submission of
+
+- ``node``: one hospital's SuperNode (chosen at random); restarted after a random pause as the
+  docs say: ``fedcare node stop --state`` (stops what the dead node left behind) then
+  ``fedcare node start`` with the same state folder and ledger;
+- ``serverapp``: the study's ServerApp process (``flwr-serverapp`` under the SuperLink); nothing
+  to restart, the study is resumed;
+- ``superlink``: the SuperLink; restarted after a random pause: ``fedcare server stop --state``
+  then ``fedcare server start`` with the same state folder (its database keeps the nodes'
+  registrations; the nodes reconnect by themselves).
+
+A study whose ``fedcare run`` ends without ``finished:completed`` is resumed (``fedcare run
+--resume`` where the CLI has it, else the study file with ``resume = true`` in ``[run]``, whose
+app hash every hospital pinned in advance), at most ``--max-resumes`` times.
+
+Invariants, checked after every event (kill, restart, end of a ``fedcare run``):
+
+- ``budget``: no site's ε in any study above that study's budget in its ledger, and no site's
+  total above its policy's ``max_epsilon_total``;
+- ``monotone``: no ledger's ε lower than at the previous check;
+- ``outcome`` (at the end of each study): it completed all its planned rounds, or failed with a
+  named reason (``history.json`` ``reason``, or the run's status details);
+- ``checkpoint`` (each completed study): the final model equals the model of the last
+  checkpoint, which is of the last planned round.
+
+Ledgers are read, never opened for writing: the JSON file is loaded into an in-memory ledger
+(``PrivacyLedger.in_memory`` + ``load_state_dict``) to compute ε.
+
+Reported (printed, JSON with ``--out``): kills injected by kind (a kill whose target was not
+running, e.g. a ServerApp between studies, is reported as missed), studies completed and
+attempts, rounds voided and retried and the retry reserve used (from the ledgers' round
+entries), overruns, ε decreases, lost studies, and every invariant violation with the event
+that preceded it.
+
+Every process is started by this script and stopped by PID in ``finally`` blocks; every wait is
+bounded (``--attempt-timeout`` per ``fedcare run``).
+
+Usage::
+
+    python benchmarks/chaos.py --seed 1 --studies plain secagg plain secagg --rounds 3 \
+        --out benchmarks/results/chaos.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcare.client.deploy import NodeSettings, pin_app_in_policy, start_node, stop_node
+from fedcare.privacy.certs import generate_node_key, init_certificates, write_node_bundle
+from fedcare.privacy.ledger import PrivacyLedger
+from fedcare.privacy.policy import load_policy
+from fedcare.server.checkpoint import (
+    CHECKPOINT_FILE,
+    FINAL_MODEL_FILE,
+    HISTORY_FILE,
+    load_checkpoint,
+    load_model_file,
+)
+from fedcare.server.deploy import (
+    FlowerConnection,
+    SuperLinkSettings,
+    register_node,
+    start_superlink,
+    stop_superlink,
+)
+from fedcare.server.flower_app import app_hash, build_flower_app, load_study
+from fedcare.supervise import (
+    NotRunningError,
+    ProcessExitedError,
+    ProcessHandle,
+    find_executable,
+    spawn,
+    stop_process,
+)
+
+logger = logging.getLogger("fedcare.benchmarks.chaos")
+
+REPO = Path(__file__).resolve().parents[1]
+SITE_DIR = REPO / "simulations" / "sites"
+#: site name -> manifest (two sites reuse a file under another name: five hospitals, three files)
+SITES = {
+    "cleveland": SITE_DIR / "heart_cleveland.toml",
+    "hungarian": SITE_DIR / "heart_hungarian.toml",
+    "va": SITE_DIR / "heart_va.toml",
+    "cleveland-b": SITE_DIR / "heart_cleveland.toml",
+    "hungarian-b": SITE_DIR / "heart_hungarian.toml",
+}
+FAULTS = ("node", "serverapp", "superlink")
+#: how long a node restart is retried, and how often (flwr refuses it while the dead node is online)
+RESTART_PATIENCE_S = 180.0
+RESTART_RETRY_S = 15.0
+
+STUDY = """\
+[study]
+name = "{name}"
+description = "chaos run: {kind} study"
+
+[run]
+num-server-rounds = {rounds}
+strategy = "fedavg"
+min-sites = {min_sites}
+model-family = "logistic"
+task = "binary"
+num-classes = 2
+input-shape = "15"
+local-epochs = 1
+batch-size = 32
+lr = 0.05
+round-timeout-s = {round_timeout}
+checkpoint-dir = '{checkpoint_dir}'
+seed = 0
+{extra}"""
+SECURE_EXTRA = "secure-aggregation = true\n"
+_COMPLETED = re.compile(r"run (\d+) finished:completed")
+_ENDED = re.compile(r"run (\d+) ended (\S+?):?\s+(.*)")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Return the descendants of ``pid`` (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+@dataclass
+class Event:
+    """One scheduled fault."""
+
+    study: int
+    offset_s: float
+    kind: str
+    target: str | None = None
+    pause_s: float = 0.0
+
+
+@dataclass
+class Report:
+    """What the chaos run saw."""
+
+    seed: int
+    kills: Counter[str] = field(default_factory=Counter)
+    missed: Counter[str] = field(default_factory=Counter)
+    restart_refusals: Counter[str] = field(default_factory=Counter)
+    studies: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resume_mode: str = ""
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Return the figures recorded in BENCHMARKS.md "Reliability"."""
+        by = Counter(v["invariant"] for v in self.violations)
+        retried = sum(v.get("retries", 0) for v in self.ledgers.values())
+        voided = sum(v.get("rounds_voided", 0) for v in self.ledgers.values())
+        reserve = [v.get("retries", 0) for v in self.ledgers.values()]
+        return {
+            "seed": self.seed,
+            "kills_injected": dict(self.kills),
+            "kills_missed": dict(self.missed),
+            "node_restarts_refused": sum(self.restart_refusals.values()),
+            "studies": len(self.studies),
+            "studies_completed": sum(1 for s in self.studies if s["completed"]),
+            "studies_failed_named": sum(1 for s in self.studies if not s["completed"] and s["reason"]),
+            "lost_studies": sum(1 for s in self.studies if not s["completed"]),
+            "attempts": sum(s["attempts"] for s in self.studies),
+            "rounds_retried_site_rounds": retried,
+            "rounds_voided_site_rounds": voided,
+            "reserve_used_max_per_site_study": max(reserve, default=0),
+            "overruns": by.get("budget", 0),
+            "epsilon_decreases": by.get("monotone", 0),
+            "outcome_violations": by.get("outcome", 0),
+            "checkpoint_mismatches": by.get("checkpoint", 0),
+            "resume_mode": self.resume_mode,
+            "elapsed_s": round(self.elapsed_s, 1),
+        }
+
+
+def _ledger_view(state: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Return the ε a ledger file's state has spent and its retry summary (an in-memory copy)."""
+    ledger = PrivacyLedger.in_memory(site=str(state["site"]), study=str(state["study"]))
+    ledger.load_state_dict(state)
+    summary = ledger.retry_summary() if hasattr(ledger, "retry_summary") else {}
+    return float(ledger.spent_epsilon()), dict(summary)
+
+
+class Chaos:
+    """One chaos run: the deployment, the schedule, the checks."""
+
+    def __init__(self, root: Path, *, seed: int, kinds: list[str], rounds: int, faults: int,
+                 fault_kinds: tuple[str, ...], max_resumes: int, attempt_timeout: float,
+                 offset_range: tuple[float, float], min_sites: int) -> None:  # fmt: skip
+        self.root, self.rounds, self.max_resumes = root, rounds, max_resumes
+        self.attempt_timeout, self.min_sites = attempt_timeout, min_sites
+        self.rng = random.Random(seed)
+        self.report = Report(seed=seed)
+        self.kinds = kinds
+        self.schedule = [
+            Event(study=i, offset_s=round(self.rng.uniform(*offset_range), 1),
+                  kind=self.rng.choice(fault_kinds), pause_s=round(self.rng.uniform(1.0, 5.0), 1))
+            for i in range(len(kinds)) for _ in range(faults)
+        ]  # fmt: skip
+        for event in self.schedule:
+            if event.kind == "node":
+                event.target = self.rng.choice(sorted(SITES))
+        self.superlink: ProcessHandle | None = None
+        self.nodes: dict[str, ProcessHandle] = {}
+        self.node_settings: dict[str, NodeSettings] = {}
+        self.run_handle: ProcessHandle | None = None
+        self.seen_eps: dict[str, float] = {}
+        self.last_event = "start"
+        self.fedcare = str(Path(sys.executable).parent / "fedcare")
+        if not Path(self.fedcare).is_file():
+            self.fedcare = find_executable("fedcare")
+        help_text = subprocess.run([self.fedcare, "run", "--help"], capture_output=True, text=True,
+                                   timeout=120, check=False).stdout  # fmt: skip
+        self.resume_flag = "--resume" in help_text
+        self.report.resume_mode = "fedcare run --resume" if self.resume_flag else "resume = true in [run]"
+
+    # ------------------------------------------------------------------ deployment
+    def setup(self) -> None:
+        """Certificates, keys, policies, studies (pinned), the SuperLink and the five nodes."""
+        root = self.root
+        self.certs = init_certificates(root / "certs", server_name="localhost")
+        self.bundle = write_node_bundle(self.certs.root, root / "bundle")
+        fleet_port = free_port()
+        control_port = next(p for p in (free_port() for _ in range(20)) if p != fleet_port)
+        self.fleet, self.control = f"127.0.0.1:{fleet_port}", f"127.0.0.1:{control_port}"
+        self.state = root / "superlink"
+        self.superlink_settings = SuperLinkSettings(
+            address=self.fleet, control_address=self.control, state_dir=self.state, certs_dir=self.certs.root
+        )
+        self.token = self.state / "control.token"
+        self.studies: list[dict[str, Any]] = []
+        hashes = []
+        for i, kind in enumerate(self.kinds):
+            name = f"chaos-{i}-{kind}"
+            extra = SECURE_EXTRA if kind == "secagg" else ""
+            text = STUDY.format(name=name, kind=kind, rounds=self.rounds, min_sites=self.min_sites,
+                                round_timeout=120.0, checkpoint_dir=root / "models" / name, extra=extra)  # fmt: skip
+            path, resume_path = root / f"{name}.toml", root / f"{name}-resume.toml"
+            path.write_text(text, encoding="utf-8")
+            resume_path.write_text(text + "resume = true\n", encoding="utf-8")
+            for p in (path, resume_path):
+                hashes.append(app_hash(build_flower_app(load_study(p), root / "apps" / p.stem)))
+            self.studies.append({"name": name, "kind": kind, "file": path, "resume_file": resume_path,
+                                 "dir": root / "models" / name})  # fmt: skip
+        self.superlink = start_superlink(self.superlink_settings, ready_timeout=300.0)
+        conn = FlowerConnection.from_certs_dir(self.control, self.certs.root, control_token_file=self.token)
+        for site, manifest in SITES.items():
+            keys = generate_node_key(root / "hospitals" / site, site.replace("-", ""))
+            register_node(keys.public_key, conn, flwr_home=root / "flwr-home", timeout=300.0)
+            policy = root / "policies" / f"{site}.toml"
+            policy.parent.mkdir(parents=True, exist_ok=True)
+            policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
+            for digest in hashes:
+                pin_app_in_policy(policy, digest)
+            self.node_settings[site] = NodeSettings(
+                site_manifest=manifest, site_name=site, superlink=self.fleet, port=free_port(),
+                state_dir=root / "nodes" / site, ca_cert=self.bundle, auth_key=keys.private_key,
+                ledger_dir=root / "ledgers" / site, extra_node_config={"policy": str(policy)},
+            )  # fmt: skip
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            started = dict(zip(SITES, pool.map(lambda s: start_node(self.node_settings[s], ready_timeout=300.0), SITES)))
+        self.nodes = {site: s.handle for site, s in started.items()}
+        self.check("setup")
+
+    def pin(self, study_file: Path) -> None:
+        """Pin the app ``fedcare run`` will submit for ``study_file`` in every hospital's policy.
+
+        Done again before every submission: the hash covers every run-config default, so a
+        fedcare changed in between (a shared development tree) would otherwise be refused.
+        """
+        digest = app_hash(build_flower_app(load_study(study_file), self.root / "apps" / study_file.stem))
+        for settings in self.node_settings.values():
+            pin_app_in_policy(Path(str(settings.extra_node_config["policy"])), digest)
+
+    def restart_node(self, site: str) -> None:
+        """Restart a node as the docs say: ``node stop --state`` (leftovers), then ``node start``."""
+        settings = self.node_settings[site]
+        try:
+            stop_node(settings.state_dir, timeout=10.0)
+        except NotRunningError:
+            pass
+        # flwr keeps a killed node "online" until it misses its heartbeats (30 s interval,
+        # patience 2): until then the SuperLink refuses to activate the same key again (HTTP
+        # 412, exit 305). The operator retries; bounded, and every refusal is reported.
+        deadline = time.monotonic() + RESTART_PATIENCE_S
+        while True:
+            try:
+                self.nodes[site] = start_node(settings, ready_timeout=300.0).handle
+                return
+            except ProcessExitedError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.report.restart_refusals[site] += 1
+                logger.warning("chaos: node %s restart refused (exit %s); retrying in %g s",
+                               site, exc.returncode, RESTART_RETRY_S)
+                time.sleep(RESTART_RETRY_S)
+
+    def restart_superlink(self) -> None:
+        """Restart the SuperLink as the docs say: ``server stop --state``, then ``server start``."""
+        try:
+            stop_superlink(self.state, timeout=10.0)
+        except NotRunningError:
+            pass
+        self.superlink = start_superlink(self.superlink_settings, ready_timeout=300.0)
+
+    def stop_all(self) -> None:
+        """Stop every process this run started, by PID."""
+        if self.run_handle is not None:
+            stop_process(self.run_handle, timeout=5.0)
+        for handle in self.nodes.values():
+            stop_process(handle, timeout=10.0)
+        for settings in self.node_settings.values():  # restarted nodes, leftovers
+            try:
+                stop_node(settings.state_dir, timeout=10.0)
+            except NotRunningError:
+                pass
+        if self.superlink is not None:
+            stop_process(self.superlink, timeout=10.0)
+        try:
+            stop_superlink(self.state, timeout=10.0)
+        except (NotRunningError, AttributeError):
+            pass
+
+    # ------------------------------------------------------------------ invariants
+    def _violate(self, invariant: str, detail: str) -> None:
+        entry = {"invariant": invariant, "after": self.last_event, "detail": detail}
+        self.report.violations.append(entry)
+        logger.error("INVARIANT %s broken after %s: %s", invariant, self.last_event, detail)
+
+    def check(self, event: str) -> None:
+        """Check the ledger invariants after ``event``."""
+        self.last_event = event
+        for site, settings in self.node_settings.items():
+            policy = load_policy(str(settings.extra_node_config["policy"]))
+            total = 0.0
+            for path in sorted(Path(settings.ledger_dir or "").glob("*.json")):
+                try:
+                    state = json.loads(path.read_text(encoding="utf-8"))
+                    if state.get("site") != site:
+                        continue
+                    eps, retry = _ledger_view(state)
+                except (OSError, ValueError, KeyError) as exc:
+                    self._violate("readable", f"{path.name}: {type(exc).__name__}: {exc}")
+                    continue
+                key = f"{site}/{state['study']}"
+                total += eps
+                budget = state.get("epsilon_budget")
+                if budget is not None and eps > float(budget) + 1e-9:
+                    self._violate("budget", f"{key}: ε {eps:.4f} > study budget {float(budget):.4f}")
+                if eps < self.seen_eps.get(key, 0.0) - 1e-12:
+                    self._violate("monotone", f"{key}: ε {eps:.4f} < {self.seen_eps[key]:.4f} before")
+                self.seen_eps[key] = max(eps, self.seen_eps.get(key, 0.0))
+                rounds = state.get("rounds") or []
+                self.report.ledgers[key] = {
+                    "epsilon": round(eps, 4),
+                    "budget": budget,
+                    "rounds": [(int(r["round"]), str(r.get("status"))) for r in rounds],
+                    **retry,
+                }
+            if total > policy.max_epsilon_total + 1e-9:
+                self._violate("budget", f"{site}: total ε {total:.4f} > policy {policy.max_epsilon_total}")
+
+    def check_study(self, study: dict[str, Any], completed: bool, reason: str) -> None:
+        """Check the outcome and, for a completed study, that its final model is its last checkpoint."""
+        folder = study["dir"]
+        history = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).is_file() else {}
+        rounds = len(history.get("rounds", []))
+        if completed and (history.get("status") != "completed" or rounds != self.rounds):
+            self._violate("outcome", f"{study['name']}: run completed but history says "
+                                     f"{history.get('status')!r} with {rounds}/{self.rounds} rounds")  # fmt: skip
+        if not completed and not reason:
+            self._violate("outcome", f"{study['name']}: ended without completing and without a named reason")
+        if completed:
+            try:
+                ckpt = load_checkpoint(folder / CHECKPOINT_FILE)
+                final, _ = load_model_file(folder / FINAL_MODEL_FILE)
+            except Exception as exc:  # noqa: BLE001 - reported as a violation, never swallowed
+                self._violate("checkpoint", f"{study['name']}: {type(exc).__name__}: {exc}")
+                return
+            same = list(final) == list(ckpt.arrays) and all(
+                np.array_equal(final[k], ckpt.arrays[k]) for k in final
+            )
+            if ckpt.round != self.rounds or not same:
+                self._violate("checkpoint", f"{study['name']}: checkpoint of round {ckpt.round}, "
+                                            f"final model {'equal' if same else 'DIFFERENT'}")  # fmt: skip
+
+    # ------------------------------------------------------------------ faults
+    def inject(self, event: Event) -> None:
+        """Kill the event's target with SIGKILL, check, pause, restart (as the docs say), check."""
+        name = f"kill -9 {event.kind}{'' if event.target is None else ' ' + event.target} (study {event.study}, +{event.offset_s} s)"
+        pid: int | None = None
+        if event.kind == "node":
+            handle = self.nodes[event.target or ""]
+            pid = handle.pid if handle.running() else None
+        elif event.kind == "superlink" and self.superlink is not None:
+            pid = self.superlink.pid if self.superlink.running() else None
+        elif event.kind == "serverapp" and self.superlink is not None:
+            pid = next((p for p in _descendants(self.superlink.pid) if "flwr-serverapp" in _cmdline(p)), None)
+        if pid is None:
+            self.report.missed[event.kind] += 1
+            self.report.events.append({"event": name, "missed": True, "t": self._t()})
+            return
+        os.kill(pid, signal.SIGKILL)
+        self.report.kills[event.kind] += 1
+        self.report.events.append({"event": name, "pid": pid, "t": self._t()})
+        logger.warning("chaos: %s (PID %d)", name, pid)
+        time.sleep(0.5)
+        self.check(name)
+        if event.kind == "serverapp":
+            return
+        time.sleep(event.pause_s)
+        if event.kind == "node":
+            self.restart_node(event.target or "")
+        else:
+            self.restart_superlink()
+        self.report.events.append({"event": f"restart {event.kind}", "t": self._t()})
+        self.check(f"restart after {name}")
+
+    def _t(self) -> float:
+        return round(time.monotonic() - self.t0, 1)
+
+    def ensure_up(self) -> None:
+        """Before a (re)submission: restart the SuperLink or any node that is not running."""
+        if self.superlink is None or not self.superlink.running():
+            self.restart_superlink()
+        for site, handle in self.nodes.items():
+            if not handle.running():
+                self.restart_node(site)
+
+    # ------------------------------------------------------------------ studies
+    def attempt(self, study: dict[str, Any], n: int, events: list[Event]) -> tuple[bool, str, str]:
+        """Submit (n = 0) or resume the study with ``fedcare run``; fire ``events`` on time."""
+        resume = n > 0
+        file = study["resume_file"] if resume and not self.resume_flag else study["file"]
+        argv = [self.fedcare, "run", str(file), "--superlink", self.control, "--certs", str(self.certs.root),
+                "--control-token", str(self.token), "--timeout", str(self.attempt_timeout)]  # fmt: skip
+        if resume and self.resume_flag:
+            argv.append("--resume")
+        self.pin(file)
+        log = self.root / "runs" / f"{study['name']}-{n}.log"
+        started = time.monotonic()
+        self.run_handle = spawn(argv, log_path=log)
+        pending = sorted(events, key=lambda e: e.offset_s)
+        deadline = started + self.attempt_timeout + 180.0
+        try:
+            while self.run_handle.running() and time.monotonic() < deadline:
+                if pending and time.monotonic() - started >= pending[0].offset_s:
+                    self.inject(pending.pop(0))
+                time.sleep(0.2)
+        finally:
+            stop_process(self.run_handle, timeout=5.0)
+        output = log.read_text(errors="replace")
+        completed = _COMPLETED.search(output) is not None
+        self.check(f"end of `fedcare run` attempt {n} of {study['name']}")
+        history_file = study["dir"] / HISTORY_FILE
+        reason = ""
+        if not completed:
+            history = json.loads(history_file.read_text()) if history_file.is_file() else {}
+            ended = _ENDED.search(output)
+            reason = str(history.get("reason") or (ended.group(3) if ended else "") or "").strip()
+        tail = "\n".join(output.strip().splitlines()[-3:])
+        return completed, reason, tail
+
+    def run(self) -> Report:
+        """Run every study under the schedule; return the report."""
+        self.t0 = time.monotonic()
+        try:
+            self.setup()
+            for i, study in enumerate(self.studies):
+                events = [e for e in self.schedule if e.study == i]
+                attempts, completed, reason, reasons = 0, False, "", []
+                for n in range(self.max_resumes + 1):
+                    self.ensure_up()
+                    attempts += 1
+                    completed, reason, tail = self.attempt(study, n, events if n == 0 else [])
+                    if completed:
+                        break
+                    reasons.append(reason or tail)
+                    logger.warning("chaos: %s attempt %d failed: %s", study["name"], n, reason or tail)
+                self.check_study(study, completed, reason)
+                self.report.studies.append({
+                    "name": study["name"], "kind": study["kind"], "completed": completed,
+                    "attempts": attempts, "reason": reason, "reasons": reasons,
+                    "faults": [f"{e.kind}{'' if e.target is None else ' ' + e.target}@{e.offset_s}s" for e in events],
+                })  # fmt: skip
+        finally:
+            self.stop_all()
+            self.report.elapsed_s = time.monotonic() - self.t0
+        return self.report
+
+
+def run_chaos(root: Path, *, seed: int, kinds: list[str], rounds: int = 3, faults: int = 1,
+              fault_kinds: tuple[str, ...] = FAULTS, max_resumes: int = 2, attempt_timeout: float = 420.0,
+              offset_range: tuple[float, float] = (5.0, 45.0), min_sites: int = 4) -> Report:  # fmt: skip
+    """Run one seeded chaos run in ``root``; return its report (every process stopped)."""
+    return Chaos(root, seed=seed, kinds=kinds, rounds=rounds, faults=faults, fault_kinds=fault_kinds,
+                 max_resumes=max_resumes, attempt_timeout=attempt_timeout, offset_range=offset_range,
+                 min_sites=min_sites).run()  # fmt: skip
+
+
+def main() -> None:
+    """Command line: run, print the summary, write the JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--studies", nargs="+", choices=["plain", "secagg"], default=["plain", "secagg"] * 3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--faults", type=int, default=1, help="faults per study (1: single faults)")
+    parser.add_argument("--kinds", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--max-resumes", type=int, default=2)
+    parser.add_argument("--attempt-timeout", type=float, default=420.0)
+    parser.add_argument("--offset", type=float, nargs=2, default=[5.0, 45.0], help="fault times after submission (s)")
+    parser.add_argument("--min-sites", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="keep the run folder (logs, ledgers)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Path(tempfile.mkdtemp(prefix="fedcare-chaos-"))
+    try:
+        report = run_chaos(root, seed=args.seed, kinds=args.studies, rounds=args.rounds, faults=args.faults,
+                           fault_kinds=tuple(args.kinds), max_resumes=args.max_resumes,
+                           attempt_timeout=args.attempt_timeout, offset_range=tuple(args.offset),
+                           min_sites=args.min_sites)  # fmt: skip
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    full = {"summary": report.summary(), "studies": report.studies, "violations": report.violations,
+            "events": report.events, "ledgers": report.ledgers, "root": str(root) if args.keep else None}  # fmt: skip
+    print(json.dumps(full, indent=1, default=str))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(full, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
