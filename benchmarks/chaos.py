@@ -59,7 +59,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -73,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from fedcare.client.deploy import NodeSettings, pin_app_in_policy, start_node, stop_node
-from fedcare.privacy.certs import generate_node_key, init_certificates, write_node_bundle
+from fedcare.privacy.certs import generate_node_key
 from fedcare.privacy.ledger import PrivacyLedger
 from fedcare.privacy.policy import load_policy
 from fedcare.server.checkpoint import (
@@ -83,13 +82,7 @@ from fedcare.server.checkpoint import (
     load_checkpoint,
     load_model_file,
 )
-from fedcare.server.deploy import (
-    FlowerConnection,
-    SuperLinkSettings,
-    register_node,
-    start_superlink,
-    stop_superlink,
-)
+from fedcare.server.deploy import register_node, start_superlink, stop_superlink
 from fedcare.server.flower_app import app_hash, build_flower_app, load_study
 from fedcare.supervise import (
     NotRunningError,
@@ -99,6 +92,10 @@ from fedcare.supervise import (
     spawn,
     stop_process,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # deploy_harness, also when loaded by a test
+
+from deploy_harness import cmdline, descendants, free_port, heart_study_text, prepare_coordinator  # noqa: E402
 
 logger = logging.getLogger("fedcare.benchmarks.chaos")
 
@@ -117,58 +114,9 @@ FAULTS = ("node", "serverapp", "superlink")
 RESTART_PATIENCE_S = 180.0
 RESTART_RETRY_S = 15.0
 
-STUDY = """\
-[study]
-name = "{name}"
-description = "chaos run: {kind} study"
-
-[run]
-num-server-rounds = {rounds}
-strategy = "fedavg"
-min-sites = {min_sites}
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = 1
-batch-size = 32
-lr = 0.05
-round-timeout-s = {round_timeout}
-checkpoint-dir = '{checkpoint_dir}'
-seed = 0
-{extra}"""
 SECURE_EXTRA = "secure-aggregation = true\n"
 _COMPLETED = re.compile(r"run (\d+) finished:completed")
 _ENDED = re.compile(r"run (\d+) ended (\S+?):?\s+(.*)")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _descendants(pid: int) -> list[int]:
-    """Return the descendants of ``pid`` (from /proc/PID/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 @dataclass
@@ -270,23 +218,19 @@ class Chaos:
     def setup(self) -> None:
         """Certificates, keys, policies, studies (pinned), the SuperLink and the five nodes."""
         root = self.root
-        self.certs = init_certificates(root / "certs", server_name="localhost")
-        self.bundle = write_node_bundle(self.certs.root, root / "bundle")
-        fleet_port = free_port()
-        control_port = next(p for p in (free_port() for _ in range(20)) if p != fleet_port)
-        self.fleet, self.control = f"127.0.0.1:{fleet_port}", f"127.0.0.1:{control_port}"
-        self.state = root / "superlink"
-        self.superlink_settings = SuperLinkSettings(
-            address=self.fleet, control_address=self.control, state_dir=self.state, certs_dir=self.certs.root
-        )
-        self.token = self.state / "control.token"
+        coordinator = prepare_coordinator(root)
+        self.certs, self.bundle = coordinator.certs, coordinator.bundle_ca
+        self.fleet, self.control = coordinator.address, coordinator.control_address
+        self.state, self.token = coordinator.state_dir, coordinator.control_token
+        self.superlink_settings = coordinator.superlink_settings
         self.studies: list[dict[str, Any]] = []
         hashes = []
         for i, kind in enumerate(self.kinds):
             name = f"chaos-{i}-{kind}"
             extra = SECURE_EXTRA if kind == "secagg" else ""
-            text = STUDY.format(name=name, kind=kind, rounds=self.rounds, min_sites=self.min_sites,
-                                round_timeout=120.0, checkpoint_dir=root / "models" / name, extra=extra)  # fmt: skip
+            text = heart_study_text(name=name, description=f"chaos run: {kind} study", rounds=self.rounds,
+                                    min_sites=self.min_sites, round_timeout_s=120.0,
+                                    checkpoint_dir=root / "models" / name, extra=extra)  # fmt: skip
             path, resume_path = root / f"{name}.toml", root / f"{name}-resume.toml"
             path.write_text(text, encoding="utf-8")
             resume_path.write_text(text + "resume = true\n", encoding="utf-8")
@@ -295,7 +239,7 @@ class Chaos:
             self.studies.append({"name": name, "kind": kind, "file": path, "resume_file": resume_path,
                                  "dir": root / "models" / name})  # fmt: skip
         self.superlink = start_superlink(self.superlink_settings, ready_timeout=300.0)
-        conn = FlowerConnection.from_certs_dir(self.control, self.certs.root, control_token_file=self.token)
+        conn = coordinator.connection
         for site, manifest in SITES.items():
             keys = generate_node_key(root / "hospitals" / site, site.replace("-", ""))
             register_node(keys.public_key, conn, flwr_home=root / "flwr-home", timeout=300.0)
@@ -447,7 +391,7 @@ class Chaos:
         elif event.kind == "superlink" and self.superlink is not None:
             pid = self.superlink.pid if self.superlink.running() else None
         elif event.kind == "serverapp" and self.superlink is not None:
-            pid = next((p for p in _descendants(self.superlink.pid) if "flwr-serverapp" in _cmdline(p)), None)
+            pid = next((p for p in descendants(self.superlink.pid) if "flwr-serverapp" in cmdline(p)), None)
         if pid is None:
             self.report.missed[event.kind] += 1
             self.report.events.append({"event": name, "missed": True, "t": self._t()})

@@ -17,10 +17,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import statistics
 import tempfile
 import time
 import warnings
@@ -39,6 +36,8 @@ from fedcare.simulations.baselines import evaluate_centrally, pooled_baseline
 from fedcare.simulations.inprocess import InProcessGrid
 from fedcare.simulations.runner import _site_policy, build_hospitals, run_config_for
 from fedcare.simulations.scenario import Scenario, load_scenario
+
+from seeded import mean_std, seeded_arguments, write_seeded_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "simulations" / "scenarios" / "diabetes_progression.toml"
@@ -68,10 +67,7 @@ def federated(scenario: Scenario, privacy: PrivacySettings, policy: SitePolicy, 
 
 def main() -> int:
     """Run pooled, FedAvg and FedAvg + DP ε = 8 per seed; print and write the figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "diabetes_inprocess.json")
-    args = parser.parse_args()
+    args = seeded_arguments(__doc__, ROOT / "benchmarks" / "results" / "diabetes_inprocess.json")
     logging.basicConfig(level=logging.ERROR)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -97,14 +93,11 @@ def main() -> int:
     table = {}
     for arm in ("pooled", "fedavg", "dp8"):
         for metric in ("mae", "r2"):
-            vals = [r[arm]["global"][metric] for r in runs]
-            table[f"{arm}_{metric}"] = [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0]
+            table[f"{arm}_{metric}"] = mean_std(r[arm]["global"][metric] for r in runs)
         if arm != "pooled":
-            gaps = [r[arm]["global"]["mae"] / r["pooled"]["global"]["mae"] - 1 for r in runs]
-            table[f"{arm}_mae_relative_gap"] = [statistics.fmean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0]
-    args.out.write_text(json.dumps({"command": "python benchmarks/diabetes_inprocess.py --seeds "
-                                    + " ".join(map(str, args.seeds)), "runs": runs, "mean_std": table}, indent=2))
-    print(json.dumps(table, indent=2))
+            table[f"{arm}_mae_relative_gap"] = mean_std(r[arm]["global"]["mae"] / r["pooled"]["global"]["mae"] - 1
+                                                        for r in runs)  # fmt: skip
+    write_seeded_results(args.out, "diabetes_inprocess.py", args.seeds, runs, table)
     return 0
 
 

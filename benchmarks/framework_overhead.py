@@ -53,7 +53,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,8 @@ from fedcare.supervise import (
     wait_for_port,
 )
 
+from deploy_harness import free_port, write_heart_study
+
 ROOT = Path(__file__).resolve().parent.parent
 #: site -> manifest (simulations/sites: FLamby's Fed-Heart-Disease preparation, data in ../shared/data)
 SITES = {site: ROOT / "simulations" / "sites" / f"heart_{site}.toml" for site in ("cleveland", "hungarian", "va")}
@@ -95,28 +96,6 @@ QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 #: the benchmark's sites train without DP (like the plain app) and in plain (non-SecAgg+) rounds:
 #: policy and privacy settings say so explicitly
 POLICY = "require_dp = false\nrequire_secure_aggregation = false\n"
-
-STUDY = """\
-[study]
-name = "overhead-{arm}"
-description = "framework overhead benchmark"
-
-[run]
-num-server-rounds = {rounds}
-strategy = "fedavg"
-min-sites = 3
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = {epochs}
-batch-size = {batch}
-lr = {lr}
-round-timeout-s = 600.0
-checkpoint-dir = '{checkpoint_dir}'
-seed = 0
-evaluate-with-train = {fused}
-"""
 
 PLAIN_PYPROJECT = """\
 [build-system]
@@ -232,13 +211,6 @@ def main(grid: Grid, context: Context) -> None:
     with open(context.run_config["out"], "w", encoding="utf-8") as fh:
         json.dump({"train": train, "wall_s": time.time() - started}, fh)
 '''
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -367,11 +339,12 @@ def fedcare_arm(arm: str, args: argparse.Namespace, work: Path, sites: dict[str,
     policy = root / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
     checkpoint_dir = root / "model"
-    study = root / "study.toml"
-    study.write_text(STUDY.format(arm=arm, rounds=args.rounds, epochs=args.local_epochs,
-                                  batch=args.batch_size, lr=args.lr, checkpoint_dir=checkpoint_dir,
-                                  fused=str(arm == "fedcare-fused").lower()),
-                     encoding="utf-8")  # fmt: skip
+    study = write_heart_study(
+        root / "study.toml", name=f"overhead-{arm}", description="framework overhead benchmark",
+        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+        round_timeout_s=600.0, checkpoint_dir=checkpoint_dir,
+        extra=f"evaluate-with-train = {str(arm == 'fedcare-fused').lower()}\n",
+    )  # fmt: skip
     # the coordinator publishes the study's app hash; the hospitals pin it in their policy
     _, app_hash_out = run_checked([fedcare, "server", "app-hash", str(study)], timeout=120, environ=base_env)
     run_checked([fedcare, "node", "pin-app", re.findall(r"\b[0-9a-f]{64}\b", app_hash_out)[0], "--policy", str(policy)],

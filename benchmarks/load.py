@@ -39,7 +39,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -49,59 +48,17 @@ from pathlib import Path
 from typing import Any
 
 from fedcare.client.deploy import NODE_PID, NodeSettings, NodeStarted, pin_app_in_policy, start_node
-from fedcare.privacy.certs import generate_node_key, init_certificates, write_node_bundle
-from fedcare.server.deploy import (
-    FlowerConnection,
-    SuperLinkSettings,
-    register_node,
-    start_superlink,
-    submit_run,
-)
+from fedcare.privacy.certs import generate_node_key
+from fedcare.server.deploy import register_node, start_superlink, submit_run
 from fedcare.server.flower_app import app_hash, build_flower_app, load_study
 from fedcare.supervise import NotRunningError, ProcessHandle, stop_pid_file, stop_process
+
+from deploy_harness import children, free_port, prepare_coordinator, write_heart_study
 
 REPO = Path(__file__).resolve().parents[1]
 SITE_FILES = [REPO / "simulations" / "sites" / f"heart_{s}.toml" for s in ("cleveland", "hungarian", "va")]
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _FINISHED = re.compile(r"Strategy execution finished")
-
-STUDY = """\
-[study]
-name = "load-{count}"
-description = "load benchmark, {count} nodes"
-
-[run]
-num-server-rounds = {rounds}
-strategy = "fedavg"
-min-sites = {count}
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = 1
-batch-size = 32
-lr = 0.05
-round-timeout-s = {round_timeout}
-checkpoint-dir = '{checkpoint_dir}'
-seed = 0
-"""
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def tree_pss_kib(pid: int) -> int:
@@ -119,7 +76,7 @@ def tree_pss_kib(pid: int) -> int:
                     break
         except OSError:
             continue
-        todo += _children(p)
+        todo += children(p)
     return total
 
 
@@ -169,22 +126,15 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     args = parser.parse_args()
     counts = sorted(args.counts)
     root = Path(tempfile.mkdtemp(prefix="fedcare-load-"))
-    certs = init_certificates(root / "certs", server_name="localhost")
-    bundle = write_node_bundle(certs.root, root / "bundle")
-    fleet_port = free_port()
-    control_port = next(p for p in (free_port() for _ in range(20)) if p != fleet_port)
-    fleet, control = f"127.0.0.1:{fleet_port}", f"127.0.0.1:{control_port}"
-    state = root / "superlink"
-    conn = FlowerConnection.from_certs_dir(control, certs.root, control_token_file=state / "control.token")
+    coordinator = prepare_coordinator(root)
+    bundle, fleet, conn = coordinator.bundle_ca, coordinator.address, coordinator.connection
     policy = root / "policy.toml"
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
     studies = {}
     for count in counts:
-        path = root / f"study-{count}.toml"
-        path.write_text(
-            STUDY.format(count=count, rounds=args.rounds, round_timeout=600.0,
-                         checkpoint_dir=root / f"model-{count}"),
-            encoding="utf-8",
+        path = write_heart_study(
+            root / f"study-{count}.toml", name=f"load-{count}", description=f"load benchmark, {count} nodes",
+            rounds=args.rounds, min_sites=count, round_timeout_s=600.0, checkpoint_dir=root / f"model-{count}",
         )  # fmt: skip
         studies[count] = path
         pin_app_in_policy(policy, app_hash(build_flower_app(load_study(path), root / f"app-{count}")))
@@ -193,9 +143,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     results: list[dict[str, Any]] = []
     started_at = time.monotonic()
     try:
-        superlink = start_superlink(
-            SuperLinkSettings(address=fleet, control_address=control, state_dir=state, certs_dir=certs.root)
-        )
+        superlink = start_superlink(coordinator.superlink_settings)
 
         def add_node(i: int) -> NodeStarted:
             name = f"site{i:03d}"

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,13 +45,18 @@ def _site(msg: Message, context: Context) -> dict[str, torch.Tensor]:
     return load_site(f"{folder}/site-{int(context.node_config['partition-id'])}.npz")
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received model for one local epoch."""
+def _received(msg: Message, context: Context) -> tuple[ConfigRecord, nn.Module, dict[str, torch.Tensor]]:
+    """Return the message's config, the model it carries and this node's hospital."""
     config = msg.content["config"]
     model = build_model(int(config["width"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    site = _site(msg, context)
+    return config, model, _site(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model for one local epoch."""
+    config, model, site = _received(msg, context)
     loader = DataLoader(TensorDataset(site["train_x"], site["train_y"]), batch_size=int(config["batch-size"]),
                         shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
@@ -73,10 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Return the received model's loss and accuracy on the hospital's test split."""
-    config = msg.content["config"]
-    model = build_model(int(config["width"]))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    site = _site(msg, context)
+    _, model, site = _received(msg, context)
     x, y = site["test_x"], site["test_y"].float()
     model.eval()
     with torch.no_grad():

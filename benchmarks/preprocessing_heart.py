@@ -29,11 +29,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import zlib
 from pathlib import Path
 
@@ -49,6 +47,8 @@ from fedcare.client.training import TrainSettings, train_local
 from fedcare.models import ModelSpec, build_for_data, get_weights, set_weights
 from fedcare.models.preprocessing import Preprocessing, global_standardiser, site_moments
 from fedcare.privacy.settings import PrivacySettings
+
+from seeded import mean_std, seeded_arguments, write_seeded_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = [ROOT / "simulations" / "sites" / f"heart_{n}.toml" for n in ("cleveland", "hungarian", "switzerland", "va")]
@@ -101,10 +101,7 @@ def auroc(model: torch.nn.Module, splits: list[Split]) -> float:
 
 def main() -> int:
     """Run both choices for each seed; print and write the figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preprocessing_heart.json")
-    args = parser.parse_args()
+    args = seeded_arguments(__doc__, ROOT / "benchmarks" / "results" / "preprocessing_heart.json")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     raw = raw_sites()
@@ -128,11 +125,8 @@ def main() -> int:
         }
         runs.append(run)
         print(json.dumps(run), flush=True)
-    summary = {k: [statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0]
-               for k in runs[0] if k != "seed"}
-    args.out.write_text(json.dumps({"command": "python benchmarks/preprocessing_heart.py --seeds "
-                                    + " ".join(map(str, args.seeds)), "runs": runs, "mean_std": summary}, indent=2))
-    print(json.dumps(summary, indent=2))
+    summary = {k: mean_std(r[k] for r in runs) for k in runs[0] if k != "seed"}
+    write_seeded_results(args.out, "preprocessing_heart.py", args.seeds, runs, summary)
     return 0
 
 

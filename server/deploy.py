@@ -709,34 +709,34 @@ def run_status(
     return dict(runs[0])
 
 
+def _flwr_listing(
+    connection: FlowerConnection, command: list[str], key: str, *, flwr_home: Path | None, timeout: float
+) -> list[dict[str, Any]]:
+    """Return the ``key`` list of ``flwr COMMAND CONN --format json`` (one dict an entry)."""
+    name = " ".join(["flwr", *command])
+    with _flwr_home(connection, flwr_home) as home:
+        proc = _flwr([*command, CONNECTION_NAME, "--format", "json"], flwr_home=home, timeout=timeout)
+    data = _json_from(proc.stdout, name)
+    if not data.get("success"):
+        raise FlowerCommandError(
+            f"`{name}` failed: {data.get('error-message', proc.stderr)}; check the address, CA "
+            "certificate and Control API token"
+        )
+    return [dict(entry) for entry in data.get(key) or []]
+
+
 def list_nodes(
     connection: FlowerConnection, *, flwr_home: Path | None = None, timeout: float = 60.0
 ) -> list[dict[str, Any]]:
     """Return ``flwr supernode ls CONN --format json``'s nodes (node id, status, online / offline at)."""
-    with _flwr_home(connection, flwr_home) as home:
-        proc = _flwr(["supernode", "ls", CONNECTION_NAME, "--format", "json"], flwr_home=home, timeout=timeout)
-    data = _json_from(proc.stdout, "flwr supernode ls")
-    if not data.get("success"):
-        raise FlowerCommandError(
-            f"`flwr supernode ls` failed: {data.get('error-message', proc.stderr)}; check the "
-            "address, CA certificate and Control API token"
-        )
-    return [dict(n) for n in data.get("nodes") or []]
+    return _flwr_listing(connection, ["supernode", "ls"], "nodes", flwr_home=flwr_home, timeout=timeout)
 
 
 def list_runs(
     connection: FlowerConnection, *, flwr_home: Path | None = None, timeout: float = 60.0
 ) -> list[dict[str, Any]]:
     """Return ``flwr ls CONN --format json``'s runs (run id, app, status, times)."""
-    with _flwr_home(connection, flwr_home) as home:
-        proc = _flwr(["ls", CONNECTION_NAME, "--format", "json"], flwr_home=home, timeout=timeout)
-    data = _json_from(proc.stdout, "flwr ls")
-    if not data.get("success"):
-        raise FlowerCommandError(
-            f"`flwr ls` failed: {data.get('error-message', proc.stderr)}; check the address, CA "
-            "certificate and Control API token"
-        )
-    return [dict(r) for r in data.get("runs") or []]
+    return _flwr_listing(connection, ["ls"], "runs", flwr_home=flwr_home, timeout=timeout)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -42,11 +42,12 @@ from ..privacy.report import (
     PrivacyReport,
     SitePrivacy,
 )
-from .checkpoint import ENCRYPTED_SUFFIX, MetricsHistory, RoundRecord
+from .checkpoint import ENCRYPTED_SUFFIX, FINAL_MODEL_FILE, MetricsHistory, RoundRecord
 from .config import RunConfig
 
 __all__ = [
     "AUDIT_LOG_FILE",
+    "FinalModelFile",
     "NODE_POLICY_LABEL",
     "RunAudit",
     "artefact_metadata",
@@ -54,6 +55,7 @@ __all__ = [
     "audit_log_path",
     "build_privacy_report",
     "config_sha256",
+    "final_model_file",
     "load_artefact_key",
     "policy_checks",
     "refusal_rule",
@@ -126,6 +128,22 @@ def artefact_metadata(config: RunConfig, kind: str, round_: int | None) -> Artef
 def artefact_path(folder: Path, name: str, key: ArtefactKey | None) -> Path:
     """Return where artefact ``name`` goes: ``name.enc`` when encrypted, ``name`` otherwise."""
     return folder / (f"{name}{ENCRYPTED_SUFFIX}" if key is not None else name)
+
+
+class FinalModelFile(NamedTuple):
+    """A run's final model file, the artefact key it is encrypted under (None: plaintext), the binding it must carry."""
+
+    path: Path
+    key: ArtefactKey | None
+    expected: dict[str, str] | None
+
+
+def final_model_file(config: RunConfig) -> FinalModelFile:
+    """Return where the run's final model is and how to open it: ``load_model_file(path, key=key, expected=expected)``."""
+    assert config.checkpoint_dir is not None
+    key = load_artefact_key(config.artefact_key)
+    expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
+    return FinalModelFile(artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key), key, expected)
 
 
 def audit_log_path(config: RunConfig) -> Path | None:

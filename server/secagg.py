@@ -271,14 +271,15 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
             if not ok and name in _TOLERANT_STAGES and not why:
                 reasons.insert(0, f"{survivors} site(s) remain, too few for the reconstruction threshold "
                                   f"{state.threshold} (or a lost site's shares)")
-            raise SecureAggregationError(
-                f"secure aggregation failed in its {name} stage ({len(lost)} site(s) lost): "
+            errors = watched.site_errors() or tuple((n, c, r) for _, n, c, r in lost)
+            raise SecureAggregationError(  # the count is the one the audit log records (site_errors)
+                f"secure aggregation failed in its {name} stage ({len(errors)} site failure(s)): "
                 + "; ".join(dict.fromkeys(reasons))
                 + ". The model was NOT updated; the last checkpoint holds the previous round. Bring back "
                 "the sites (a secure round tolerates losing sites only from its collect-masked-vectors stage "
                 "on, down to its reconstruction threshold and min-sites), then resume.",
                 stage=name,
-                site_errors=watched.site_errors() or tuple((n, c, r) for _, n, c, r in lost),
+                site_errors=errors,
             )
         if lost:
             logger.warning("secure round: %d site(s) lost in the %s stage (%s); %d remain, the round goes on",

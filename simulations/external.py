@@ -36,7 +36,6 @@ from ..client.manifest import SiteManifest, TableData, load_manifest
 from ..client.metrics import global_evaluation, validation_threshold
 from ..models.preprocessing import Preprocessing
 from ..server.checkpoint import (
-    FINAL_MODEL_FILE,
     MODEL_PREPROCESSING,
     MODEL_THRESHOLD,
     MODEL_TRAINING_DATA,
@@ -46,7 +45,7 @@ from ..server.checkpoint import (
     write_json_atomic,
 )
 from ..server.config import RunConfig
-from ..server.safekeeping import artefact_path, load_artefact_key, safe_name
+from ..server.safekeeping import final_model_file, load_artefact_key
 from .scenario import ManifestSource, ManifestsSource, Scenario, SklearnSource
 
 __all__ = [
@@ -218,12 +217,9 @@ def store_operating_point(config: RunConfig, scenario: Scenario, hospitals: Sequ
     histograms (:func:`~fedcare.client.metrics.validation_threshold`). None when the run wrote no
     final model. An encrypted model is re-encrypted under the run's key with its bound metadata.
     """
-    assert config.checkpoint_dir is not None
-    key = load_artefact_key(config.artefact_key)
-    source = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
+    source, key, expected = final_model_file(config)
     if not source.is_file():
         return None
-    expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
     arrays, meta = load_model_file(source, key=key, expected=expected)
     threshold = validation_threshold(build_saved_model(arrays, meta), [h.val for h in hospitals], hospitals[0].task)
     updates = {MODEL_THRESHOLD: threshold, MODEL_PREPROCESSING: Preprocessing().to_meta(),

@@ -55,18 +55,11 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.membership import MembershipAuditResult, ReleaseGate, membership_audit
 from ..privacy.policy import SitePolicy
 from ..privacy.report import SitePrivacy
-from ..server.checkpoint import FINAL_MODEL_FILE, MetricsHistory, load_model_file
+from ..server.checkpoint import MetricsHistory, load_model_file
 from ..server.client_dp import client_level_privacy
 from ..server.config import RunConfig
 from ..server.release import decide_release, release
-from ..server.safekeeping import (
-    RunAudit,
-    artefact_path,
-    build_privacy_report,
-    load_artefact_key,
-    safe_name,
-    site_privacy,
-)
+from ..server.safekeeping import RunAudit, build_privacy_report, final_model_file, site_privacy
 from .membership_audit import MembershipAuditError, federated_membership_pool, make_federated_shadow_trainer
 
 __all__ = [
@@ -273,9 +266,7 @@ def release_model(
     """
     assert config.checkpoint_dir is not None
     settings: ReleaseSettings = scenario.release
-    key = load_artefact_key(config.artefact_key)
-    source = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
-    expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
+    source, key, expected = final_model_file(config)
     arrays, meta = load_model_file(source, key=key, expected=expected)
     sites = site_privacy(history)
     check_against_ledgers(sites, ledger_dir, config.study)

@@ -49,7 +49,6 @@ from ..server.app import CheckpointExistsError, run_server
 from ..server.checkpoint import (
     CHECKPOINT_FILE,
     ENCRYPTED_SUFFIX,
-    FINAL_MODEL_FILE,
     HISTORY_FILE,
     MetricsHistory,
     RoundRecord,
@@ -59,14 +58,14 @@ from ..server.checkpoint import (
 )
 from ..server.config import RunConfig
 from ..server.lifecycle import read_outcome
-from ..server.safekeeping import artefact_path, load_artefact_key, safe_name
+from ..server.safekeeping import final_model_file
 from ..server.secagg import SecureAggregationError
 from ..server.strategy import TooFewSitesError
 from ..server.tracking import Tracker, TrackingSettings
 from ..supervise import quiet_flower
 from .baselines import CentralEvaluation, evaluate_centrally, run_baselines
 from .builtin import load_builtin
-from .external import evaluate_model_file as _external_evaluation
+from .external import evaluate_model_file  # re-exported (__all__): `fedcare simulate`'s CLI imports it here
 from .external import store_operating_point, training_data_of
 from .console import RoundProgress, quiet_simulation_notices
 from .inprocess import InProcessGrid
@@ -548,12 +547,9 @@ def _central_evaluation(config: RunConfig, hospitals: list[SiteData]) -> Central
     holds every virtual hospital's data and compares the federation with the pooled and local arms
     on the same footing here.
     """
-    assert config.checkpoint_dir is not None
-    key = load_artefact_key(config.artefact_key)
-    source = artefact_path(config.checkpoint_dir, FINAL_MODEL_FILE, key)
+    source, key, expected = final_model_file(config)
     if not source.is_file():
         return None
-    expected = {"study": safe_name(config.study), "kind": "model"} if key is not None else None
     arrays, meta = load_model_file(source, key=key, expected=expected)
     return evaluate_centrally(build_saved_model(arrays, meta), hospitals, threshold=meta.get("threshold"),
                               seed=config.seed)  # fmt: skip
@@ -762,15 +758,3 @@ def _write_summary(
     summary = Summary.model_validate(data)
     write_json_atomic(out / SUMMARY_FILE, summary.model_dump(mode="json"))
     return summary
-
-
-def evaluate_model_file(
-    model_path: Path | str,
-    site_path: Path | str,
-    *,
-    split: str = "test",
-    out: Path | str | None = None,
-    key: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate a saved model on a site manifest's data at its stored threshold (:func:`.external.evaluate_model_file`)."""
-    return _external_evaluation(model_path, site_path, split=split, out=out, key=key)

@@ -11,24 +11,14 @@ each ``fedcare run`` is bounded. A few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-
-def _chaos() -> ModuleType:
-    """Import benchmarks/chaos.py (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("fedcare_bench_chaos", REPO / "benchmarks" / "chaos.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import import_benchmark  # noqa: E402
 
 
 @pytest.mark.integration
@@ -36,7 +26,7 @@ def _chaos() -> ModuleType:
 @pytest.mark.timeout(2400)  # bounded; minutes on a quiet machine, far more on a loaded one
 def test_single_faults_lose_no_study_and_overrun_no_budget(tmp_path: Path, shared_data: Path) -> None:
     # Prepare
-    chaos = _chaos()
+    chaos = import_benchmark("chaos")
     assert (shared_data / "heart_disease").is_dir()  # the site manifests read it
 
     # Execute

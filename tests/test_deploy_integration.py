@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from deploy_support import federation, heart_manifest  # noqa: E402
+from deploy_support import federation, heart_manifest, write_heart_study  # noqa: E402
 
 from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE  # noqa: E402
 from fedcare.server.cli import run_command  # noqa: E402
@@ -34,32 +34,11 @@ from fedcare.server.flower_app import app_hash, build_flower_app, load_study  # 
 
 SITES = ["cleveland", "hungarian", "va"]
 
-STUDY = """\
-[study]
-name = "heart-deploy-test"
-description = "three UCI heart-disease hospitals, deployment test"
-
-[run]
-num-server-rounds = 2
-strategy = "fedavg"
-min-sites = 3
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = 1
-batch-size = 32
-lr = 0.05
-round-timeout-s = 300.0
-checkpoint-dir = '{checkpoint_dir}'
-seed = 0
-"""
-
+DESCRIPTION = "three UCI heart-disease hospitals, deployment test"
 #: the same federation, a second study: SecAgg+ with client-level DP (server.secagg)
-SECURE_STUDY = STUDY.replace('name = "heart-deploy-test"', 'name = "heart-secagg-test"').replace(
-    "seed = 0\n",
-    "seed = 0\nsecure-aggregation = true\nclient-dp-clipping-norm = 1.0\n"
-    "client-dp-noise-multiplier = 1.0\nclient-dp-delta = 1e-5\n",
+SECURE_EXTRA = (
+    "secure-aggregation = true\nclient-dp-clipping-norm = 1.0\n"
+    "client-dp-noise-multiplier = 1.0\nclient-dp-delta = 1e-5\n"
 )
 
 
@@ -72,7 +51,7 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
     started = time.monotonic()
     model_dir = tmp_path / "model"
     study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(checkpoint_dir=model_dir), encoding="utf-8")
+    write_heart_study(study, name="heart-deploy-test", description=DESCRIPTION, checkpoint_dir=model_dir)
     cli = typer.Typer()
     cli.command()(run_command)
 
@@ -82,7 +61,8 @@ def test_three_hospitals_federate_over_tls_with_node_auth(
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
     secure_dir = tmp_path / "secure-model"
     secure_study = tmp_path / "secure-study.toml"
-    secure_study.write_text(SECURE_STUDY.format(checkpoint_dir=secure_dir), encoding="utf-8")
+    write_heart_study(secure_study, name="heart-secagg-test", description=DESCRIPTION, checkpoint_dir=secure_dir,
+                      extra=SECURE_EXTRA)
     # the coordinator publishes each study's app hash (`fedcare server app-hash`); the hospital
     # pins both (`fedcare node pin-app HASH --policy FILE`)
     for name, path in (("plain", study), ("secure", secure_study)):

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedcare.client.dataset import Split
-from fedcare.client.metrics import evaluate, global_evaluation
-from fedcare.privacy.global_metrics import (
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from histograms import hist  # noqa: E402
+
+from fedcare.client.dataset import Split  # noqa: E402
+from fedcare.client.metrics import evaluate, global_evaluation  # noqa: E402
+from fedcare.privacy.global_metrics import (  # noqa: E402
     binary_at_threshold,
     binned_auroc,
     exact_binary_metrics,
@@ -18,15 +24,7 @@ from fedcare.privacy.global_metrics import (
     global_metrics_from_statistics,
     wilson_interval,
 )
-from fedcare.privacy.release_mechanisms import BINS, STAT_PREFIX, sufficient_statistics, sum_statistics
-
-
-def _hist(**cells: float) -> np.ndarray:
-    """Return a BINS-long histogram with ``b<i>=count`` cells."""
-    out = np.zeros(BINS)
-    for name, count in cells.items():
-        out[int(name[1:])] = count
-    return out
+from fedcare.privacy.release_mechanisms import BINS, STAT_PREFIX, sufficient_statistics, sum_statistics  # noqa: E402
 
 
 class _Fixed(torch.nn.Module):
@@ -61,7 +59,7 @@ def test_wilson_interval_known_values() -> None:
 
 def test_binned_auroc_counts_ties_in_a_bin_as_one_half_and_differs_from_exact() -> None:
     # Prepare: negatives at 0.05 and 0.55, positives at 0.52 and 0.95
-    neg, pos = _hist(b0=1, b5=1), _hist(b5=1, b9=1)
+    neg, pos = hist(b0=1, b5=1), hist(b5=1, b9=1)
     # Execute
     binned = binned_auroc(neg, pos)
     exact = exact_binary_metrics(np.array([0.05, 0.55, 0.52, 0.95]), np.array([0, 0, 1, 1]))["auroc"]
@@ -72,13 +70,13 @@ def test_binned_auroc_counts_ties_in_a_bin_as_one_half_and_differs_from_exact() 
 
 def test_binned_auroc_of_separated_classes_is_one_and_nan_with_one_class() -> None:
     # Prepare / Execute / Assert
-    assert binned_auroc(_hist(b1=3, b2=4), _hist(b7=2, b8=5)) == pytest.approx(1.0)
-    assert math.isnan(binned_auroc(_hist(b1=3), np.zeros(BINS)))
+    assert binned_auroc(hist(b1=3, b2=4), hist(b7=2, b8=5)) == pytest.approx(1.0)
+    assert math.isnan(binned_auroc(hist(b1=3), np.zeros(BINS)))
 
 
 def test_confusion_at_a_bin_edge_is_exact() -> None:
     # Prepare: 4 negatives below 0.3, 1 at 0.35; 2 positives at 0.25, 3 above 0.7
-    neg, pos = _hist(b1=4, b3=1), _hist(b2=2, b7=3)
+    neg, pos = hist(b1=4, b3=1), hist(b2=2, b7=3)
     # Execute
     at_03 = binary_at_threshold(neg, pos, 0.3)
     at_05 = binary_at_threshold(neg, pos, 0.5)

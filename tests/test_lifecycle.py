@@ -17,19 +17,23 @@ from typing import Any
 import pytest
 from flwr.app import Context
 
-import fedcare
-from fedcare.client.app import LocalSite, make_client_app
-from fedcare.privacy import report as report_module
-from fedcare.privacy.policy import SitePolicy, node_default_policy
-from fedcare.privacy.settings import PrivacySettings
-from fedcare.server.app import run_server
-from fedcare.server.config import STRATEGY_NAMES, RunConfig
-from fedcare.server.lifecycle import read_outcome
-from fedcare.server.strategy import STRATEGIES
-from fedcare.simulations.builtin import load_builtin
-from fedcare.simulations.partition import PartitionScheme, partition
-from fedcare.simulations.runner import InProcessGrid, run_scenario
-from fedcare.simulations.scenario import load_scenario
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scenarios import dp_breast_cancer_scenario  # noqa: E402
+
+import fedcare  # noqa: E402
+from fedcare.client.app import LocalSite, make_client_app  # noqa: E402
+from fedcare.privacy import report as report_module  # noqa: E402
+from fedcare.privacy.policy import SitePolicy, node_default_policy  # noqa: E402
+from fedcare.privacy.settings import PrivacySettings  # noqa: E402
+from fedcare.server.app import run_server  # noqa: E402
+from fedcare.server.config import STRATEGY_NAMES, RunConfig  # noqa: E402
+from fedcare.server.lifecycle import read_outcome  # noqa: E402
+from fedcare.server.strategy import STRATEGIES  # noqa: E402
+from fedcare.simulations.builtin import load_builtin  # noqa: E402
+from fedcare.simulations.partition import PartitionScheme, partition  # noqa: E402
+from fedcare.simulations.runner import InProcessGrid, run_scenario  # noqa: E402
+from fedcare.simulations.scenario import load_scenario  # noqa: E402
 
 PACKAGE = Path(fedcare.__file__).parent
 
@@ -39,37 +43,9 @@ POLICY = SitePolicy.model_validate(
      "require_secure_aggregation": False}
 )  # fmt: skip
 
-SCENARIO = """
-name = "report-once"
-rounds = 1
-seed = 1
-
-[data]
-kind = "sklearn"
-name = "breast_cancer"
-
-[partition]
-hospitals = 2
-kind = "iid"
-min_per_site = 40
-
-[training]
-batch_size = 64
-lr = 0.5
-
-[privacy]
-enabled = true
-noise_multiplier = 1.0
-epsilon_budget = 20.0
-
-[policy]
-max_epsilon_per_study = 20.0
-max_epsilon_total = 40.0
-require_secure_aggregation = false
-
-[simulation]
-round_timeout_s = 300
-"""
+SCENARIO = dp_breast_cancer_scenario(
+    "report-once", rounds=1, hospitals=2, batch_size=64, tables="[simulation]\nround_timeout_s = 300\n"
+)
 
 
 # --------------------------------------------------------------------------- import cycles

@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from deploy_support import heart_manifest  # noqa: E402
+from deploy_support import heart_manifest, write_heart_study  # noqa: E402
 
 from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE  # noqa: E402
 from fedcare.supervise import NotRunningError, stop_pid_file  # noqa: E402
@@ -50,27 +50,6 @@ NODE_PORT = 9401
 #: seconds any single command may take (a study: its own, longer bound)
 COMMAND_TIMEOUT_S = 420.0
 STUDY_TIMEOUT_S = 480
-
-STUDY = """\
-[study]
-name = "heart-netns-test"
-description = "three UCI heart-disease hospitals on separate network namespaces"
-
-[run]
-num-server-rounds = 2
-strategy = "fedavg"
-min-sites = 3
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = 1
-batch-size = 32
-lr = 0.05
-round-timeout-s = 300.0
-checkpoint-dir = '{checkpoint_dir}'
-seed = 0
-"""
 
 
 def _fedcare() -> str:
@@ -203,7 +182,8 @@ def test_hospitals_on_separate_hosts_reach_only_the_fleet_port(
     _run([fc, "certs", "node-bundle", "--certs", str(certs), "--out", str(bundle)])
     model_dir = tmp_path / "model"
     study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(checkpoint_dir=model_dir), encoding="utf-8")
+    write_heart_study(study, name="heart-netns-test", checkpoint_dir=model_dir,
+                      description="three UCI heart-disease hospitals on separate network namespaces")
     digest = _run([fc, "server", "app-hash", str(study)]).stdout.strip().splitlines()[-1]
     token = state / "control.token"
     node_states = {site: tmp_path / f"node-{site}" for site in SITES}

@@ -13,6 +13,7 @@ one in-process deployment release (``fedcare audit membership`` then ``fedcare r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +22,25 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
-from fedcare.cli import app
-from fedcare.client.loaders import load_site_file
-from fedcare.client.training import TrainSettings, train_local
-from fedcare.models import ModelSpec, build_for_data, get_weights
-from fedcare.privacy.artefacts import ArtefactKey, generate_key
-from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log
-from fedcare.privacy.ledger import PrivacyLedger
-from fedcare.privacy.report import load_report
-from fedcare.privacy.settings import PrivacySettings
-from fedcare.server.checkpoint import load_model_file, save_model_file
-from fedcare.server.safekeeping import artefact_metadata
-from fedcare.server.config import RunConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-DP_SCENARIO = """
-name = "release-dp"
-rounds = 2
-seed = 1
+from scenarios import dp_breast_cancer_scenario  # noqa: E402
 
-[data]
-kind = "sklearn"
-name = "breast_cancer"
+from fedcare.cli import app  # noqa: E402
+from fedcare.client.loaders import load_site_file  # noqa: E402
+from fedcare.client.training import TrainSettings, train_local  # noqa: E402
+from fedcare.models import ModelSpec, build_for_data, get_weights  # noqa: E402
+from fedcare.privacy.artefacts import ArtefactKey, generate_key  # noqa: E402
+from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log  # noqa: E402
+from fedcare.privacy.ledger import PrivacyLedger  # noqa: E402
+from fedcare.privacy.report import load_report  # noqa: E402
+from fedcare.privacy.settings import PrivacySettings  # noqa: E402
+from fedcare.server.checkpoint import load_model_file, save_model_file  # noqa: E402
+from fedcare.server.safekeeping import artefact_metadata  # noqa: E402
+from fedcare.server.config import RunConfig  # noqa: E402
 
-[partition]
-hospitals = 3
-kind = "iid"
-min_per_site = 40
-
-[training]
-batch_size = 32
-lr = 0.5
-
-[privacy]
-enabled = true
-noise_multiplier = 1.0
-epsilon_budget = 20.0
-
-[policy]
-max_epsilon_per_study = 20.0
-max_epsilon_total = 40.0
-require_secure_aggregation = false  # plain rounds: the audit log's round entries say so (tampered below)
-
+# plain rounds: the audit log's round entries say so (tampered below)
+DP_SCENARIO = dp_breast_cancer_scenario("release-dp", rounds=2, tables="""
 [artefacts]
 key = "keys/artefact.key"
 
@@ -75,7 +54,7 @@ bootstrap = 300
 
 [simulation]
 round_timeout_s = 300
-"""
+""")
 
 OVERFIT_SCENARIO = """
 name = "release-overfit"

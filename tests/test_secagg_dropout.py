@@ -241,16 +241,21 @@ def test_client_level_noise_is_sized_to_the_sites_summed(tmp_path: Path, monkeyp
 def test_too_many_lost_sites_fail_the_round_by_name_and_the_study_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     # Prepare: two of five die in round 2; threshold 4 cannot unmask with three
     sites = _sites(tmp_path)
-    config = _config(tmp_path, num_rounds=2, min_sites=3)
+    private, _ = generate_signing_key(tmp_path / "audit.key")
+    config = _config(tmp_path, num_rounds=2, min_sites=3, audit_key=private)
     app = make_client_app(_Sites(sites))
     grid = _KillingGrid(app, N, kills={2: (2, COLLECT), 5: (2, COLLECT)}, mode="unavailable")
 
     # Execute
-    with pytest.raises(SecureAggregationError, match=r"collect-masked-vectors stage \(2 site\(s\) lost\).*"
+    with pytest.raises(SecureAggregationError, match=r"collect-masked-vectors stage \(2 site failure\(s\)\).*"
                                                      r"3 site\(s\) remain, too few for the reconstruction threshold 4"):
         run_server(grid, config)
 
-    # Assert: failed with the reason, round 1 checkpointed, no final model; a resume with the nodes back completes
+    # Assert: the message's count is the audit log's
+    entries = [json.loads(line) for line in (tmp_path / "ckpt" / "audit.jsonl").read_text().splitlines()]
+    failed_entry = [e["fields"] for e in entries if e["kind"] == "round_failed"]
+    assert [(f["round"], f["failures"]) for f in failed_entry] == [(2, 2)]
+    # failed with the reason, round 1 checkpointed, no final model; a resume with the nodes back completes
     failed = _history(tmp_path)
     assert failed["status"] == "failed" and "reconstruction threshold 4" in failed["reason"]
     assert (tmp_path / "ckpt" / CHECKPOINT_FILE).exists() and not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()

@@ -83,7 +83,7 @@ def test_the_default_scenario_needs_no_files_and_has_four_dp_hospitals() -> None
     assert scenario.privacy.enabled and scenario.privacy.target_epsilon == 3.0
     assert len(hospitals) == scenario.num_hospitals == 4
     assert sum(h.num_train for h in hospitals) == len(load_builtin("breast_cancer").train)
-    assert scenario.baselines == ["pooled"]
+    assert scenario.baselines == ["pooled", "local"]  # the final table and plot show both baselines
     assert scenario.secure_aggregation.enabled and scenario.client_dp is None  # what the node default requires
     assert scenario.policy is None  # every virtual hospital applies the node default policy
 

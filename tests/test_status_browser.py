@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from deploy_support import federation, free_port, heart_manifest  # noqa: E402
+from deploy_support import federation, free_port, heart_manifest, write_heart_study  # noqa: E402
 
 from fedcare.client.deploy import pin_app_in_policy  # noqa: E402
 from fedcare.server.cli import server_app  # noqa: E402
@@ -42,27 +42,6 @@ SITES = ["cleveland", "hungarian", "va"]
 ROUNDS = 3
 #: the whole test's bound (the federation's own start and stop are bounded separately)
 DEADLINE_S = 420.0
-
-STUDY = f"""\
-[study]
-name = "heart-status-test"
-description = "three UCI heart-disease hospitals, status page test"
-
-[run]
-num-server-rounds = {ROUNDS}
-strategy = "fedavg"
-min-sites = 3
-model-family = "logistic"
-task = "binary"
-num-classes = 2
-input-shape = "15"
-local-epochs = 1
-batch-size = 32
-lr = 0.05
-round-timeout-s = 300.0
-checkpoint-dir = '{{checkpoint_dir}}'
-seed = 0
-"""
 
 _ROW = re.compile(r'<tr data-hospital="([^"]+)">.*?<td class="(online|offline)">([^<]*)</td>', re.S)
 _STUDY = re.compile(r'<h3 class="study" data-round="(\d+)" data-stage="(\w*)">([^<]*)</h3>')
@@ -101,7 +80,8 @@ def test_status_page_shows_three_hospitals_and_the_round_advancing(tmp_path: Pat
     started = time.monotonic()
     model_dir = tmp_path / "model"
     study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(checkpoint_dir=model_dir), encoding="utf-8")
+    write_heart_study(study, name="heart-status-test", rounds=ROUNDS, checkpoint_dir=model_dir,
+                      description="three UCI heart-disease hospitals, status page test")
     policy = tmp_path / "policy.toml"
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
     assert pin_app_in_policy(policy, app_hash(build_flower_app(load_study(study), tmp_path / "app")))

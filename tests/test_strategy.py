@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import OrderedDict
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from fedcare.client.app import LocalSite, make_client_app
-from fedcare.client.errors import DataValidationError
-from fedcare.models import UnknownNameError, wire
-from fedcare.privacy.settings import PrivacySettings
-from fedcare.server.app import run_server
-from fedcare.server.config import RunConfig
-from fedcare.server.strategy import (
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scripted_apps import scripted_app  # noqa: E402
+
+from fedcare.client.app import LocalSite, make_client_app  # noqa: E402
+from fedcare.client.errors import DataValidationError  # noqa: E402
+from fedcare.models import UnknownNameError, wire  # noqa: E402
+from fedcare.privacy.settings import PrivacySettings  # noqa: E402
+from fedcare.server.app import run_server  # noqa: E402
+from fedcare.server.config import RunConfig  # noqa: E402
+from fedcare.server.strategy import (  # noqa: E402
     STRATEGIES,
     FedcareStrategy,
     StrategyStateError,
@@ -33,46 +36,13 @@ from fedcare.server.strategy import (
     build_strategy,
     worst_site,
 )
-from fedcare.simulations.builtin import load_builtin
-from fedcare.simulations.partition import PartitionScheme, partition
-from fedcare.simulations.runner import InProcessGrid
+from fedcare.simulations.builtin import load_builtin  # noqa: E402
+from fedcare.simulations.partition import PartitionScheme, partition  # noqa: E402
+from fedcare.simulations.runner import InProcessGrid  # noqa: E402
 
-# --------------------------------------------------------------------------- a scripted ClientApp
+# --------------------------------------------------------------------------- a scripted ClientApp (tests/fixtures/scripted_apps.py)
 
-SIZES = (10, 20, 30)
-REFUSE: dict[tuple[int, int], str] = {}  # (partition, round) -> reason, set per test
-
-
-def _scripted_app() -> ClientApp:
-    """Site i adds i + 1 to every weight, reports 10·(i+1) examples and accuracy 0.6 + 0.1·i."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"][wire.SERVER_ROUND])
-        name = f"hospital-{pid}"
-        if (pid, rnd) in REFUSE:
-            reason = wire.REFUSAL_FORMAT.format(site=name, stage="train", reason=REFUSE[(pid, rnd)])
-            return Message(Error(code=wire.ERROR_BUDGET_SPENT, reason=reason), reply_to=msg)
-        arrays = ArrayRecord(
-            OrderedDict((k, Array(v.numpy() + (pid + 1))) for k, v in msg.content["arrays"].items())
-        )
-        metrics = MetricRecord(
-            {wire.NUM_EXAMPLES: SIZES[pid], "train-loss": float(pid), wire.EPSILON: 0.5 * (pid + 1), wire.DELTA: 1e-5}
-        )
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics,
-                                   "config": ConfigRecord({wire.SITE: name})}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        value = 0.6 + 0.1 * pid
-        metrics = MetricRecord({wire.NUM_EXAMPLES: SIZES[pid], "accuracy": value, "auroc": value})
-        return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({wire.SITE: f"hospital-{pid}"})}),
-                       reply_to=msg)
-
-    return app
+REFUSE: dict[tuple[int, int], str] = {}  # (partition, round) -> reason, set per test (scripted_app's refusals)
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +145,7 @@ def test_worst_site_prefers_auroc_then_accuracy_and_takes_the_highest_error() ->
 
 def test_global_metrics_are_example_weighted_and_sites_are_keyed_by_their_names(tmp_path: Path) -> None:
     # Prepare
-    grid = InProcessGrid(_scripted_app(), num_nodes=3)
+    grid = InProcessGrid(scripted_app(refuse=REFUSE), num_nodes=3)
 
     # Execute
     history = run_server(grid, _config(tmp_path, num_rounds=1, min_sites=3))
@@ -197,7 +167,7 @@ def test_fedavg_update_equals_the_weighted_mean_of_site_updates(tmp_path: Path) 
     from fedcare.server.checkpoint import load_model_file
 
     config = _config(tmp_path, num_rounds=1, min_sites=3)
-    run_server(InProcessGrid(_scripted_app(), num_nodes=3), config)
+    run_server(InProcessGrid(scripted_app(refuse=REFUSE), num_nodes=3), config)
 
     final, _ = load_model_file(tmp_path / "final_model.npz")
     for name, start in initial_arrays(config).items():
@@ -209,7 +179,7 @@ def test_a_refusing_site_is_recorded_and_the_round_goes_on(tmp_path: Path) -> No
     REFUSE[(1, 2)] = "privacy budget spent"
 
     # Execute
-    history = run_server(InProcessGrid(_scripted_app(), num_nodes=3), _config(tmp_path, min_sites=2))
+    history = run_server(InProcessGrid(scripted_app(refuse=REFUSE), num_nodes=3), _config(tmp_path, min_sites=2))
 
     # Assert
     rec = history.round(2)
@@ -229,7 +199,7 @@ def test_too_few_training_sites_stop_the_run_after_the_last_good_checkpoint(tmp_
 
     # Execute
     with pytest.raises(TooFewSitesError, match=r"round 2: only 1 site\(s\) trained, fewer than min-sites = 2"):
-        run_server(InProcessGrid(_scripted_app(), num_nodes=3), _config(tmp_path, min_sites=2))
+        run_server(InProcessGrid(scripted_app(refuse=REFUSE), num_nodes=3), _config(tmp_path, min_sites=2))
 
     # Assert
     import json
@@ -411,7 +381,7 @@ def test_a_site_whose_budget_is_spent_refuses_and_its_ledger_stays(tmp_path: Pat
 
 def test_a_round_waits_a_bounded_time_for_enough_sites(tmp_path: Path) -> None:
     # Prepare: two connected sites, three required
-    grid = InProcessGrid(_scripted_app(), num_nodes=2)
+    grid = InProcessGrid(scripted_app(refuse=REFUSE), num_nodes=2)
     config = _config(tmp_path, min_sites=3, round_timeout_s=0.3)
 
     # Execute / Assert
@@ -447,11 +417,11 @@ def test_the_deployed_server_app_parses_the_run_config_once(tmp_path: Path) -> N
     from fedcare.server.config import InvalidRunConfigError
 
     run_config = {"input-shape": "3", "num-server-rounds": 1, "min-sites": 3, "checkpoint-dir": str(tmp_path)}
-    server_app(InProcessGrid(_scripted_app(), 3), _context(run_config))
+    server_app(InProcessGrid(scripted_app(refuse=REFUSE), 3), _context(run_config))
 
     assert (tmp_path / "history.json").is_file() and (tmp_path / "final_model.npz").is_file()
     with pytest.raises(InvalidRunConfigError, match="unknown run-config key"):
-        server_app(InProcessGrid(_scripted_app(), 3), _context({**run_config, "rounds": 2}))
+        server_app(InProcessGrid(scripted_app(refuse=REFUSE), 3), _context({**run_config, "rounds": 2}))
 
 
 def test_the_deployed_client_app_reads_the_site_from_node_config(tmp_path: Path) -> None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedcare.client.dataset import Split
-from fedcare.client.metrics import evaluate, validation_threshold
-from fedcare.models import ModelSpec, build_for_data, get_weights
-from fedcare.privacy.artefacts import ArtefactKey, ArtefactMetadata
-from fedcare.privacy.global_metrics import BINS, choose_threshold
-from fedcare.server.checkpoint import (
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from histograms import hist  # noqa: E402
+
+from fedcare.client.dataset import Split  # noqa: E402
+from fedcare.client.metrics import evaluate, validation_threshold  # noqa: E402
+from fedcare.models import ModelSpec, build_for_data, get_weights  # noqa: E402
+from fedcare.privacy.artefacts import ArtefactKey, ArtefactMetadata  # noqa: E402
+from fedcare.privacy.global_metrics import BINS, choose_threshold  # noqa: E402
+from fedcare.server.checkpoint import (  # noqa: E402
     MODEL_THRESHOLD,
     CheckpointError,
     CheckpointTamperedError,
@@ -22,13 +27,6 @@ from fedcare.server.checkpoint import (
     load_model_file,
     save_model_file,
 )
-
-
-def _hist(**cells: float) -> np.ndarray:
-    out = np.zeros(BINS)
-    for name, count in cells.items():
-        out[int(name[1:])] = count
-    return out
 
 
 def _logistic(weight: float, bias: float) -> torch.nn.Module:
@@ -48,7 +46,7 @@ def _meta() -> dict:
 def test_youden_threshold_on_known_histograms() -> None:
     # Prepare: negatives in bins 0-2, positives in bins 2-4: every example above 0.2 is positive
     # except the 3 negatives of bin 2
-    neg, pos = _hist(b0=10, b1=10, b2=3), _hist(b2=2, b3=5, b4=5)
+    neg, pos = hist(b0=10, b1=10, b2=3), hist(b2=2, b3=5, b4=5)
     # Execute
     threshold = choose_threshold(neg, pos)
     # Assert: J(0.2) = 12/12 + 20/23 − 1 = 0.870, J(0.3) = 10/12 + 23/23 − 1 = 0.833: 0.2 wins
@@ -57,7 +55,7 @@ def test_youden_threshold_on_known_histograms() -> None:
 
 def test_ties_go_to_the_edge_nearest_one_half_and_one_class_keeps_one_half() -> None:
     # Prepare: perfectly separated at every edge from 0.3 to 0.7
-    neg, pos = _hist(b2=5), _hist(b7=5)
+    neg, pos = hist(b2=5), hist(b7=5)
     # Execute / Assert
     assert choose_threshold(neg, pos) == pytest.approx(0.5)
     assert choose_threshold(np.zeros(BINS), pos) == pytest.approx(0.5)

@@ -15,19 +15,21 @@ import math
 import re
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
-from fedcare.models import wire
-from fedcare.server.config import RunConfig
-from fedcare.server.tracking import (
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scenarios import dp_breast_cancer_scenario  # noqa: E402
+from scripted_apps import scripted_app  # noqa: E402
+
+from fedcare.server.config import RunConfig  # noqa: E402
+from fedcare.server.tracking import (  # noqa: E402
     MLFLOW_URI_KEY,
     TENSORBOARD_KEY,
     TRACKING_DEFAULTS,
@@ -42,39 +44,11 @@ from fedcare.server.tracking import (
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
-SCENARIO = """
-name = "tracked"
-rounds = 3
-seed = 1
-baselines = ["pooled", "local"]
-
-[data]
-kind = "sklearn"
-name = "breast_cancer"
-
-[partition]
-hospitals = 3
-kind = "iid"
-min_per_site = 40
-
-[training]
-batch_size = 32
-lr = 0.5
-
-[privacy]
-enabled = true
-noise_multiplier = 1.0
-epsilon_budget = 20.0
-
-[policy]
-max_epsilon_per_study = 20.0
-max_epsilon_total = 20.0
-require_secure_aggregation = false
-evaluation = "exact"
-
-[simulation]
-round_timeout_s = 600   # a shared CI machine may start Ray's workers slowly
-"""
+SCENARIO = dp_breast_cancer_scenario(
+    "tracked", rounds=3, max_epsilon_total=20.0, header='baselines = ["pooled", "local"]',
+    policy='evaluation = "exact"',
+    tables="[simulation]\nround_timeout_s = 600   # a shared CI machine may start Ray's workers slowly\n",
+)
 
 
 def _mlflow_run(uri: str, experiment: str) -> Any:
@@ -346,30 +320,6 @@ def test_the_tracked_run_writes_provenance_and_the_html_report(tracked_run: dict
 # --------------------------------------------------------------------------- a deployment's ServerApp
 
 
-def _scripted_app() -> ClientApp:
-    """Site i adds i + 1 to every weight, reports ε = 0.5·(i+1)·round and accuracy 0.6 + 0.1·i."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"][wire.SERVER_ROUND])
-        arrays = ArrayRecord(OrderedDict((k, Array(v.numpy() + (pid + 1))) for k, v in msg.content["arrays"].items()))
-        metrics = MetricRecord({wire.NUM_EXAMPLES: 10 * (pid + 1), "train-loss": float(pid),
-                                wire.EPSILON: 0.5 * (pid + 1) * rnd, wire.DELTA: 1e-5})  # fmt: skip
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics,
-                                   "config": ConfigRecord({wire.SITE: f"hospital-{pid}"})}), reply_to=msg)  # fmt: skip
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        metrics = MetricRecord({wire.NUM_EXAMPLES: 10 * (pid + 1), "accuracy": 0.6 + 0.1 * pid, "auroc": 0.6 + 0.1 * pid})
-        return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({wire.SITE: f"hospital-{pid}"})}),
-                       reply_to=msg)  # fmt: skip
-
-    return app
-
-
 def test_the_deployed_server_app_logs_each_round_from_the_run_config_overrides(tmp_path: Path) -> None:
     # Prepare: the run config a deployment's ServerApp receives: the app's keys + fedcare run's overrides
     from fedcare.server.app import app as deployed_server_app
@@ -383,7 +333,7 @@ def test_the_deployed_server_app_logs_each_round_from_the_run_config_overrides(t
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
     # Execute
-    deployed_server_app(InProcessGrid(_scripted_app(), num_nodes=3), context)
+    deployed_server_app(InProcessGrid(scripted_app(epsilon_per_round=True), num_nodes=3), context)
 
     # Assert: MLflow and TensorBoard hold the run config and every round of history.json
     history = json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())

@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcare.client.secure import SecureSite, make_secure_train_mod
-from fedcare.models import wire
-from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log
-from fedcare.privacy.policy import node_default_policy
-from fedcare.server.app import initial_arrays, run_server
-from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE, load_model_file
-from fedcare.server.config import InvalidRunConfigError, RunConfig
-from fedcare.server.secagg import SITES_LOST, SecureAggregationError
-from fedcare.server.strategy import TooFewSitesError
-from fedcare.server.update_checks import UpdateCheck, check_secure_aggregate, update_norm
-from fedcare.simulations.runner import InProcessGrid
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scripted_apps import Corrupt, WireGrid, plain_update_app, secure_app  # noqa: E402
+
+from fedcare.models import wire  # noqa: E402
+from fedcare.privacy.audit_log import generate_signing_key, load_verify_key, verify_log  # noqa: E402
+from fedcare.server.app import initial_arrays, run_server  # noqa: E402
+from fedcare.server.checkpoint import FINAL_MODEL_FILE, HISTORY_FILE, load_model_file  # noqa: E402
+from fedcare.server.config import InvalidRunConfigError, RunConfig  # noqa: E402
+from fedcare.server.secagg import SITES_LOST, SecureAggregationError  # noqa: E402
+from fedcare.server.strategy import TooFewSitesError  # noqa: E402
+from fedcare.server.update_checks import UpdateCheck, check_secure_aggregate, update_norm  # noqa: E402
+from fedcare.simulations.runner import InProcessGrid  # noqa: E402
 
 SIZES = (10, 20, 30, 40, 50)
-Corrupt = Callable[[OrderedDict[str, np.ndarray]], OrderedDict[str, np.ndarray]]
 
 
 def _nan(a: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
@@ -61,26 +62,6 @@ def _dtype(a: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
 
 def _huge(a: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v + np.float32(1e4)) for k, v in a.items())
-
-
-def _plain_app(bad: dict[int, Corrupt], weights: dict[int, float] | None = None) -> ClientApp:
-    """Site i adds 0.01·(i + 1) to every weight and reports SIZES[i] examples; site ``p in bad`` corrupts its reply."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        arrays = OrderedDict((k, v.numpy() + np.float32(0.01 * (pid + 1))) for k, v in msg.content["arrays"].items())
-        if pid in bad:
-            arrays = bad[pid](arrays)
-        weight = (weights or {}).get(pid, SIZES[pid])
-        return Message(RecordDict({
-            wire.ARRAYS: ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items())),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: weight}),
-            wire.CONFIG: ConfigRecord({wire.SITE: f"hospital-{pid}"}),
-        }), reply_to=msg)
-
-    return app
 
 
 def _config(tmp_path: Path, **changes: Any) -> RunConfig:
@@ -118,7 +99,7 @@ def test_a_bad_update_is_refused_audited_and_the_round_goes_on(
     start = initial_arrays(config)
 
     # Execute
-    history = run_server(InProcessGrid(_plain_app({1: corrupt}), num_nodes=3), config)
+    history = run_server(InProcessGrid(plain_update_app(dict(enumerate(SIZES)), {1: corrupt}), num_nodes=3), config)
 
     # Assert: both rounds complete on the weighted mean of hospitals 0 and 2 (weights 10 and 30)
     final, _ = load_model_file(tmp_path / "ckpt" / FINAL_MODEL_FILE)
@@ -140,7 +121,7 @@ def test_a_bad_update_is_refused_audited_and_the_round_goes_on(
 
 @pytest.mark.parametrize("weight", [float("nan"), -5.0, 0.0, float("inf")])
 def test_an_update_with_a_poisoned_weight_is_refused(tmp_path: Path, weight: float) -> None:
-    history = run_server(InProcessGrid(_plain_app({}, weights={1: weight}), num_nodes=3), _config(tmp_path, num_rounds=1))
+    history = run_server(InProcessGrid(plain_update_app({**dict(enumerate(SIZES)), 1: weight}), num_nodes=3), _config(tmp_path, num_rounds=1))
 
     (record,) = history.rounds
     assert record.complete and [r["site"] for r in record.refusals] == ["hospital-1"]
@@ -151,14 +132,14 @@ def test_an_update_with_a_poisoned_weight_is_refused(tmp_path: Path, weight: flo
 
 def test_an_update_within_the_bound_is_aggregated(tmp_path: Path) -> None:
     # 0.01·3 on each of 4 values: norm 0.06 < 0.1; every site aggregated
-    history = run_server(InProcessGrid(_plain_app({}), num_nodes=3), _config(tmp_path, num_rounds=1, max_update_norm=0.1))
+    history = run_server(InProcessGrid(plain_update_app(dict(enumerate(SIZES))), num_nodes=3), _config(tmp_path, num_rounds=1, max_update_norm=0.1))
 
     assert history.rounds[0].refusals == [] and len(history.rounds[0].site_train) == 3
 
 
 def test_refused_updates_count_against_min_sites(tmp_path: Path) -> None:
     with pytest.raises(TooFewSitesError, match=r"only 1 site\(s\) trained.*2 updates refused"):
-        run_server(InProcessGrid(_plain_app({0: _nan, 2: _inf}), num_nodes=3), _config(tmp_path, num_rounds=1))
+        run_server(InProcessGrid(plain_update_app(dict(enumerate(SIZES)), {0: _nan, 2: _inf}), num_nodes=3), _config(tmp_path, num_rounds=1))
 
     assert json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())["status"] == "stopped"
 
@@ -205,37 +186,6 @@ def test_max_update_norm_is_parsed_once_and_kept_out_of_the_hash_when_unset() ->
 
 
 # --------------------------------------------------------------------------- SecAgg+: what the server can check
-
-
-def secure_app(deltas: dict[int, float], default: float = 0.01) -> ClientApp:
-    """Site i adds ``deltas.get(i, default)`` to every weight inside fedcare's SecAgg+ mod (policy: the node default)."""
-    policy = node_default_policy().model_copy(update={"require_dp": False})
-    app = ClientApp()
-
-    def site_of(context: Context) -> SecureSite:
-        return SecureSite(name=f"hospital-{context.node_config['partition-id']}", policy=policy, seed=1)
-
-    @app.train(mods=[make_secure_train_mod(site_of)])
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        delta = np.float32(deltas.get(pid, default))
-        arrays = OrderedDict((k, Array(v.numpy() + delta)) for k, v in msg.content[wire.ARRAYS].items())
-        return Message(RecordDict({
-            wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
-            wire.CONFIG: ConfigRecord({wire.SITE: f"hospital-{pid}"}),
-        }), reply_to=msg)
-
-    return app
-
-
-class WireGrid(InProcessGrid):
-    """Copies every message, as the wire does (SecAgg+ mods pop keys from the content they get)."""
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        import copy
-
-        return super().send_and_receive(
-            [Message(content=copy.deepcopy(m.content), metadata=copy.copy(m.metadata)) for m in messages], timeout=timeout)
 
 
 def _secure(tmp_path: Path, **changes: Any) -> RunConfig:

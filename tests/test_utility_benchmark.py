@@ -8,29 +8,18 @@ whose policy accepts the arm (DP still required in the DP arms, plain rounds all
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from fedcare.simulations.runner import _refuse_plain_rounds_the_sites_refuse, _site_policy
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_scripts import import_benchmark  # noqa: E402
 
+from fedcare.simulations.runner import _refuse_plain_rounds_the_sites_refuse, _site_policy  # noqa: E402
 
-def _utility() -> ModuleType:
-    """Import benchmarks/utility.py (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("fedcare_bench_utility", REPO / "benchmarks" / "utility.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-UTILITY = _utility()
+UTILITY = import_benchmark("utility")
 CASES = [(d, a) for d in sorted(UTILITY.DATASETS) for a in UTILITY.ARMS]
 
 

@@ -16,32 +16,34 @@ one fails the round loudly before it becomes the model.
 
 from __future__ import annotations
 
-import copy
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Message
 from flwr.clientapp import ClientApp
 
-from fedcare.client.secure import SecureSite, make_secure_train_mod
-from fedcare.flower_bridge import KEY_CLIPPING_NORM
-from fedcare.models import wire
-from fedcare.privacy.policy import node_default_policy
-from fedcare.server.app import initial_arrays, run_server
-from fedcare.server.checkpoint import FINAL_MODEL_FILE, load_model_file
-from fedcare.server.config import RunConfig
-from fedcare.server.secagg import SecureAggregationError
-from fedcare.simulations.runner import InProcessGrid
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+
+from scripted_apps import WireGrid, plain_update_app, secure_app  # noqa: E402
+
+from fedcare.flower_bridge import KEY_CLIPPING_NORM  # noqa: E402
+from fedcare.models import wire  # noqa: E402
+from fedcare.server.app import initial_arrays, run_server  # noqa: E402
+from fedcare.server.checkpoint import FINAL_MODEL_FILE, load_model_file  # noqa: E402
+from fedcare.server.config import RunConfig  # noqa: E402
+from fedcare.server.secagg import SecureAggregationError  # noqa: E402
+from fedcare.simulations.runner import InProcessGrid  # noqa: E402
 
 ATTACKER = 3  # partition id of the malicious hospital; 0-2 are honest
 HONEST_WEIGHTS = (10, 20, 30)
 
 
-def _poison(kind: str, arrays: OrderedDict[str, np.ndarray]) -> tuple[OrderedDict[str, np.ndarray], float]:
-    """Return the attacker's arrays and weight for one attack."""
+def _poison(kind: str, arrays: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """Return the attacker's arrays for one attack ("weight": the honest arrays, a NaN weight)."""
     if kind == "nan":
         arrays["linear.weight"][0, 0] = np.nan
     elif kind == "inf":
@@ -50,29 +52,13 @@ def _poison(kind: str, arrays: OrderedDict[str, np.ndarray]) -> tuple[OrderedDic
         arrays["linear.bias"] = np.full((1, 1), 50.0, dtype=np.float32)  # broadcast into (1,) by a plain sum
     elif kind == "huge":
         arrays = OrderedDict((k, v + np.float32(1e6)) for k, v in arrays.items())
-    elif kind == "weight":
-        return arrays, float("nan")
-    return arrays, 40.0
+    return arrays
 
 
 def _federation(kind: str) -> ClientApp:
-    """Three honest hospitals (site i adds 0.01·(i + 1), weight 10·(i + 1)) and the attacker."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        arrays = OrderedDict((k, v.numpy() + np.float32(0.01 * (pid + 1))) for k, v in msg.content[wire.ARRAYS].items())
-        weight = float(HONEST_WEIGHTS[pid]) if pid != ATTACKER else 40.0
-        if pid == ATTACKER:
-            arrays, weight = _poison(kind, arrays)
-        return Message(RecordDict({
-            wire.ARRAYS: ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items())),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: weight}),
-            wire.CONFIG: ConfigRecord({wire.SITE: f"hospital-{pid}"}),
-        }), reply_to=msg)
-
-    return app
+    """Three honest hospitals (site i adds 0.01·(i + 1), weight 10·(i + 1)) and the attacker (weight 40 or NaN)."""
+    weights = {**{i: float(w) for i, w in enumerate(HONEST_WEIGHTS)}, ATTACKER: float("nan") if kind == "weight" else 40.0}
+    return plain_update_app(weights, {ATTACKER: lambda arrays: _poison(kind, arrays)})
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "shape", "huge", "weight"])
@@ -99,39 +85,14 @@ def test_a_poisoned_update_does_not_reach_the_global_model(tmp_path: Path, kind:
 # --------------------------------------------------------------------------- SecAgg+: the attacker skips its clipping
 
 
-def _secure_federation() -> ClientApp:
-    """Five hospitals in fedcare's SecAgg+ mod; the honest ones move each weight by 0.01, the attacker by 2.0."""
-    policy = node_default_policy().model_copy(update={"require_dp": False})
-    app = ClientApp()
-
-    def site_of(context: Context) -> SecureSite:
-        return SecureSite(name=f"hospital-{context.node_config['partition-id']}", policy=policy, seed=1)
-
-    @app.train(mods=[make_secure_train_mod(site_of)])
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        delta = np.float32(2.0 if pid == ATTACKER else 0.01)
-        arrays = OrderedDict((k, Array(v.numpy() + delta)) for k, v in msg.content[wire.ARRAYS].items())
-        return Message(RecordDict({
-            wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
-            wire.CONFIG: ConfigRecord({wire.SITE: f"hospital-{pid}"}),
-        }), reply_to=msg)
-
-    return app
-
-
-class _AttackerSkipsClipping(InProcessGrid):
+class _AttackerSkipsClipping(WireGrid):
     """The wire, as the attacker's node sees it: the clipping norm never reaches its mods (it removed them)."""
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        copies = []
-        for msg in messages:
-            content = copy.deepcopy(msg.content)
-            fit_config = content.config_records.get("fitins.config")
-            if msg.metadata.dst_node_id == ATTACKER + 1 and fit_config is not None and KEY_CLIPPING_NORM in fit_config:
-                del fit_config[KEY_CLIPPING_NORM]
-            copies.append(Message(content=content, metadata=copy.copy(msg.metadata)))
-        return super().send_and_receive(copies, timeout=timeout)
+    def on_wire(self, message: Message) -> None:
+        """Drop the clipping norm from the attacker's copy of a training message."""
+        fit_config = message.content.config_records.get("fitins.config")
+        if message.metadata.dst_node_id == ATTACKER + 1 and fit_config is not None and KEY_CLIPPING_NORM in fit_config:
+            del fit_config[KEY_CLIPPING_NORM]
 
 
 def test_an_unclipped_update_under_secagg_is_refused_before_it_becomes_the_model(tmp_path: Path) -> None:
@@ -142,5 +103,5 @@ def test_an_unclipped_update_under_secagg_is_refused_before_it_becomes_the_model
 
     # Execute / Assert: the mean update, (4·0.01 + 2)/5 on each of 4 weights (norm 0.816 > C), is refused
     with pytest.raises(SecureAggregationError, match="skipped its clipping"):
-        run_server(_AttackerSkipsClipping(_secure_federation(), 5), config)
+        run_server(_AttackerSkipsClipping(secure_app({ATTACKER: 2.0}), 5), config)  # honest sites: +0.01
     assert not (tmp_path / FINAL_MODEL_FILE).exists()
