@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from fedcare.client.loaders import load_site_file
+from fedcare.client.manifest import load_manifest
 from fedcare.client.metrics import evaluate
 from fedcare.server.checkpoint import build_saved_model, load_model_file
 from fedcare.simulations.runner import run_scenario
@@ -141,7 +142,7 @@ def _tiled(scenario: Scenario, times: int, folder: Path) -> Scenario:
 
     source = scenario.data
     manifest = tomllib.loads(Path(source.path).read_text())  # type: ignore[union-attr]
-    npz = (Path(source.path).parent / manifest["data"]["path"]).resolve()  # type: ignore[union-attr]
+    npz = load_manifest(source.path).data.path  # type: ignore[union-attr]  # ${FEDCARE_DATA_ROOT} resolved
     with np.load(npz) as data:
         arrays = {k: np.concatenate([data[k]] * times) for k in data.files}
     np.savez(folder / "tiled.npz", **arrays)
