@@ -280,7 +280,7 @@ def test_a_site_lost_before_its_shares_were_dealt_fails_the_round(tmp_path: Path
     sites = _sites(tmp_path)
     grid = _KillingGrid(make_client_app(_Sites(sites)), N, kills={3: (1, str(Stage.SHARE_KEYS))}, mode="unavailable")
 
-    with pytest.raises(SecureAggregationError, match=r"share-keys stage \(1 site\(s\) lost\)"):
+    with pytest.raises(SecureAggregationError, match=r"share-keys stage \(1 site failure\(s\)\)"):
         run_server(grid, _config(tmp_path))
 
     assert _history(tmp_path)["status"] == "failed"
