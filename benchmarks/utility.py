@@ -62,6 +62,7 @@ from fedcare.client.metrics import predict
 from fedcare.models import Task
 from fedcare.server.checkpoint import build_saved_model, load_model_file
 from fedcare.simulations.baselines import pool_sites
+from fedcare.simulations.overrides import apply_overrides
 from fedcare.simulations.runner import build_hospitals, run_scenario
 from fedcare.simulations.scenario import Scenario
 
@@ -81,6 +82,10 @@ class Dataset:
     mu: float
     reference: dict[str, float]
     note: str
+    stored_threshold: bool = False
+    """Score the federated model at the operating threshold its model file stores (else 0.5)."""
+    dp_recipe: bool = False
+    """The scenario is a DP recipe (DP on, no baselines): only the DP arms (``dp1``, ``dp3``, ``dp8``) apply."""
 
 
 DATASETS = {
@@ -93,6 +98,12 @@ DATASETS = {
                          {"MedMNIST v2 ResNet-18 (28 px) pooled AUC": 0.944,
                           "MedMNIST v2 ResNet-18 (28 px) pooled ACC": 0.854},
                          "reference is a ResNet-18 on the official train set; ours a small CNN"),
+    "pneumonia-dp": Dataset(SCENARIOS / "pneumonia_dp.toml", ("auroc", "balanced_accuracy"), 0.01, {},
+                            "the DP recipe (scatternet, batch 512, lr 4); DP arms only; balanced "
+                            "accuracy at the threshold stored in the model file", stored_threshold=True,
+                            dp_recipe=True),
+    "physionet-dp": Dataset(SCENARIOS / "physionet_dp.toml", ("auroc", "auprc"), 0.01, {},
+                            "the DP recipe (20 rounds); DP arms only", dp_recipe=True),
     "mitbih": Dataset(SCENARIOS / "utility_mitbih.toml", ("auroc", "auprc"), 0.01, {},
                       "test = 4 held-out patients (119, 200, 105, 104)"),
     "diabetes": Dataset(SCENARIOS / "diabetes_progression.toml", ("mae", "r2"), 0.01, {},
@@ -123,9 +134,16 @@ def evaluate(model: torch.nn.Module, split: Split, task: Task, *, threshold: flo
 baselines_module.evaluate = evaluate  # the baselines' evaluations get macro-F1 too (this process only)
 
 
-def scenario_for(dataset: Dataset, seed: int, arm: str, *, mu: float, rounds: int | None = None) -> Scenario:
-    """Return the data set's scenario for ``seed`` and ``arm`` (``rounds``: override the scenario's)."""
+def scenario_for(dataset: Dataset, seed: int, arm: str, *, mu: float, rounds: int | None = None,
+                 overrides: tuple[str, ...] = ()) -> Scenario:  # fmt: skip
+    """Return the data set's scenario for ``seed`` and ``arm`` (``rounds``: override the scenario's).
+
+    ``overrides`` (``KEY=VALUE``, as ``fedcare simulate --set``) are applied to every arm first.
+    """
     raw = tomllib.loads(dataset.scenario.read_text())
+    if overrides:
+        base = Scenario.model_validate(raw, context={"base_dir": dataset.scenario.parent})
+        raw = apply_overrides(base, overrides).model_dump(exclude_unset=True, mode="json")
     raw["seed"] = seed
     if rounds is not None:
         raw["rounds"] = rounds
@@ -148,22 +166,30 @@ def scenario_for(dataset: Dataset, seed: int, arm: str, *, mu: float, rounds: in
     return Scenario.model_validate(raw, context={"base_dir": dataset.scenario.parent})
 
 
-def evaluate_final(model_path: Path, scenario: Scenario) -> dict[str, Any]:
-    """Evaluate the federated final model on the pooled test split and on each site's test split."""
+def evaluate_final(model_path: Path, scenario: Scenario, *, stored_threshold: bool = False) -> dict[str, Any]:
+    """Evaluate the federated final model on the pooled test split and on each site's test split.
+
+    ``stored_threshold``: binary metrics at the operating threshold the model file stores (chosen
+    on the sites' validation histograms), else at 0.5.
+    """
     arrays, meta = load_model_file(model_path)
     sites = build_hospitals(scenario)
     model = build_saved_model(arrays, meta)
     pooled = pool_sites(sites)
+    stored = meta.get("threshold")
+    threshold = float(stored) if stored_threshold and stored is not None else 0.5
     return {
-        "pooled_test": {k: float(v) for k, v in evaluate(model, pooled.test, pooled.task).items()},
-        "sites": {s.name: {k: float(v) for k, v in evaluate(model, s.test, s.task).items()} for s in sites},
+        "threshold": threshold,
+        "pooled_test": {k: float(v) for k, v in evaluate(model, pooled.test, pooled.task, threshold=threshold).items()},
+        "sites": {s.name: {k: float(v) for k, v in evaluate(model, s.test, s.task, threshold=threshold).items()}
+                  for s in sites},
     }
 
 
 def one_run(dataset: Dataset, seed: int, arm: str, work: Path, *, mu: float,
-            rounds: int | None = None) -> dict[str, Any]:  # fmt: skip
+            rounds: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """Run one arm for one seed; return its figures and timings."""
-    scenario = scenario_for(dataset, seed, arm, mu=mu, rounds=rounds)
+    scenario = scenario_for(dataset, seed, arm, mu=mu, rounds=rounds, overrides=overrides)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     summary = run_scenario(scenario, work / scenario.name)
@@ -173,7 +199,7 @@ def one_run(dataset: Dataset, seed: int, arm: str, work: Path, *, mu: float,
     run: dict[str, Any] = {
         "seed": seed,
         "arm": arm,
-        "federated": evaluate_final(Path(summary.files["model"]), scenario),
+        "federated": evaluate_final(Path(summary.files["model"]), scenario, stored_threshold=dataset.stored_threshold),
         "privacy": summary.privacy,
         "wall_time_s": wall,
         "federated_time_s": summary.federated_time_s,
@@ -262,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mu", type=float, help="FedProx proximal μ (default: the data set's)")
     parser.add_argument("--rounds", type=int, help="rounds (= epochs of the pooled and site-alone "
                         "baselines) for every arm (default: the scenario's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario value for every arm (as fedcare simulate --set; repeatable)")
     parser.add_argument("--table-from", type=Path, help="only print the table of an earlier JSON")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/utility_<dataset>.json)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --out and run only the (arm, seed) pairs missing")
     args = parser.parse_args(argv)
     dataset = DATASETS[args.dataset]
+    if dataset.dp_recipe and set(args.arms) - set(DP_EPSILON):
+        parser.error(f"{args.dataset} is a DP recipe: give --arms among {sorted(DP_EPSILON)}")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     if args.table_from:
@@ -276,21 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / f"utility_{args.dataset}.json"
     mu = dataset.mu if args.mu is None else args.mu
     earlier = json.loads(out.read_text()) if args.resume and out.is_file() else {}
-    rounds = args.rounds or scenario_for(dataset, 0, "reference", mu=mu).rounds
+    rounds = args.rounds or scenario_for(dataset, 0, args.arms[0], mu=mu).rounds
     if earlier and earlier.get("rounds", rounds) != rounds:
         parser.error(f"{out} holds runs of {earlier['rounds']} rounds, not {rounds}: use another --out")
     runs: list[dict[str, Any]] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
     done = {(r["arm"], r["seed"]) for r in runs}
     started = time.perf_counter()
-    base = scenario_for(dataset, 0, "reference", mu=mu)
+    base = scenario_for(dataset, 0, args.arms[0], mu=mu)
     sizes = {s.name: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for s in build_hospitals(base)}
     with tempfile.TemporaryDirectory(prefix=f"fedcare-utility-{args.dataset}-") as tmp:
         for arm in args.arms:
             for seed in args.seeds:
                 if (arm, seed) in done:
                     continue
-                run = one_run(dataset, seed, arm, Path(tmp), mu=mu, rounds=rounds)
+                run = one_run(dataset, seed, arm, Path(tmp), mu=mu, rounds=rounds, overrides=tuple(args.overrides))
                 runs.append(run)
                 head = run["federated"]["pooled_test"][dataset.metrics[0]]
                 extra = (f", pooled {run['pooled']['pooled_test'][dataset.metrics[0]]:.3f}"
@@ -303,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch CPU capability "
                                f"{torch.backends.cpu.get_cpu_capability()}",
                     "rounds": rounds,
+                    "overrides": args.overrides,
                     "scenario": str(dataset.scenario.relative_to(ROOT)),
                     "metrics": dataset.metrics, "fedprox_mu": mu, "dp_delta": DELTA,
                     "reference": dataset.reference, "note": dataset.note,

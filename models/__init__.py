@@ -8,6 +8,7 @@ from .families import FAMILIES, TEXT_FAMILIES, ModelSpec, Task, build_for_data, 
 from .lstm import ClinicalLSTM
 from .registry import Registry, UnknownNameError
 from .regression import LinearRegression, LogisticRegression
+from .scatter import ScatterNetClassifier
 from .text import HashingTokenizer, TextBagOfEmbeddings, TextLSTM
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "MedicalCNN",
     "ModelSpec",
     "Registry",
+    "ScatterNetClassifier",
     "Task",
     "TextBagOfEmbeddings",
     "TextLSTM",

@@ -11,6 +11,7 @@ from ..config_base import FrozenModel
 from .cnn import MedicalCNN
 from .lstm import ClinicalLSTM
 from .registry import Registry
+from .scatter import ScatterNetClassifier
 from .regression import LinearRegression, LogisticRegression
 from .text import MAX_BUCKETS, MAX_TEXT_LENGTH, HashingTokenizer, TextBagOfEmbeddings, TextLSTM
 
@@ -21,6 +22,7 @@ FAMILIES.register("linear")(LinearRegression)
 FAMILIES.register("logistic")(LogisticRegression)
 FAMILIES.register("text_lstm")(TextLSTM)
 FAMILIES.register("text_bag")(TextBagOfEmbeddings)
+FAMILIES.register("scatternet")(ScatterNetClassifier)
 
 TEXT_FAMILIES = ("text_lstm", "text_bag")
 """Families that read token ids from :class:`~fedcare.models.text.HashingTokenizer`."""
@@ -34,7 +36,8 @@ class ModelSpec(FrozenModel):
     Attributes
     ----------
     family : str
-        A registered family: ``cnn``, ``lstm``, ``linear``, ``logistic``, ``text_lstm`` or
+        A registered family: ``cnn``, ``scatternet`` (fixed scattering features + linear head,
+        the DP recipe for images), ``lstm``, ``linear``, ``logistic``, ``text_lstm`` or
         ``text_bag``.
     hidden_size, num_layers, bidirectional, width :
         Size settings used by the families that take them.
@@ -112,6 +115,12 @@ def build_for_data(
             num_classes=classes,
             image_size=input_shape[-1],
             width=spec.width,
+        )
+    if family == "scatternet":
+        if len(input_shape) != 3:
+            raise ValueError(f"'scatternet' needs images (C, H, W); this data has shape {input_shape}")
+        return build_model(
+            "scatternet", in_channels=input_shape[0], num_classes=classes, image_size=input_shape[-1]
         )
     if family == "lstm":
         if len(input_shape) != 2:

@@ -1,0 +1,88 @@
+"""A DP-friendly image classifier: fixed wavelet scattering features and a linear head.
+
+Tramèr & Boneh (ICLR 2021, "Differentially private learning needs better features (or much more
+data)") showed that under DP-SGD a linear model on hand-crafted ScatterNet features beats
+end-to-end CNNs at small and moderate ε: the features cost no privacy (they are fixed, not
+learned from anyone's patients) and the few trainable parameters spend the noise budget well.
+
+:class:`ScatterNetClassifier` (family ``scatternet``): a 2-D scattering transform (kymatio's
+``Scattering2D``, ``J = 2``, ``L = 8``: 81 channels per image channel at a quarter of the side),
+average-pooled to 7 x 7, GroupNorm without learned scale (per example, so it needs no batch
+statistics and is safe under per-example clipping), then one linear layer. The scattering
+filters are a fixed function of the image size, rebuilt by every site and evaluation; they are
+neither trained nor exchanged (not in ``state_dict``), so the update that leaves a site holds
+only the linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SCATTER_CHANNELS", "ScatterNetClassifier"]
+
+SCATTER_J = 2
+"""Scales of the scattering transform: features at 1/4 of the image side."""
+SCATTER_ANGLES = 8
+"""Orientations per scale."""
+SCATTER_CHANNELS = 1 + SCATTER_J * SCATTER_ANGLES + SCATTER_ANGLES**2 * SCATTER_J * (SCATTER_J - 1) // 2
+"""Scattering coefficients per image channel (81 for J = 2, L = 8)."""
+POOLED_SIDE = 7
+"""Side of the pooled feature map: 28 px images keep every coefficient, larger ones are pooled."""
+
+
+def _scattering(image_size: int) -> nn.Module:
+    """Return kymatio's torch ``Scattering2D`` for square images of ``image_size`` px."""
+    # The 2-D front end only: kymatio's top-level package imports its 3-D transform, which needs
+    # scipy.special.sph_harm (removed in SciPy 1.17).
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    return ScatteringTorch2D(J=SCATTER_J, shape=(image_size, image_size), L=SCATTER_ANGLES)
+
+
+class ScatterNetClassifier(nn.Module):
+    """Fixed scattering features -> GroupNorm -> linear, for images of any channel and class count.
+
+    Parameters
+    ----------
+    in_channels : int
+        Image channels (1 for grey, 3 for RGB).
+    num_classes : int
+        Output classes; 2 gives one logit (binary), more give one logit per class.
+    image_size : int
+        Side of the square input, 28 to 224 px, a multiple of 4.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, image_size: int = 28) -> None:
+        super().__init__()
+        if not 28 <= image_size <= 224 or image_size % 4:
+            raise ValueError(
+                f"scatternet needs square images of 28 to 224 px whose side is a multiple of 4, got "
+                f"{image_size}; resize the site's images (manifest [data] resize) or use family 'cnn'"
+            )
+        if in_channels < 1 or num_classes < 2:
+            raise ValueError("in_channels must be >= 1 and num_classes >= 2")
+        channels = in_channels * SCATTER_CHANNELS
+        # A list hides the transform from state_dict(), parameters() and Opacus: its filters are
+        # a fixed function of image_size, rebuilt wherever the model is built, never exchanged.
+        self._scatter: list[nn.Module] = [_scattering(image_size)]
+        self.pool = nn.AdaptiveAvgPool2d(POOLED_SIDE)
+        self.norm = nn.GroupNorm(in_channels * 27, channels, affine=False)
+        self.num_classes = num_classes
+        self.head = nn.Linear(channels * POOLED_SIDE**2, 1 if num_classes == 2 else num_classes)
+        self.image_size = image_size
+        self.in_channels = in_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the fixed, normalised scattering features of images (N, C, H, W)."""
+        scatter = self._scatter[0]
+        if next(scatter.buffers()).device != x.device:
+            scatter.to(x.device)
+        with torch.no_grad():
+            z = scatter(x.contiguous()).flatten(1, 2)  # (N, C, 81, h, w) -> (N, C * 81, h, w)
+        return self.norm(self.pool(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits for images shaped (N, C, H, W): (N,) if binary, else (N, classes)."""
+        out = self.head(self.features(x).flatten(1))
+        return out.squeeze(-1) if self.num_classes == 2 else out
