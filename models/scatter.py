@@ -12,14 +12,25 @@ statistics and is safe under per-example clipping), then one linear layer. The s
 filters are a fixed function of the image size, rebuilt by every site and evaluation; they are
 neither trained nor exchanged (not in ``state_dict``), so the update that leaves a site holds
 only the linear head.
+
+The transform is the costly part of training (a site sees the same images every round), so its
+output is memoised per process (:class:`FeatureCache`): keyed by a BLAKE2b digest of each image's
+bytes, shape and dtype plus the transform's settings, bounded in bytes (least recently used out
+first). A hit returns exactly what the transform computes (it is deterministic and computed per
+image); the cache lives in process memory only, is never written or sent, and a deployed node's
+task process starts with an empty one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
-__all__ = ["SCATTER_CHANNELS", "ScatterNetClassifier"]
+__all__ = ["SCATTER_CHANNELS", "FeatureCache", "ScatterNetClassifier"]
 
 SCATTER_J = 2
 """Scales of the scattering transform: features at 1/4 of the image side."""
@@ -29,6 +40,75 @@ SCATTER_CHANNELS = 1 + SCATTER_J * SCATTER_ANGLES + SCATTER_ANGLES**2 * SCATTER_
 """Scattering coefficients per image channel (81 for J = 2, L = 8)."""
 POOLED_SIDE = 7
 """Side of the pooled feature map: 28 px images keep every coefficient, larger ones are pooled."""
+
+
+CACHE_BYTES = 512 * 2**20
+"""Most bytes of scattering features one process keeps (about 32,000 grey 28 px images)."""
+
+
+class FeatureCache:
+    """A bounded, least-recently-used map from image digests to their scattering features.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Most bytes of feature tensors kept; the least recently used are dropped first.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        """Return how many images' features are held."""
+        return len(self._entries)
+
+    @staticmethod
+    def key(image: torch.Tensor, settings: bytes) -> bytes:
+        """Return the digest of one image (its bytes, shape and dtype) under the transform's ``settings``."""
+        digest = hashlib.blake2b(settings, digest_size=20)
+        digest.update(repr((tuple(image.shape), str(image.dtype))).encode())
+        digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+        return digest.digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        """Return the features stored under ``key`` (marking them recently used), or None."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        """Store ``features`` (kept on the CPU) under ``key``, dropping the least recently used over the bound."""
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = features.detach().cpu()
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+FEATURES = FeatureCache()
+"""The process's scattering feature cache."""
 
 
 def _scattering(image_size: int) -> nn.Module:
@@ -73,14 +153,26 @@ class ScatterNetClassifier(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
 
+    def scattering(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the raw scattering coefficients (N, C * 81, h, w) of images (N, C, H, W), memoised per image."""
+        settings = f"scattering2d:J={SCATTER_J}:L={SCATTER_ANGLES}:side={self.image_size}".encode()
+        keys = [FeatureCache.key(image, settings) for image in x]
+        found = [FEATURES.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            scatter = self._scatter[0]
+            if next(scatter.buffers()).device != x.device:
+                scatter.to(x.device)
+            with torch.no_grad():
+                fresh = scatter(x[missing].contiguous()).flatten(1, 2)  # (M, C, 81, h, w) -> (M, C * 81, h, w)
+            for i, features in zip(missing, fresh, strict=True):
+                found[i] = features
+                FEATURES.put(keys[i], features)
+        return torch.stack([f.to(x.device) for f in found])  # type: ignore[union-attr]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the fixed, normalised scattering features of images (N, C, H, W)."""
-        scatter = self._scatter[0]
-        if next(scatter.buffers()).device != x.device:
-            scatter.to(x.device)
-        with torch.no_grad():
-            z = scatter(x.contiguous()).flatten(1, 2)  # (N, C, 81, h, w) -> (N, C * 81, h, w)
-        return self.norm(self.pool(z))
+        return self.norm(self.pool(self.scattering(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits for images shaped (N, C, H, W): (N,) if binary, else (N, classes)."""

@@ -82,3 +82,23 @@ def test_dp_round_trains_the_head_and_charges_the_ledger(tmp_path: Path) -> None
     assert result.epsilon > 0 and ledger.spent_epsilon() == pytest.approx(result.epsilon)
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
     assert set(model.state_dict()) == {"head.weight", "head.bias"}
+
+
+def test_cached_features_equal_the_transform_and_the_bound_holds() -> None:
+    # Prepare
+    from fedcare.models.scatter import FeatureCache, _scattering
+
+    model = ScatterNetClassifier()
+    x = torch.randn(6, 1, 28, 28)
+    expected = _scattering(28)(x).flatten(1, 2)
+    # Execute: once to fill, once shuffled (all hits)
+    first = model.scattering(x)
+    again = model.scattering(x[[5, 3, 1, 0, 2, 4]])
+    # Assert: bitwise the transform's output, in the batch's order
+    assert torch.equal(first, expected)
+    assert torch.equal(again, expected[[5, 3, 1, 0, 2, 4]])
+    small = FeatureCache(max_bytes=2 * expected[0].numel() * 4)
+    for i in range(3):
+        small.put(FeatureCache.key(x[i], b"s"), expected[i])
+    assert len(small) == 2 and small.get(FeatureCache.key(x[0], b"s")) is None
+    assert FeatureCache.key(x[0], b"s") != FeatureCache.key(x[0], b"t")
