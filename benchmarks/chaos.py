@@ -17,6 +17,19 @@ site names), and a sequence of studies, alternately plain and SecAgg+, each subm
   then ``fedcare server start`` with the same state folder (its database keeps the nodes'
   registrations; the nodes reconnect by themselves).
 
+Stage triggers (``--fault``, repeatable; :func:`parse_trigger`) fire on the study's real progress
+instead of a time offset: ``KIND[=TARGET]@ROUND:STAGE``, e.g. ``node@2:collect-masked-vectors``,
+``node=va@2:collect-masked-vectors``, ``serverapp@3:train``, ``superlink@2:train``. The harness
+polls the study's live ``progress.json`` (``server.progress``, what ``fedcare server status`` and
+the status page read; every 0.2 s, bounded by the attempt's deadline) and kills the target the
+first time the running study is in that round at that stage or a later one of the same round
+(:data:`STAGE_ORDER`: plain rounds ``train``, ``aggregate``, ``evaluate``; SecAgg+ rounds
+``setup``, ``share-keys``, ``collect-masked-vectors``, ``unmask``, then ``evaluate``); the stage it
+saw is reported. Triggers due at the same poll are all killed before any restart (a double
+fault). A trigger not fired in an attempt carries over to the resume; one whose round the study
+passed without it being seen is reported as missed. A ``node`` trigger without a target picks one
+hospital at random (seeded).
+
 A study whose ``fedcare run`` ends without ``finished:completed`` is resumed (``fedcare run
 --resume`` where the CLI has it, else the study file with ``resume = true`` in ``[run]``, whose
 app hash every hospital pinned in advance), at most ``--max-resumes`` times.
@@ -47,6 +60,9 @@ Usage::
 
     python benchmarks/chaos.py --seed 1 --studies plain secagg plain secagg --rounds 3 \
         --out benchmarks/results/chaos.json
+    python benchmarks/chaos.py --studies secagg --rounds 3 --fault node@2:collect-masked-vectors
+
+``benchmarks/replay.py`` replays the issue's scenarios with stage triggers.
 """
 
 from __future__ import annotations
@@ -84,6 +100,7 @@ from fedcare.server.checkpoint import (
 )
 from fedcare.server.deploy import register_node, start_superlink, stop_superlink
 from fedcare.server.flower_app import app_hash, build_flower_app, load_study
+from fedcare.server.progress import read_progress
 from fedcare.supervise import (
     NotRunningError,
     ProcessExitedError,
@@ -110,6 +127,14 @@ SITES = {
     "hungarian-b": SITE_DIR / "heart_hungarian.toml",
 }
 FAULTS = ("node", "serverapp", "superlink")
+#: a round's stages in the order the ServerApp enters them (``server.progress``); a plain round
+#: has train, aggregate, evaluate; a SecAgg+ round's training is setup .. unmask
+STAGE_ORDER = ("starting", "train", "setup", "share-keys", "collect-masked-vectors", "unmask", "aggregate",
+               "evaluate", "closed")
+_TRIGGER = re.compile(r"^(?P<kind>node|serverapp|superlink)(?:=(?P<target>[A-Za-z0-9_-]+))?"
+                      r"@(?P<round>[1-9][0-9]*):(?P<stage>[a-z-]+)$")
+#: how often a stage trigger reads the study's progress file
+POLL_S = 0.2
 #: how long a node restart is retried, and how often (flwr refuses it while the dead node is online)
 RESTART_PATIENCE_S = 180.0
 RESTART_RETRY_S = 15.0
@@ -121,13 +146,73 @@ _ENDED = re.compile(r"run (\d+) ended (\S+?):?\s+(.*)")
 
 @dataclass
 class Event:
-    """One scheduled fault."""
+    """One scheduled fault: at ``offset_s`` after submission, or (a stage trigger) at ``round``/``stage``."""
 
     study: int
     offset_s: float
     kind: str
     target: str | None = None
     pause_s: float = 0.0
+    round: int | None = None
+    stage: str | None = None
+    seen: str = ""  # what the trigger saw when it fired ("round 2 collect-masked-vectors")
+
+    @property
+    def label(self) -> str:
+        """Return the fault as written (``node=va@2:collect-masked-vectors``, ``superlink@+5.7s``)."""
+        who = self.kind + ("" if self.target is None else f"={self.target}")
+        return f"{who}@{self.round}:{self.stage}" if self.round is not None else f"{who}@+{self.offset_s}s"
+
+
+class TriggerSyntaxError(ValueError):
+    """A ``--fault`` trigger is not ``KIND[=TARGET]@ROUND:STAGE``."""
+
+
+def parse_trigger(spec: str, *, study: int = 0, pause_s: float = 2.0) -> Event:
+    """Return the stage-triggered fault ``spec`` (``KIND[=TARGET]@ROUND:STAGE``) for study ``study``.
+
+    Raises
+    ------
+    TriggerSyntaxError
+        When the kind, target, round or stage is not one this harness knows.
+    """
+    match = _TRIGGER.match(spec.strip())
+    if match is None:
+        raise TriggerSyntaxError(
+            f"fault trigger {spec!r} is not KIND[=TARGET]@ROUND:STAGE; write e.g. node@2:collect-masked-vectors, "
+            f"node=va@2:unmask, serverapp@3:train or superlink@2:train (KIND one of {', '.join(FAULTS)})"
+        )
+    stage, target = match["stage"], match["target"]
+    if stage not in STAGE_ORDER:
+        raise TriggerSyntaxError(f"fault trigger {spec!r}: unknown stage {stage!r}; use one of {', '.join(STAGE_ORDER)}")
+    if target is not None and match["kind"] != "node":
+        raise TriggerSyntaxError(f"fault trigger {spec!r}: only a node trigger names a target (=SITE); drop it")
+    if target is not None and target not in SITES:
+        raise TriggerSyntaxError(f"fault trigger {spec!r}: unknown site {target!r}; use one of {', '.join(SITES)}")
+    return Event(study=study, offset_s=0.0, kind=match["kind"], target=target, pause_s=pause_s,
+                 round=int(match["round"]), stage=stage)  # fmt: skip
+
+
+def trigger_state(event: Event, progress: dict[str, Any] | None, *, since: float) -> str:
+    """Return whether the stage trigger ``event`` is ``due``, still ``waiting``, or ``passed`` (missed).
+
+    ``progress`` is the study's ``progress.json`` (``server.progress.read_progress``); a file not
+    rewritten since ``since`` (epoch seconds: an earlier attempt's, e.g. of a killed ServerApp)
+    is ignored. Due: the running study is in the trigger's round at its stage or a later one of
+    that round. Passed: the study is in a later round, or ended, without the trigger having fired.
+    """
+    if event.round is None or event.stage is None:
+        raise ValueError(f"{event.label} is not a stage trigger")
+    if progress is None or float(progress.get("updated_at") or 0.0) < since:
+        return "waiting"
+    rnd, stage = int(progress.get("round") or 0), str(progress.get("stage") or "")
+    if progress.get("status") != "running":
+        return "waiting"  # ended: the next attempt (a resume) may still reach the round
+    if rnd > event.round:
+        return "passed"
+    if rnd == event.round and stage in STAGE_ORDER and STAGE_ORDER.index(stage) >= STAGE_ORDER.index(event.stage):
+        return "due"
+    return "waiting"
 
 
 @dataclass
@@ -136,6 +221,7 @@ class Report:
 
     seed: int
     kills: Counter[str] = field(default_factory=Counter)
+    triggers_passed: list[str] = field(default_factory=list)
     missed: Counter[str] = field(default_factory=Counter)
     restart_refusals: Counter[str] = field(default_factory=Counter)
     studies: list[dict[str, Any]] = field(default_factory=list)
@@ -155,6 +241,7 @@ class Report:
             "seed": self.seed,
             "kills_injected": dict(self.kills),
             "kills_missed": dict(self.missed),
+            "triggers_passed": list(self.triggers_passed),
             "node_restarts_refused": sum(self.restart_refusals.values()),
             "studies": len(self.studies),
             "studies_completed": sum(1 for s in self.studies if s["completed"]),
@@ -186,8 +273,10 @@ class Chaos:
 
     def __init__(self, root: Path, *, seed: int, kinds: list[str], rounds: int, faults: int,
                  fault_kinds: tuple[str, ...], max_resumes: int, attempt_timeout: float,
-                 offset_range: tuple[float, float], min_sites: int) -> None:  # fmt: skip
+                 offset_range: tuple[float, float], min_sites: int, triggers: list[Event] | None = None,
+                 policy_extra: str = "", secure_extra: str = SECURE_EXTRA) -> None:  # fmt: skip
         self.root, self.rounds, self.max_resumes = root, rounds, max_resumes
+        self.policy_extra, self.secure_extra = policy_extra, secure_extra
         self.attempt_timeout, self.min_sites = attempt_timeout, min_sites
         self.rng = random.Random(seed)
         self.report = Report(seed=seed)
@@ -197,8 +286,9 @@ class Chaos:
                   kind=self.rng.choice(fault_kinds), pause_s=round(self.rng.uniform(1.0, 5.0), 1))
             for i in range(len(kinds)) for _ in range(faults)
         ]  # fmt: skip
+        self.schedule += list(triggers or [])
         for event in self.schedule:
-            if event.kind == "node":
+            if event.kind == "node" and event.target is None:
                 event.target = self.rng.choice(sorted(SITES))
         self.superlink: ProcessHandle | None = None
         self.nodes: dict[str, ProcessHandle] = {}
@@ -227,7 +317,7 @@ class Chaos:
         hashes = []
         for i, kind in enumerate(self.kinds):
             name = f"chaos-{i}-{kind}"
-            extra = SECURE_EXTRA if kind == "secagg" else ""
+            extra = self.secure_extra if kind == "secagg" else ""
             text = heart_study_text(name=name, description=f"chaos run: {kind} study", rounds=self.rounds,
                                     min_sites=self.min_sites, round_timeout_s=120.0,
                                     checkpoint_dir=root / "models" / name, extra=extra)  # fmt: skip
@@ -245,7 +335,7 @@ class Chaos:
             register_node(keys.public_key, conn, flwr_home=root / "flwr-home", timeout=300.0)
             policy = root / "policies" / f"{site}.toml"
             policy.parent.mkdir(parents=True, exist_ok=True)
-            policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
+            policy.write_text("require_secure_aggregation = false\n" + self.policy_extra, encoding="utf-8")
             for digest in hashes:
                 pin_app_in_policy(policy, digest)
             self.node_settings[site] = NodeSettings(
@@ -383,34 +473,51 @@ class Chaos:
     # ------------------------------------------------------------------ faults
     def inject(self, event: Event) -> None:
         """Kill the event's target with SIGKILL, check, pause, restart (as the docs say), check."""
-        name = f"kill -9 {event.kind}{'' if event.target is None else ' ' + event.target} (study {event.study}, +{event.offset_s} s)"
-        pid: int | None = None
+        self.inject_all([event])
+
+    def _target_pid(self, event: Event) -> int | None:
+        """Return the PID the event kills now (None when its target is not running)."""
         if event.kind == "node":
             handle = self.nodes[event.target or ""]
-            pid = handle.pid if handle.running() else None
-        elif event.kind == "superlink" and self.superlink is not None:
-            pid = self.superlink.pid if self.superlink.running() else None
-        elif event.kind == "serverapp" and self.superlink is not None:
-            pid = next((p for p in descendants(self.superlink.pid) if "flwr-serverapp" in cmdline(p)), None)
-        if pid is None:
-            self.report.missed[event.kind] += 1
-            self.report.events.append({"event": name, "missed": True, "t": self._t()})
+            return handle.pid if handle.running() else None
+        if self.superlink is None:
+            return None
+        if event.kind == "superlink":
+            return self.superlink.pid if self.superlink.running() else None
+        return next((p for p in descendants(self.superlink.pid) if "flwr-serverapp" in cmdline(p)), None)
+
+    def inject_all(self, events: list[Event]) -> None:
+        """Kill every event's target with SIGKILL (all before any restart), check, pause, restart, check."""
+        killed: list[Event] = []
+        for event in events:
+            name = f"kill -9 {event.label} (study {event.study}{', at ' + event.seen if event.seen else ''})"
+            pid = self._target_pid(event)
+            if pid is None:
+                self.report.missed[event.kind] += 1
+                self.report.events.append({"event": name, "missed": True, "t": self._t()})
+                continue
+            os.kill(pid, signal.SIGKILL)
+            self.report.kills[event.kind] += 1
+            self.report.events.append({"event": name, "pid": pid, "t": self._t()})
+            logger.warning("chaos: %s (PID %d)", name, pid)
+            killed.append(event)
+        if not killed:
             return
-        os.kill(pid, signal.SIGKILL)
-        self.report.kills[event.kind] += 1
-        self.report.events.append({"event": name, "pid": pid, "t": self._t()})
-        logger.warning("chaos: %s (PID %d)", name, pid)
         time.sleep(0.5)
-        self.check(name)
-        if event.kind == "serverapp":
+        label = " + ".join(e.label for e in killed)
+        self.check(f"kill -9 {label}")
+        restart = [e for e in killed if e.kind != "serverapp"]  # a killed ServerApp: nothing to restart, resume
+        if not restart:
             return
-        time.sleep(event.pause_s)
-        if event.kind == "node":
-            self.restart_node(event.target or "")
-        else:
+        time.sleep(max(e.pause_s for e in restart))
+        if any(e.kind == "superlink" for e in restart):
             self.restart_superlink()
-        self.report.events.append({"event": f"restart {event.kind}", "t": self._t()})
-        self.check(f"restart after {name}")
+            self.report.events.append({"event": "restart superlink", "t": self._t()})
+        for event in restart:
+            if event.kind == "node":
+                self.restart_node(event.target or "")
+                self.report.events.append({"event": f"restart node {event.target}", "t": self._t()})
+        self.check(f"restart after kill -9 {label}")
 
     def _t(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -424,8 +531,31 @@ class Chaos:
                 self.restart_node(site)
 
     # ------------------------------------------------------------------ studies
+    def fire_due(self, study: dict[str, Any], staged: list[Event], since: float) -> None:
+        """Fire the stage triggers the study's progress file says are due (removed from ``staged``)."""
+        progress = read_progress(study["dir"])
+        due = []
+        for event in list(staged):
+            state = trigger_state(event, progress, since=since)
+            if state == "waiting":
+                continue
+            staged.remove(event)
+            assert progress is not None  # due or passed: a fresh progress file was read
+            seen = f"round {progress.get('round')} {progress.get('stage')}"
+            if state == "passed":
+                self.report.triggers_passed.append(f"{event.label} (study {event.study}; saw {seen})")
+                logger.warning("chaos: trigger %s passed unseen (the study is at %s)", event.label, seen)
+                continue
+            event.seen = seen
+            due.append(event)
+        if due:
+            self.inject_all(due)
+
     def attempt(self, study: dict[str, Any], n: int, events: list[Event]) -> tuple[bool, str, str]:
-        """Submit (n = 0) or resume the study with ``fedcare run``; fire ``events`` on time."""
+        """Submit (n = 0) or resume the study with ``fedcare run``; fire ``events`` on time or stage.
+
+        Stage triggers that did not fire stay in ``events`` (the caller carries them to the resume).
+        """
         resume = n > 0
         file = study["resume_file"] if resume and not self.resume_flag else study["file"]
         argv = [self.fedcare, "run", str(file), "--superlink", self.control, "--certs", str(self.certs.root),
@@ -435,14 +565,18 @@ class Chaos:
         self.pin(file)
         log = self.root / "runs" / f"{study['name']}-{n}.log"
         started = time.monotonic()
+        since = time.time()  # a progress file older than this is an earlier attempt's
         self.run_handle = spawn(argv, log_path=log)
-        pending = sorted(events, key=lambda e: e.offset_s)
+        pending = sorted((e for e in events if e.round is None), key=lambda e: e.offset_s)
+        events[:] = [e for e in events if e.round is not None]  # stage triggers; the unfired carry over
         deadline = started + self.attempt_timeout + 180.0
         try:
             while self.run_handle.running() and time.monotonic() < deadline:
                 if pending and time.monotonic() - started >= pending[0].offset_s:
                     self.inject(pending.pop(0))
-                time.sleep(0.2)
+                if events:
+                    self.fire_due(study, events, since)
+                time.sleep(POLL_S)
         finally:
             stop_process(self.run_handle, timeout=5.0)
         output = log.read_text(errors="replace")
@@ -464,11 +598,12 @@ class Chaos:
             self.setup()
             for i, study in enumerate(self.studies):
                 events = [e for e in self.schedule if e.study == i]
+                carried = list(events)  # stage triggers not yet fired carry over to the resumes
                 attempts, completed, reason, reasons = 0, False, "", []
                 for n in range(self.max_resumes + 1):
                     self.ensure_up()
                     attempts += 1
-                    completed, reason, tail = self.attempt(study, n, events if n == 0 else [])
+                    completed, reason, tail = self.attempt(study, n, carried)  # leaves the unfired triggers
                     if completed:
                         break
                     reasons.append(reason or tail)
@@ -477,7 +612,8 @@ class Chaos:
                 self.report.studies.append({
                     "name": study["name"], "kind": study["kind"], "completed": completed,
                     "attempts": attempts, "reason": reason, "reasons": reasons,
-                    "faults": [f"{e.kind}{'' if e.target is None else ' ' + e.target}@{e.offset_s}s" for e in events],
+                    "faults": [e.label + (f" (at {e.seen})" if e.seen else "") for e in events],
+                    "triggers_unfired": [e.label for e in carried],
                 })  # fmt: skip
         finally:
             self.stop_all()
@@ -487,11 +623,19 @@ class Chaos:
 
 def run_chaos(root: Path, *, seed: int, kinds: list[str], rounds: int = 3, faults: int = 1,
               fault_kinds: tuple[str, ...] = FAULTS, max_resumes: int = 2, attempt_timeout: float = 420.0,
-              offset_range: tuple[float, float] = (5.0, 45.0), min_sites: int = 4) -> Report:  # fmt: skip
-    """Run one seeded chaos run in ``root``; return its report (every process stopped)."""
+              offset_range: tuple[float, float] = (5.0, 45.0), min_sites: int = 4,
+              triggers: list[Event] | None = None, policy_extra: str = "",
+              secure_extra: str = SECURE_EXTRA) -> Report:  # fmt: skip
+    """Run one seeded chaos run in ``root``; return its report (every process stopped).
+
+    ``triggers`` are stage-triggered faults (:func:`parse_trigger`; their ``study`` index says
+    which study), in addition to ``faults`` random ones per study; ``policy_extra`` is appended
+    to every hospital's policy file, ``secure_extra`` to a SecAgg+ study's ``[run]`` table.
+    """
     return Chaos(root, seed=seed, kinds=kinds, rounds=rounds, faults=faults, fault_kinds=fault_kinds,
                  max_resumes=max_resumes, attempt_timeout=attempt_timeout, offset_range=offset_range,
-                 min_sites=min_sites).run()  # fmt: skip
+                 min_sites=min_sites, triggers=triggers, policy_extra=policy_extra,
+                 secure_extra=secure_extra).run()  # fmt: skip
 
 
 def main() -> None:
@@ -500,7 +644,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--studies", nargs="+", choices=["plain", "secagg"], default=["plain", "secagg"] * 3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--faults", type=int, default=1, help="faults per study (1: single faults)")
+    parser.add_argument("--faults", type=int, default=1, help="random faults per study (1: single faults)")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND[=SITE]@ROUND:STAGE",
+                        help="a stage-triggered fault in every study (repeatable), e.g. node@2:collect-masked-vectors")
     parser.add_argument("--kinds", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument("--max-resumes", type=int, default=2)
     parser.add_argument("--attempt-timeout", type=float, default=420.0)
@@ -509,13 +655,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs, ledgers)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    try:
+        triggers = [parse_trigger(spec, study=i) for i in range(len(args.studies)) for spec in args.fault]
+    except TriggerSyntaxError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(tempfile.mkdtemp(prefix="fedcare-chaos-"))
     try:
         report = run_chaos(root, seed=args.seed, kinds=args.studies, rounds=args.rounds, faults=args.faults,
                            fault_kinds=tuple(args.kinds), max_resumes=args.max_resumes,
                            attempt_timeout=args.attempt_timeout, offset_range=tuple(args.offset),
-                           min_sites=args.min_sites)  # fmt: skip
+                           min_sites=args.min_sites, triggers=triggers)  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

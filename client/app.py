@@ -50,7 +50,10 @@ releases (``evaluation``): ``dp`` (default) Laplace-noised sufficient statistics
 ``privacy.release_mechanisms``), charged as one ledger entry per query, refused below
 ``min_evaluation_cohort`` test records or beyond ``max_evaluation_queries_per_study`` or the ε
 budget; ``exact`` the metrics of ``client.metrics.evaluate`` and exact statistics (opt-in,
-outside ε, warned); ``off`` nothing. Under ``evaluate-with-train`` a train message carries
+outside ε, warned); ``off`` nothing. An evaluate message with ``evaluation-split = "validation"``
+(the final model's operating threshold, ``server.operating_point``) gets the same release of the
+validation split instead, through the same checks and charge (one query of the same budget); any
+split other than test and validation is refused. Under ``evaluate-with-train`` a train message carries
 ``evaluate-received = true`` and, once the policy accepted the round, the train reply's
 ConfigRecord adds the same release for the *received* model, computed before training, as
 ``evaluated-<metric>`` (and ``evaluated-num-examples``). DP-SGD's noise is planned for the
@@ -470,6 +473,39 @@ def _eval_split(data: SiteData) -> Split:
     )
 
 
+def _requested_split(config: ConfigRecord) -> str:
+    """Return the split an evaluate message names (``wire.EVALUATION_SPLIT``; test when absent); refuse any other.
+
+    Only the test split (federated evaluation) and the validation split (the final model's
+    operating threshold) are ever released; a request for the training split or anything else
+    is refused before the model is run.
+    """
+    name = config.get(wire.EVALUATION_SPLIT, wire.SPLIT_TEST)
+    if name not in (wire.SPLIT_TEST, wire.SPLIT_VALIDATION):
+        raise DataValidationError(
+            f"the evaluate message asks for split {str(name)[:40]!r}; a site releases statistics of its "
+            f"{wire.SPLIT_TEST!r} or {wire.SPLIT_VALIDATION!r} split only: the coordinator must name one of them"
+        )
+    return str(name)
+
+
+def _split_for(data: SiteData, split_name: str) -> Split:
+    """Return the split an evaluation releases: the validation split when asked for it, else ``_eval_split``."""
+    if split_name != wire.SPLIT_VALIDATION:
+        return _eval_split(data)
+    if len(data.val) == 0:
+        raise DataValidationError(
+            f"site {data.name!r} has no validation examples for the operating threshold; give the "
+            "manifest's [split] a validation fraction"
+        )
+    return data.val
+
+
+def _release_kind(site: LocalSite) -> str:
+    """Return how the site's evaluations are released: ``"dp"`` (Laplace-noised) or ``"exact"``."""
+    return "dp" if site.policy is not None and site.policy.evaluation == "dp" else "exact"
+
+
 def _privacy_fields(ledger: PrivacyLedger) -> dict[str, float]:
     """Return the site's ε per mechanism in this study, and its evaluations so far (reply metrics)."""
     return {
@@ -549,7 +585,8 @@ def _released_count(site: LocalSite, ledger: PrivacyLedger, n: int) -> int:
 
 
 def _evaluation_release(
-    model: nn.Module, site: LocalSite, study: str, ledger: PrivacyLedger | None = None
+    model: nn.Module, site: LocalSite, study: str, ledger: PrivacyLedger | None = None,
+    *, split_name: str = wire.SPLIT_TEST,
 ) -> dict[str, float | int]:
     """Return what the site releases about ``model`` on its test split, as its policy decides.
 
@@ -560,8 +597,12 @@ def _evaluation_release(
     ``PolicyViolation``. Also carries the site's ε per mechanism after the release. A hand-built
     site without a policy (tests) sends exact metrics and warns. ``ledger``: the study's ledger
     when the caller already holds its session (the train handler), else it is opened here.
+    ``split_name = "validation"`` (the final model's operating threshold, ``server.operating_point``)
+    releases the validation split's statistics instead, through the same checks, noise and charge
+    (one query of the same budget; its ledger entry says ``split = "validation"``).
     """
-    split = _eval_split(site.data)
+    split = _split_for(site.data, split_name)
+    where = {"split": split_name} if split_name == wire.SPLIT_VALIDATION else {}
     task = site.data.task
     policy = site.policy
     if policy is None:
@@ -581,12 +622,12 @@ def _evaluation_release(
             message = (f"site {site.name!r}: exact evaluation released by the site's policy (evaluation = "
                        '"exact"): the coordinator sees exact metrics of the test patients, outside ε')
             warn_privacy(message, logger=logger, site=site.name, study=study)  # logged once per study
-            ledger.record_release(mechanism=EVALUATION_EXACT, epsilon=None, records=len(split))
+            ledger.record_release(mechanism=EVALUATION_EXACT, epsilon=None, records=len(split), **where)
             values: dict[str, float | int] = {wire.NUM_EXAMPLES: len(split), **evaluate(model, split, task), **stats}
         else:
             sensitivity, _ = statistics_sensitivity(stats)
             ledger.record_release(mechanism=EVALUATION, epsilon=epsilon, sensitivity=sensitivity,
-                                  scale=laplace_scale(sensitivity=sensitivity, epsilon=epsilon))
+                                  scale=laplace_scale(sensitivity=sensitivity, epsilon=epsilon), **where)
             rng = release_rng(seed=site.seed, stream=f"{EVALUATION}:{site.name}:{study}:{queries}")
             noisy = release_statistics(stats, epsilon=epsilon, rng=rng)
             values = {wire.NUM_EXAMPLES: max(1, round(metrics_from_statistics(noisy)["n"])), **noisy}
@@ -896,7 +937,8 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
             study = config.get(wire.STUDY)
             if not isinstance(study, str) or not study:
                 raise DataValidationError(f"the evaluate message names no {wire.STUDY!r}; the server must send it")
-            values = _evaluation_release(model, site, study)
+            split_name = _requested_split(config)
+            values = _evaluation_release(model, site, study, split_name=split_name)
         except PolicyViolation as exc:
             return _refuse(msg, site.name, "evaluate", wire.ERROR_POLICY, str(exc))
         except PrivacyError as exc:  # ledger locked, corrupt or of other terms: release nothing
@@ -904,7 +946,10 @@ def make_client_app(site_provider: SiteProvider | None = None) -> ClientApp:
         except (DataValidationError, ValueError) as exc:
             return _refuse(msg, site.name, "evaluate", wire.ERROR_DATA_INVALID, str(exc))
         metrics = MetricRecord({k: v if k == wire.NUM_EXAMPLES else float(v) for k, v in values.items()})
-        content = RecordDict({wire.METRICS: metrics, wire.CONFIG: ConfigRecord({wire.SITE: site.name})})
+        info: dict[str, str] = {wire.SITE: site.name}
+        if split_name == wire.SPLIT_VALIDATION:  # the operating-threshold query says how it was released
+            info[wire.EVALUATION_RELEASE] = _release_kind(site)
+        content = RecordDict({wire.METRICS: metrics, wire.CONFIG: ConfigRecord(info)})
         return Message(content, reply_to=msg)
 
     return client_app

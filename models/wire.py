@@ -48,6 +48,13 @@ LOCAL_EPOCHS: Final = "local-epochs"
 LEARNING_RATE: Final = "lr"
 PROXIMAL_MU: Final = "proximal-mu"
 EVALUATE_RECEIVED: Final = "evaluate-received"  # bool: evaluate the received model before training
+# evaluate messages: the split the site releases its statistics of ("test" when absent). "validation":
+# the final model's operating threshold (server.operating_point), released and charged exactly as a
+# test evaluation (one query of the site's evaluation budget); any other value is refused
+EVALUATION_SPLIT: Final = "evaluation-split"
+SPLIT_TEST: Final = "test"
+SPLIT_VALIDATION: Final = "validation"
+EVALUATION_RELEASE: Final = "evaluation-release"  # reply ConfigRecord of a validation query: "dp" or "exact"
 CLIP_GRAD_NORM: Final = "clip-grad-norm"  # non-DP training: batch-gradient L2 clipping norm (0: off)
 STUDY: Final = "study"
 BATCH_SIZE: Final = "batch-size"

@@ -58,7 +58,12 @@ def _quiet_flower() -> None:
 
 
 def run_server(
-    grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None, write_report: bool = True
+    grid: Grid,
+    config: RunConfig,
+    *,
+    on_round: RoundCallback | None = None,
+    write_report: bool = True,
+    operating_point: bool = False,
 ) -> MetricsHistory:
     """Run the study ``config`` describes on ``grid``; return the metrics history.
 
@@ -70,6 +75,10 @@ def run_server(
     (unless ``write_report`` is false: a simulation writes its one report at release).
     With ``audit-key`` every step is appended to the signed audit log (``server.safekeeping``).
     A secure run (``secure-aggregation``) runs :func:`~fedcare.server.secagg.run_secure`.
+    ``operating_point`` (the deployed ServerApp sets it): after the last round of a binary study
+    every site is asked, through its evaluation policy, for the final model's validation
+    histograms, and the threshold chosen on their sum is stored in ``final_model.npz``
+    (``server.operating_point``; a simulation chooses it centrally instead).
 
     Raises
     ------
@@ -86,8 +95,10 @@ def run_server(
     """
     _quiet_flower()
     if config.secure_aggregation:  # SecAgg+ (+ client-level DP): flwr's legacy workflow path
-        return run_secure(grid, config, on_round=on_round, write_report=write_report)
+        return run_secure(grid, config, on_round=on_round, write_report=write_report, operating_point=operating_point)
     study = Study.open(config, on_round=on_round, write_report=write_report)
+    if operating_point:
+        study.ask_operating_point()
     strategy = build_strategy(config, history=study.history, round_offset=study.done)
     strategy.on_stage = study.progress.stage  # the status page's current stage
     if study.strategy_state is not None:
@@ -142,7 +153,8 @@ def make_server_app(
             warn_plaintext(run)
         tracker = open_run_tracker(tracking, experiment=run.study, params=run.to_run_config())
         try:
-            run_server(grid, run, on_round=tracker.round_callback(on_round), write_report=write_report)
+            run_server(grid, run, on_round=tracker.round_callback(on_round), write_report=write_report,
+                       operating_point=True)  # the deployed model carries its threshold
         except TooFewSitesError:
             tracker.close("stopped")
             raise

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -795,6 +795,10 @@ def _run_config_args(overrides: Mapping[str, str | bool] | None) -> list[str]:
     return args
 
 
+#: how long ``submit_run`` keeps polling a run's status while the SuperLink is unreachable (restarting)
+SUPERLINK_PATIENCE_S: Final = 120.0
+
+
 def submit_run(
     app_dir: Path,
     connection: FlowerConnection,
@@ -821,7 +825,9 @@ def submit_run(
         raised.
     status_timeout : float
         Seconds to wait at least, after the log stream ends, for the run to report a finished
-        status (polling goes on until ``timeout`` anyway).
+        status (polling goes on until ``timeout`` anyway). A SuperLink that becomes unreachable
+        meanwhile (a restart: it keeps its runs in its database) is waited for, at most
+        ``SUPERLINK_PATIENCE_S``, before :class:`FlowerCommandError` says how to resume.
     on_line : callable, optional
         Called with every streamed line (default: logged at INFO).
     flwr_home : pathlib.Path, optional
@@ -838,6 +844,8 @@ def submit_run(
         When no run was started.
     RunTimeoutError
         When the run did not finish in time.
+    FlowerCommandError
+        When ``flwr ls`` fails, or the SuperLink stays unreachable past ``SUPERLINK_PATIENCE_S``.
     """
     emit = on_line or (lambda line: logger.info("%s", _ANSI.sub("", line)))
     started = time.monotonic()
@@ -878,8 +886,24 @@ def submit_run(
         now = time.monotonic()
         timed_out = now - started >= timeout
         deadline = now if timed_out else max(started + timeout, now + status_timeout)
+        lost_since: float | None = None  # when `flwr ls` first found the SuperLink unavailable
         while True:
-            entry = run_status(run_id, connection, flwr_home=home)
+            try:
+                entry = run_status(run_id, connection, flwr_home=home)
+            except FlowerCommandError as err:  # a SuperLink restarting keeps its runs: wait for it, bounded
+                now = time.monotonic()
+                lost_since = now if lost_since is None else lost_since
+                if "unavailable" not in str(err).lower() or now - lost_since >= SUPERLINK_PATIENCE_S or now > deadline:
+                    raise FlowerCommandError(
+                        f"lost the SuperLink while run {run_id} was running (unreachable for "
+                        f"{now - lost_since:.0f} s): {err}. Restart it with the same state folder (fedcare "
+                        "server start --state ...), check the run (fedcare server status), then resume the "
+                        "study: fedcare run STUDY.toml --resume"
+                    ) from err
+                logger.warning("run %d: the SuperLink is unreachable (%.0f s); waiting for it", run_id, now - lost_since)
+                time.sleep(2.0)
+                continue
+            lost_since = None
             status = str(entry.get("status", ""))
             if status.startswith("finished") or time.monotonic() > deadline:
                 break

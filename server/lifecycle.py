@@ -13,7 +13,10 @@ to its ``checkpoint-dir`` or its audit log is written here, once:
 - :meth:`Study.close_round`: ``checkpoint.npz[.enc]``; audit ``round``, ``refusal``,
   ``checkpoint``; the round callback.
 - :meth:`Study.finish`: ``final_model.npz[.enc]``, audit ``checkpoint``, ``history.json``
-  (``completed``), ``privacy_report.json`` / ``.md`` (unless the caller writes the report).
+  (``completed``), ``privacy_report.json`` / ``.md`` (unless the caller writes the report). A
+  deployed study (:meth:`Study.ask_operating_point`) first asks the sites for the final model's
+  validation histograms (``server.operating_point``): the threshold goes into the model file's
+  meta, how it was chosen into ``history.json`` (``operating_point``).
 - :meth:`Study.stop` (too few sites): audit refusals of the unfinished round, then the final model
   and ``history.json`` (``stopped``, the reason); no privacy report.
 - :meth:`Study.fail` (a failed secure round): audit refusals of the failing sites and
@@ -71,6 +74,7 @@ from .checkpoint import (
 )
 from .client_dp import client_level_privacy
 from .config import RunConfig
+from .operating_point import OperatingPoint, report_sites, validation_operating_point, warn_if_no_query_left
 from .progress import ProgressWriter
 from .safekeeping import (
     RunAudit,
@@ -80,6 +84,7 @@ from .safekeeping import (
     load_artefact_key,
     run_identity,
     safe_name,
+    site_privacy,
     update_norm,
 )
 from .strategy import TooFewSitesError
@@ -111,7 +116,7 @@ SiteError = tuple[int | None, int, str]
 _MUST_MATCH: Final = (
     "study", "strategy", "model-family", "hidden-size", "num-layers", "bidirectional", "width",
     "task", "num-classes", "input-shape", "has-mask", "proximal-mu", "eta", "eta-l", "beta-1",
-    "beta-2", "tau", "trim-beta", "num-malicious-nodes",
+    "beta-2", "tau", "trim-beta", "num-malicious-nodes", "server-momentum", "server-learning-rate",
 )  # fmt: skip
 
 
@@ -241,6 +246,13 @@ class Study:
         self.audit = RunAudit(None)
         self.run_id: str | None = None
         self.progress = ProgressWriter(folder, study=config.study, num_rounds=config.num_rounds)  # status page
+        self.asks_operating_point = False  # a deployment: ask the sites' validation histograms at the end
+        self.operating_point: OperatingPoint | None = None
+
+    def ask_operating_point(self) -> None:
+        """Ask the sites for the final model's validation histograms before finishing (``server.operating_point``)."""
+        self.asks_operating_point = True
+        warn_if_no_query_left(self.config)
 
     # ------------------------------------------------------------------ open / resume
 
@@ -352,6 +364,9 @@ class Study:
                 self.fail(exc)
                 raise
             logger.info("study %s completed after %.1f s", self.config.study, time.perf_counter() - started)
+            if self.asks_operating_point:  # the threshold goes into the final model file and history.json
+                self.operating_point = validation_operating_point(grid, self.config, self.arrays,
+                                                                  node_sites=self.history.node_sites)
             self.finish()
         finally:
             if renumber is not None:
@@ -413,6 +428,7 @@ class Study:
             self.config, self.history, model_sha256=sha256_file(model_path),
             secure_aggregation=self.config.secure_aggregation,
             client_level=client_level_privacy(self.config, self.history), audit=self.audit, run_id=self.run_id,
+            sites=report_sites(site_privacy(self.history), self.operating_point) if self.operating_point else None,
         )  # fmt: skip
         if report is not None:
             save_report(report, model_path.parent, overwrite=True)
@@ -449,7 +465,8 @@ class Study:
         model_path = artefact_path(folder, FINAL_MODEL_FILE, self.key)
         round_ = self.history.last_complete
         metadata = artefact_metadata(self.config, "model", round_) if self.key is not None else None
-        save_model_file(model_path, self.arrays, model_meta(self.config), key=self.key, metadata=metadata)
+        meta = model_meta(self.config) | (self.operating_point.model_meta() if self.operating_point else {})
+        save_model_file(model_path, self.arrays, meta, key=self.key, metadata=metadata)
         self.audit.checkpoint(round_, model_path, self.key)
         self._write_history(status, reason)
         return model_path
@@ -467,6 +484,8 @@ class Study:
             ledgers.update(site_ledgers(record))
         if ledgers:
             payload["site_ledgers"] = dict(sorted(ledgers.items()))
+        if self.operating_point is not None:  # how the final model's threshold was chosen, or why not
+            payload["operating_point"] = self.operating_point.to_history()
         write_json_atomic(self.config.checkpoint_dir / HISTORY_FILE, payload)
 
     def _site_name(self, node_id: int | None) -> str:

@@ -2,7 +2,8 @@
 
 The ServerApp (through :class:`~fedcare.server.lifecycle.Study` and the strategy wrapper) keeps
 ``<checkpoint-dir>/progress.json`` up to date: the run, the round being played and its stage
-(``starting``, ``train``, ``aggregate``, ``evaluate``, ``closed``), each site's ε as the site
+(``starting``, ``train``, ``aggregate``, ``evaluate``, ``closed``; a SecAgg+ round's training
+is its stages ``setup``, ``share-keys``, ``collect-masked-vectors``, ``unmask``), each site's ε as the site
 reported it in its last train reply against the budget it reported (its ledger's), and every refusal and failure with its
 reason. It holds what ``history.json`` and the audit log already hold (metrics the sites chose to
 release, site names, refusal reasons), never patient values, and is written atomically (mode 0600)
@@ -38,7 +39,8 @@ _KIND: Final = "fedcare-progress/1"
 #: the most refusals kept in the file (the newest); the audit log and history keep all of them
 MAX_REFUSALS: Final = 200
 
-Stage = Literal["starting", "train", "aggregate", "evaluate", "closed", "completed", "stopped", "failed"]
+Stage = Literal["starting", "train", "setup", "share-keys", "collect-masked-vectors", "unmask", "aggregate",
+                "evaluate", "closed", "completed", "stopped", "failed"]
 
 
 class ProgressWriter:

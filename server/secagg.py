@@ -249,11 +249,17 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.min_sites = min_sites
         self.stages_s: dict[str, float] = {}
         self.dropped: list[Dropout] = []
+        #: called with (run round, stage) when a round enters a SecAgg+ stage (the study's progress file)
+        self.on_stage: Callable[[int, str], None] | None = None
+        self.round_offset = 0  # rounds done before this run (a resumed study): flwr counts from 1
 
     def _strict(self, name: str, stage: Callable[..., bool], grid: Grid, context: Any, state: Any) -> bool:
         """Run one stage through a :class:`_StageGrid`; raise when it halts or loses a site it cannot lose."""
         if name == "setup":
             self.dropped = []
+        if self.on_stage is not None:
+            server_round = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+            self.on_stage(server_round + self.round_offset, name)
         watched = _StageGrid(grid, name)
         started = time.perf_counter()
         ok = stage(watched, context, state)
@@ -617,6 +623,7 @@ class _RoundCloser:
         arrays = _named(params, self.reference)
         self._record_dropouts(record)
         if self.study.config.fraction_evaluate > 0:
+            self.study.progress.stage(rnd, "evaluate")
             self._evaluate(grid, server_round, arrays)
         record.train.update({f"secagg-{k}-s": v for k, v in self.workflow.stages_s.items()})
         self.study.close_round(rnd, arrays, strategy_state={"kind": _SECURE_STATE_KIND})
@@ -639,7 +646,12 @@ class _RoundCloser:
 
 
 def run_secure(
-    grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None, write_report: bool = True
+    grid: Grid,
+    config: RunConfig,
+    *,
+    on_round: RoundCallback | None = None,
+    write_report: bool = True,
+    operating_point: bool = False,
 ) -> MetricsHistory:
     """Run ``config`` with SecAgg+ (and client-level DP when configured); return the metrics history.
 
@@ -670,8 +682,11 @@ def run_secure(
         When the checkpoint is encrypted and no key is configured, or the reverse.
     """
     study = Study.open(config, on_round=on_round, write_report=write_report)
+    if operating_point:  # the deployed ServerApp: the final model's threshold (server.operating_point)
+        study.ask_operating_point()
     recorder = _legacy_strategy(config, study)
     workflow = _secagg_workflow(config)
+    workflow.on_stage, workflow.round_offset = study.progress.stage, study.done  # the status page's current stage
     close_round = _RoundCloser(study, build_strategy(config, history=study.history, round_offset=study.done), workflow)
 
     def play_rounds(remaining: int) -> None:

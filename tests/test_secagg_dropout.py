@@ -303,3 +303,36 @@ def test_sites_whose_minimum_cohort_a_dropout_breaks_refuse_to_be_unmasked_and_t
     assert _history(tmp_path)["status"] == "failed"
     assert not (tmp_path / "ckpt" / FINAL_MODEL_FILE).exists()
     assert not any(r.get("complete") for r in _history(tmp_path)["rounds"])
+
+
+# --------------------------------------------------------------------------- the progress file follows the stages
+
+
+def test_the_progress_file_names_each_secure_stage_with_the_real_round_also_after_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record every (round, stage) the ServerApp writes to progress.json (what the status page and
+    # benchmarks/chaos.py's stage triggers read): a study of one round, then resumed for a second
+    from fedcare.server.progress import ProgressWriter
+
+    seen: list[tuple[int, str]] = []
+    real = ProgressWriter.stage
+
+    def spy(self: ProgressWriter, rnd: int, stage: Any) -> None:
+        seen.append((rnd, str(stage)))
+        real(self, rnd, stage)
+
+    monkeypatch.setattr(ProgressWriter, "stage", spy)
+    app = make_client_app(_Sites(_sites(tmp_path)))
+    run_server(_KillingGrid(app, N, kills={}, mode="silent"), _config(tmp_path, num_rounds=1))
+    secure = ["setup", "share-keys", "collect-masked-vectors", "unmask"]
+    assert seen == [(1, s) for s in secure] + [(1, "evaluate")]
+    seen.clear()
+
+    # Execute: a second round, resumed from round 1's checkpoint (flwr counts it as its round 1)
+    run_server(_KillingGrid(app, N, kills={}, mode="silent"), _config(tmp_path, num_rounds=2, resume=True))
+
+    # Assert: the real round number, and the file itself says so
+    assert seen == [(2, s) for s in secure] + [(2, "evaluate")]
+    progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
+    assert (progress["round"], progress["status"], progress["rounds_complete"]) == (2, "completed", 2)
