@@ -99,7 +99,7 @@ DATASETS = {
                           "MedMNIST v2 ResNet-18 (28 px) pooled ACC": 0.854},
                          "reference is a ResNet-18 on the official train set; ours a small CNN"),
     "pneumonia-dp": Dataset(SCENARIOS / "pneumonia_dp.toml", ("auroc", "balanced_accuracy"), 0.01, {},
-                            "the DP recipe (scatternet, batch 512, lr 4); DP arms only; balanced "
+                            "the DP recipe (scatternet, batch 512, lr 1); DP arms only; balanced "
                             "accuracy at the threshold stored in the model file", stored_threshold=True,
                             dp_recipe=True),
     "physionet-dp": Dataset(SCENARIOS / "physionet_dp.toml", ("auroc", "auprc"), 0.01, {},
