@@ -40,6 +40,7 @@ import platform
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -122,6 +123,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--run-timeout", type=float, default=1800.0)
     parser.add_argument("--reserve-gib", type=float, default=4.0,
                         help="memory left to the machine's other users; a node count that would not leave it is skipped")
+    parser.add_argument("--cold", action="store_true",
+                        help="nodes as light as the design allows: no warm SuperExec (flwr starts a fresh "
+                             "process per message; `fedcare node start --cold`)")
+    parser.add_argument("--poll-interval", type=float, default=None,
+                        help="idle task polling of each node in seconds (default: start_node's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     counts = sorted(args.counts)
@@ -160,6 +166,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                     auth_key=keys.private_key,
                     ledger_dir=root / "ledgers" / name,
                     extra_node_config={"policy": str(policy)},
+                    warm=not args.cold,
+                    **({"poll_interval_s": args.poll_interval} if args.poll_interval is not None else {}),
                 ),
                 ready_timeout=600.0,
             )
@@ -249,7 +257,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         shutil.rmtree(root, ignore_errors=True)
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "note": "shared with other work (up to 8 helpers on 2 cores)"},  # fmt: skip
+                    "loadavg_at_end": os.getloadavg()},  # fmt: skip
+        "command": " ".join(["python", *sys.argv]),
+        "nodes": "cold (no warm SuperExec)" if args.cold else "warm (the default)",
+        "poll_interval_s": args.poll_interval,
         "rounds": args.rounds,
         "results": results,
         **summary,

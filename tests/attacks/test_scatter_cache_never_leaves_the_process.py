@@ -32,7 +32,7 @@ def test_update_model_file_and_pickle_hold_no_cached_feature(tmp_path: Path) -> 
     model = build_for_data(ModelSpec(family="scatternet"), task="binary", num_classes=2, input_shape=(1, 28, 28))
     images = torch.rand(8, 1, 28, 28)
     model(images)
-    settings = f"scattering2d:J=2:L=8:side=28".encode()
+    settings = b"scattering2d:J=2:L=8:side=28"
     cached = FEATURES.get(FeatureCache.key(images[0], settings))
     assert cached is not None  # the attack has something to look for
     # Execute: everything the coordinator gets
