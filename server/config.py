@@ -7,13 +7,16 @@ except ``input-shape``)::
 
     study = "heart-disease"        # the study / federation name sites keep their ledgers under
     num-server-rounds = 5
-    strategy = "fedavg"            # fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
+    strategy = "fedavg"            # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad |
+                                   # fedmedian | fedtrimmedavg | krum
     proximal-mu = 0.01             # fedprox only
-    eta = 0.1                      # fedadam only: server learning rate
-    eta-l = 0.1                    # fedadam only: client learning rate flwr records
-    beta-1 = 0.9                   # fedadam only
-    beta-2 = 0.99                  # fedadam only
-    tau = 0.001                    # fedadam only
+    server-momentum = 0.9          # fedavgm only: server momentum β in [0, 1) (Hsu et al. 2019)
+    server-learning-rate = 1.0     # fedavgm only: server learning rate (> 0)
+    eta = 0.1                      # fedadam, fedyogi, fedadagrad: server learning rate
+    eta-l = 0.1                    # fedadam, fedyogi, fedadagrad: client learning rate flwr records
+    beta-1 = 0.9                   # fedadam, fedyogi
+    beta-2 = 0.99                  # fedadam, fedyogi
+    tau = 0.001                    # fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))
     trim-beta = 0.2                # fedtrimmedavg only: fraction cut at each end
     num-malicious-nodes = 0        # krum only
     fraction-train = 1.0
@@ -55,6 +58,10 @@ except ``input-shape``)::
     client-dp-delta = 1e-5         # δ of the client-level ε the server reports
 
 A strategy parameter given for another strategy is an error (it would be silently ignored).
+The server optimisers (fedavgm, fedadam, fedyogi, fedadagrad: Reddi et al. 2021) are flwr's own
+classes; every parameter key has one default whichever of them uses it (flwr's FedYogi defaults
+to eta = 0.01, fedcare's eta defaults to 0.1 for all three: set it). fedavgm's server-momentum
+defaults to 0.9 here (flwr's 0.0 would make it FedAvg). flwr 1.42 ships no SCAFFOLD.
 Secure aggregation needs a mean-based strategy (fedavg, fedprox): robust aggregators need the
 individual updates SecAgg+ hides. Client-level DP runs on the secure path only.
 """
@@ -85,7 +92,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: the strategies ``server.strategy.STRATEGIES`` builds (it refuses to load when the two differ)
-STRATEGY_NAMES: Final = ("fedadam", "fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum")
+STRATEGY_NAMES: Final = (
+    "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg", "fedyogi", "krum",
+)
 
 #: strategies whose aggregate is a (weighted) mean, the only thing SecAgg+ can compute
 SECURE_AGGREGATION_STRATEGIES: Final = ("fedavg", "fedprox")
@@ -128,16 +137,20 @@ def resume_override(config: RunConfig | None) -> dict[str, bool]:
     return {RESUME_KEY: True}
 
 
-#: which strategy each strategy-specific field belongs to
-STRATEGY_PARAMS: Final[Mapping[str, str]] = {
-    "proximal_mu": "fedprox",
-    "eta": "fedadam",
-    "eta_l": "fedadam",
-    "beta_1": "fedadam",
-    "beta_2": "fedadam",
-    "tau": "fedadam",
-    "trim_beta": "fedtrimmedavg",
-    "num_malicious_nodes": "krum",
+_FEDOPT: Final = ("fedadagrad", "fedadam", "fedyogi")
+
+#: which strategies each strategy-specific field belongs to
+STRATEGY_PARAMS: Final[Mapping[str, tuple[str, ...]]] = {
+    "proximal_mu": ("fedprox",),
+    "server_momentum": ("fedavgm",),
+    "server_learning_rate": ("fedavgm",),
+    "eta": _FEDOPT,
+    "eta_l": _FEDOPT,
+    "beta_1": ("fedadam", "fedyogi"),  # FedAdagrad has no first / second moment decay
+    "beta_2": ("fedadam", "fedyogi"),
+    "tau": _FEDOPT,
+    "trim_beta": ("fedtrimmedavg",),
+    "num_malicious_nodes": ("krum",),
 }
 
 _MODEL_KEYS: Final[Mapping[str, str]] = {
@@ -155,6 +168,8 @@ RUN_CONFIG_KEYS: Final[Mapping[str, str]] = {
     "num-server-rounds": "num_rounds",
     "strategy": "strategy",
     "proximal-mu": "proximal_mu",
+    "server-momentum": "server_momentum",
+    "server-learning-rate": "server_learning_rate",
     "eta": "eta",
     "eta-l": "eta_l",
     "beta-1": "beta_1",
@@ -206,8 +221,8 @@ class RunConfig(BaseModel):
         Total federated rounds (a resumed run continues up to this number).
     strategy : str
         A strategy of :data:`STRATEGY_NAMES` (built by ``server.strategy.STRATEGIES``).
-    proximal_mu, eta, eta_l, beta_1, beta_2, tau, trim_beta, num_malicious_nodes :
-        Strategy parameters, each allowed only with its strategy (see ``STRATEGY_PARAMS``).
+    proximal_mu, server_momentum, server_learning_rate, eta, eta_l, beta_1, beta_2, tau, trim_beta, num_malicious_nodes :
+        Strategy parameters, each allowed only with its strategies (see ``STRATEGY_PARAMS``).
     evaluate_with_train : bool
         Federated evaluation without its own message exchange: the train message of round r + 1
         asks the sites to evaluate the model it carries (round r's global model) on their test
@@ -271,11 +286,13 @@ class RunConfig(BaseModel):
     num_rounds: int = Field(default=3, ge=1)
     strategy: str = "fedavg"
     proximal_mu: float = Field(default=0.01, ge=0.0)
-    eta: float = Field(default=0.1, gt=0.0)
-    eta_l: float = Field(default=0.1, gt=0.0)
+    server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0, allow_inf_nan=False)
+    server_learning_rate: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    eta: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
+    eta_l: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
     beta_1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta_2: float = Field(default=0.99, ge=0.0, lt=1.0)
-    tau: float = Field(default=1e-3, gt=0.0)
+    tau: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
     trim_beta: float = Field(default=0.2, ge=0.0, lt=0.5)
     num_malicious_nodes: int = Field(default=0, ge=0)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -326,11 +343,12 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         """Check strategy parameters against the strategy and the task against the classes."""
-        for name, owner in STRATEGY_PARAMS.items():
-            if name in self.model_fields_set and owner != self.strategy:
+        for name, owners in STRATEGY_PARAMS.items():
+            if name in self.model_fields_set and self.strategy not in owners:
+                which = " or ".join(repr(o) for o in owners)
                 raise ValueError(
-                    f"{_FIELD_TO_KEY[name]} applies to strategy {owner!r} only, but strategy is "
-                    f"{self.strategy!r}: remove it or set strategy = {owner!r}"
+                    f"{_FIELD_TO_KEY[name]} applies to strategy {which} only, but strategy is "
+                    f"{self.strategy!r}: remove it or set strategy = {owners[0]!r}"
                 )
         if self.task == "regression" and self.num_classes != 1 and "num_classes" in self.model_fields_set:
             raise ValueError("a regression task has num-classes = 1 (or leave it out)")
@@ -376,7 +394,8 @@ class RunConfig(BaseModel):
                 f"secure-aggregation = true needs a mean-based strategy "
                 f"({', '.join(SECURE_AGGREGATION_STRATEGIES)}), not {self.strategy!r}: SecAgg+ "
                 "reveals only the sum of the sites' updates, while median, trimmed-mean and Krum "
-                "need each update and FedAdam's server state is not wired to the secure path"
+                "need each update and the server optimisers' state (fedavgm, fedadam, fedyogi, "
+                "fedadagrad) is not wired to the secure path"
             )
         for name in ("secagg_num_shares", "secagg_reconstruction_threshold"):
             value = getattr(self, name)
@@ -443,7 +462,7 @@ class RunConfig(BaseModel):
         """Return the flat kebab-case run config that :meth:`from_run_config` reads back."""
         out: dict[str, bool | int | float | str] = {}
         for key, target in RUN_CONFIG_KEYS.items():
-            if target in STRATEGY_PARAMS and STRATEGY_PARAMS[target] != self.strategy:
+            if target in STRATEGY_PARAMS and self.strategy not in STRATEGY_PARAMS[target]:
                 continue
             if target in _SECURE_FIELDS and not self.secure_aggregation:
                 continue

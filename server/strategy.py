@@ -23,6 +23,11 @@ how flwr aggregates:
 - ``state_dict()`` / ``load_state_dict()`` of the strategy's own state (FedOpt's ``m_t`` and
   ``v_t``, FedAvgM's ``momentum_vector``) for checkpoints.
 
+The server optimisers (``fedavgm``: server momentum, Hsu et al. 2019; ``fedadam``, ``fedyogi``,
+``fedadagrad``: Reddi et al. 2021) are flwr's classes, unmodified; they post-process the
+example-weighted mean of the site models, so a site's DP guarantee is unchanged by them. flwr
+1.42 has no SCAFFOLD (control variates would need a second array record per site each round).
+
 Global evaluation metrics are computed from the **sum of the sites' sufficient statistics**
 (``privacy.release_mechanisms``: Laplace-noised histograms / confusion matrices and clipped loss
 sums under a site's ``evaluation = "dp"`` policy, exact ones under ``"exact"``), i.e. the
@@ -50,11 +55,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
     Strategy,
 )
@@ -86,6 +94,8 @@ STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
 
 _STATE_KIND: Final = "fedcare-strategy/1"
 _STATE_ATTRS: Final = ("m_t", "v_t", "momentum_vector")
+#: state attributes flwr keeps as a list of arrays in model order (FedAvgM), not a dict by name
+_LIST_STATE_ATTRS: Final = frozenset({"momentum_vector"})
 _MAX_OVER_SITES: Final = (wire.EPSILON, wire.DELTA, wire.EPSILON_TRAINING, wire.EPSILON_COUNT, wire.EPSILON_EVALUATION,
                            wire.EVALUATION_QUERIES, wire.EVALUATION_EXACT_QUERIES, wire.EPSILON_BUDGET,
                            wire.ROUNDS_CHARGED, wire.ROUNDS_VOIDED, wire.ROUND_RETRIES, wire.RETRY_RESERVE)
@@ -211,6 +221,35 @@ def _fedadam(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
         beta_1=config.beta_1,
         beta_2=config.beta_2,
         tau=config.tau,
+    )
+
+
+@STRATEGIES.register("fedyogi")
+def _fedyogi(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedYogi (Reddi et al. 2021): server-side Yogi, whose second moment grows additively."""
+    return FedYogi(
+        **kwargs,
+        eta=config.eta,
+        eta_l=config.eta_l,
+        beta_1=config.beta_1,
+        beta_2=config.beta_2,
+        tau=config.tau,
+    )
+
+
+@STRATEGIES.register("fedadagrad")
+def _fedadagrad(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedAdagrad (Reddi et al. 2021): server-side Adagrad on the averaged update."""
+    return FedAdagrad(**kwargs, eta=config.eta, eta_l=config.eta_l, tau=config.tau)
+
+
+@STRATEGIES.register("fedavgm")
+def _fedavgm(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
+    """FedAvgM (Hsu et al. 2019): server momentum and learning rate on the averaged update."""
+    return FedAvgM(
+        **kwargs,
+        server_learning_rate=config.server_learning_rate,
+        server_momentum=config.server_momentum,
     )
 
 
@@ -548,7 +587,9 @@ class FedcareStrategy(Strategy):
         arrays: dict[str, OrderedDict[str, np.ndarray]] = {}
         for attr in _STATE_ATTRS:
             value = getattr(self.strategy, attr, None)
-            if value:
+            if value and isinstance(value, list):  # FedAvgM: arrays in model order, stored as "0", "1", …
+                arrays[attr] = OrderedDict((str(i), np.array(v, copy=True)) for i, v in enumerate(value))
+            elif value:
                 arrays[attr] = OrderedDict((k, np.array(v, copy=True)) for k, v in value.items())
         return {"kind": _STATE_KIND, "strategy": type(self.strategy).__name__, "arrays": arrays}
 
@@ -567,7 +608,12 @@ class FedcareStrategy(Strategy):
         for attr, arrays in (state.get("arrays") or {}).items():
             if attr not in _STATE_ATTRS or not hasattr(self.strategy, attr):
                 raise StrategyStateError(f"{name} has no state attribute {attr!r}")
-            setattr(self.strategy, attr, {k: np.array(v, copy=True) for k, v in arrays.items()})
+            if attr in _LIST_STATE_ATTRS:
+                if sorted(arrays) != sorted(str(i) for i in range(len(arrays))):
+                    raise StrategyStateError(f"{name}'s {attr} must be stored as arrays '0' … '{len(arrays) - 1}'")
+                setattr(self.strategy, attr, [np.array(arrays[str(i)], copy=True) for i in range(len(arrays))])
+            else:
+                setattr(self.strategy, attr, {k: np.array(v, copy=True) for k, v in arrays.items()})
 
 
 def _metrics_of_record(record: MetricRecord) -> dict[str, float]:

@@ -143,7 +143,8 @@ _TABLE_OF: Final[Mapping[str, tuple[str | None, str]]] = {
     "seed": (None, "seed"),
     "strategy": ("strategy", "name"),
     **{k: ("strategy", k) for k in (
-        "proximal-mu", "eta", "eta-l", "beta-1", "beta-2", "tau", "trim-beta", "num-malicious-nodes",
+        "proximal-mu", "server-momentum", "server-learning-rate", "eta", "eta-l", "beta-1", "beta-2", "tau",
+        "trim-beta", "num-malicious-nodes",
     )},
     "local-epochs": ("training", "local_epochs"),
     "batch-size": ("training", "batch_size"),

@@ -138,7 +138,7 @@ def test_the_strategy_names_the_config_accepts_are_the_ones_strategy_builds() ->
     built = STRATEGIES.names()
 
     # Assert
-    assert built == sorted(STRATEGY_NAMES) == ["fedadam", "fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum"]
+    assert built == sorted(STRATEGY_NAMES) == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg", "fedyogi", "krum"]
 
 
 # --------------------------------------------------------------------------- one report

@@ -80,7 +80,7 @@ def test_missing_input_shape_says_where_to_set_it() -> None:
 
 
 def test_unknown_strategy_lists_the_registered_ones() -> None:
-    with pytest.raises(InvalidRunConfigError, match=r"unknown strategy 'fedsgd'.*fedadam, fedavg, fedmedian"):
+    with pytest.raises(InvalidRunConfigError, match=r"unknown strategy 'fedsgd'.*fedadagrad, fedadam, fedavg, fedavgm, fedmedian"):
         RunConfig.from_run_config(_minimal(strategy="fedsgd"))
 
 

@@ -61,9 +61,9 @@ def _config(tmp_path: Path | None = None, **changes: object) -> RunConfig:
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_holds_the_six_strategies_and_refuses_others() -> None:
-    assert STRATEGIES.names() == ["fedadam", "fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum"]
-    with pytest.raises(UnknownNameError, match="unknown strategy 'scaffold'; known strategys: fedadam"):
+def test_registry_holds_the_nine_strategies_and_refuses_others() -> None:
+    assert STRATEGIES.names() == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg", "fedyogi", "krum"]
+    with pytest.raises(UnknownNameError, match="unknown strategy 'scaffold'; known strategys: fedadagrad, fedadam"):
         STRATEGIES.get("scaffold")
 
 
