@@ -8,7 +8,8 @@ heart-disease sites Cleveland, Hungarian and VA (``simulations/sites/heart_*.tom
 node with its own site name, ledger and state folder. The same SuperLink runs one study per
 node count (``--counts``, default 5 20 50): nodes are added until that many are up, then a
 plain FedAvg study of a logistic regression with ``min-sites`` = that count runs ``--rounds``
-rounds (all sites sampled, federated evaluation on). Every node's policy accepts plain rounds
+rounds (all sites sampled, federated evaluation on; with ``--sample N``, N sites sampled per
+round and ``min-sites`` = N, so that what grows with the count is the registered, polling nodes). Every node's policy accepts plain rounds
 and pins the studies' app hashes.
 
 Measured (printed, and written as JSON with ``--out``):
@@ -123,6 +124,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--run-timeout", type=float, default=1800.0)
     parser.add_argument("--reserve-gib", type=float, default=4.0,
                         help="memory left to the machine's other users; a node count that would not leave it is skipped")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="sites sampled per round (fraction-train = fraction-evaluate = N / nodes, "
+                             "min-sites = N); 0: every node trains every round")
     parser.add_argument("--cold", action="store_true",
                         help="nodes as light as the design allows: no warm SuperExec (flwr starts a fresh "
                              "process per message; `fedcare node start --cold`)")
@@ -138,9 +142,13 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")
     studies = {}
     for count in counts:
+        sampled = min(args.sample, count) if args.sample else count
+        fraction = (f"fraction-train = {sampled / count!r}\nfraction-evaluate = {sampled / count!r}\n"
+                    if sampled < count else "")
         path = write_heart_study(
             root / f"study-{count}.toml", name=f"load-{count}", description=f"load benchmark, {count} nodes",
-            rounds=args.rounds, min_sites=count, round_timeout_s=600.0, checkpoint_dir=root / f"model-{count}",
+            rounds=args.rounds, min_sites=sampled, round_timeout_s=600.0, checkpoint_dir=root / f"model-{count}",
+            extra=fraction,
         )  # fmt: skip
         studies[count] = path
         pin_app_in_policy(policy, app_hash(build_flower_app(load_study(path), root / f"app-{count}")))
@@ -262,6 +270,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "nodes": "cold (no warm SuperExec)" if args.cold else "warm (the default)",
         "poll_interval_s": args.poll_interval,
         "rounds": args.rounds,
+        "sampled_per_round": args.sample or "all",
         "results": results,
         **summary,
         "total_s": round(time.monotonic() - started_at, 1),
