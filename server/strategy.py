@@ -211,30 +211,22 @@ def _fedprox(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
     return FedProx(**kwargs, proximal_mu=config.proximal_mu)
 
 
+def _adaptive_moments(config: RunConfig) -> dict[str, float]:
+    """Return the server-optimiser settings FedAdam and FedYogi share (η, η_l, β1, β2, τ)."""
+    return {"eta": config.eta, "eta_l": config.eta_l, "beta_1": config.beta_1, "beta_2": config.beta_2,
+            "tau": config.tau}
+
+
 @STRATEGIES.register("fedadam")
 def _fedadam(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
     """FedAdam (Reddi et al. 2021): server-side Adam on the averaged update."""
-    return FedAdam(
-        **kwargs,
-        eta=config.eta,
-        eta_l=config.eta_l,
-        beta_1=config.beta_1,
-        beta_2=config.beta_2,
-        tau=config.tau,
-    )
+    return FedAdam(**kwargs, **_adaptive_moments(config))
 
 
 @STRATEGIES.register("fedyogi")
 def _fedyogi(config: RunConfig, kwargs: dict[str, Any]) -> Strategy:
     """FedYogi (Reddi et al. 2021): server-side Yogi, whose second moment grows additively."""
-    return FedYogi(
-        **kwargs,
-        eta=config.eta,
-        eta_l=config.eta_l,
-        beta_1=config.beta_1,
-        beta_2=config.beta_2,
-        tau=config.tau,
-    )
+    return FedYogi(**kwargs, **_adaptive_moments(config))
 
 
 @STRATEGIES.register("fedadagrad")

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ from fedcare.simulations.builtin import load_builtin
 from fedcare.simulations.external import evaluate_model_file
 from fedcare.simulations.inprocess import InProcessGrid
 from fedcare.simulations.partition import PartitionScheme, partition
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scenarios import write_wdbc_site  # noqa: E402
 
 NAMES = ("hospital-a", "hospital-b", "hospital-c")
 ROUNDS = 2
@@ -106,17 +111,6 @@ def _run(hospitals: _Hospitals, config: RunConfig) -> tuple[dict, dict]:
     return meta, json.loads((folder / HISTORY_FILE).read_text())
 
 
-def _manifest(folder: Path) -> Path:
-    """Return an evaluation site's manifest: the whole WDBC table as one hospital's CSV."""
-    from sklearn.datasets import load_breast_cancer
-
-    load_breast_cancer(as_frame=True).frame.to_csv(folder / "wdbc.csv", index=False)
-    manifest = folder / "site.toml"
-    manifest.write_text(
-        'site = "wdbc"\ntask = "binary"\nclasses = [0, 1]\n[split]\nval = 0.1\ntest = 0.3\nseed = 0\n'
-        '[data]\nkind = "table"\npath = "wdbc.csv"\ntarget = "target"\n'
-    )
-    return manifest
 
 
 def _validation_releases(site: LocalSite, study: str = "threshold") -> list[dict]:
@@ -156,7 +150,7 @@ def test_the_deployed_model_stores_the_threshold_of_the_summed_exact_validation_
 
     # `fedcare evaluate` scores the deployed model at its stored threshold, not at 0.5
     assert config.checkpoint_dir is not None
-    result = evaluate_model_file(config.checkpoint_dir / FINAL_MODEL_FILE, _manifest(tmp_path), out=tmp_path / "e.json")
+    result = evaluate_model_file(config.checkpoint_dir / FINAL_MODEL_FILE, write_wdbc_site(tmp_path), out=tmp_path / "e.json")
     assert result["threshold_stored"] is True and result["threshold"] == meta[MODEL_THRESHOLD] != 0.5
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from fedcare.server.strategy import TooFewSitesError
 from fedcare.simulations.builtin import load_builtin
 from fedcare.simulations.partition import PartitionScheme, partition
 from fedcare.simulations.runner import InProcessGrid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+from scenarios import write_wdbc_site  # noqa: E402
 
 APP = "cd" * 32
 #: ε = 3 over 3 rounds at δ = 1e-5: the node default policy accepts it (σ ≈ 0.9 on ~200 patients).
@@ -168,23 +173,13 @@ def test_a_conforming_plain_round_that_the_policy_allows_trains_and_warns(
     assert "allowed by the site's policy" in NO_SECURE_AGGREGATION_WARNING
 
 
-def _manifest(folder: Path) -> Path:
-    from sklearn.datasets import load_breast_cancer
-
-    load_breast_cancer(as_frame=True).frame.to_csv(folder / "wdbc.csv", index=False)
-    manifest = folder / "site.toml"
-    manifest.write_text(
-        'site = "wdbc"\ntask = "binary"\nclasses = [0, 1]\n[split]\nval = 0.1\ntest = 0.3\nseed = 0\n'
-        '[data]\nkind = "table"\npath = "wdbc.csv"\ntarget = "target"\n'
-    )
-    return manifest
 
 
 def test_a_missing_policy_file_gives_the_strict_default_secagg_included(tmp_path: Path) -> None:
     # Prepare: a node with no "policy" key in its node config; a plain round
     from fedcare.client.app import app
 
-    node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger")}
+    node = {"site-manifest": str(write_wdbc_site(tmp_path)), "ledger-dir": str(tmp_path / "ledger")}
     msg, _ = _train_message()
 
     # Execute
@@ -210,7 +205,7 @@ def test_a_node_without_a_policy_file_applies_the_strict_epsilon_limit_in_a_secu
     from fedcare.client.secure import SECURE_ROUND_STATE
 
     (tmp_path / "privacy.toml").write_text("[privacy]\ntarget_epsilon = 5.0\n")
-    node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger"),
+    node = {"site-manifest": str(write_wdbc_site(tmp_path)), "ledger-dir": str(tmp_path / "ledger"),
             "privacy-settings": str(tmp_path / "privacy.toml")}
     msg, _ = _train_message(rounds=1)  # + the default retry reserve of 2: noise planned over 3 rounds
     context = _context(node)
@@ -238,7 +233,7 @@ def test_nodes_without_a_policy_file_refuse_a_plain_study_and_train_in_a_secure_
     # the default privacy settings (DP-SGD to ε = 3)
     from fedcare.client.app import app
 
-    manifest = _manifest(tmp_path)
+    manifest = write_wdbc_site(tmp_path)
     grid_nodes = {"site-manifest": str(manifest)}
 
     def grid() -> _WireGrid:
@@ -274,7 +269,7 @@ def test_a_node_policy_file_is_read_and_an_invalid_one_refuses_every_round(tmp_p
 
     policy = tmp_path / "policy.toml"
     policy.write_text('require_secure_aggregation = false\nallowed_model_families = ["cnn"]\n')
-    node = {"site-manifest": str(_manifest(tmp_path)), "ledger-dir": str(tmp_path / "ledger"), "policy": str(policy)}
+    node = {"site-manifest": str(write_wdbc_site(tmp_path)), "ledger-dir": str(tmp_path / "ledger"), "policy": str(policy)}
     msg, _ = _train_message()
 
     # Execute

@@ -43,6 +43,10 @@ from fedcare.privacy.settings import PrivacySettings
 from fedcare.server.app import train_config
 from fedcare.server.config import RunConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+
+from scenarios import write_wdbc_site  # noqa: E402
+
 CHILD_TIMEOUT_S = 120.0
 PARENT_TIMEOUT_S = 400.0
 
@@ -179,14 +183,6 @@ def test_an_explicit_seed_still_repeats_exactly_in_forked_tasks(tmp_path: Path) 
     _assert_differ(first, other)
 
 
-def _manifest(folder: Path) -> Path:
-    load_breast_cancer(as_frame=True).frame.to_csv(folder / "wdbc.csv", index=False)
-    manifest = folder / "site.toml"
-    manifest.write_text(
-        'site = "wdbc"\ntask = "binary"\nclasses = [0, 1]\n[split]\nval = 0.1\ntest = 0.3\nseed = 0\n'
-        '[data]\nkind = "table"\npath = "wdbc.csv"\ntarget = "target"\n'
-    )
-    return manifest
 
 
 def _train_message() -> Message:
@@ -215,7 +211,7 @@ def _scenario_warm_node(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, 
     from fedcare.client import warm_exec
     from fedcare.client.app import app
 
-    manifest = _manifest(folder)
+    manifest = write_wdbc_site(folder)
     policy = folder / "policy.toml"
     policy.write_text("require_secure_aggregation = false\n", encoding="utf-8")  # plain rounds for the test
     warm_exec.preload(str(manifest))
