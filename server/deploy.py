@@ -893,7 +893,9 @@ def submit_run(
             except FlowerCommandError as err:  # a SuperLink restarting keeps its runs: wait for it, bounded
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since
-                if "unavailable" not in str(err).lower() or now - lost_since >= SUPERLINK_PATIENCE_S or now > deadline:
+                # unreachable (restarting) or too busy to answer in time (a loaded machine): both pass
+                waitable = any(sign in str(err).lower() for sign in ("unavailable", "did not answer within"))
+                if not waitable or now - lost_since >= SUPERLINK_PATIENCE_S or now > deadline:
                     raise FlowerCommandError(
                         f"lost the SuperLink while run {run_id} was running (unreachable for "
                         f"{now - lost_since:.0f} s): {err}. Restart it with the same state folder (fedcare "

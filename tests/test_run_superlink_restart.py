@@ -62,6 +62,21 @@ def test_a_superlink_back_within_the_patience_lets_the_run_report_its_own_end(
     assert len(calls) == 3
 
 
+def test_a_superlink_too_busy_to_answer_is_waited_for_like_a_restarting_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: under load (50 nodes on 2 cores) one `flwr ls` ran past its bound; the next answered
+    slow = "`flwr ls fedcare --run-id 42 --format json` did not answer within 60 s: check that the SuperLink runs"
+    calls = _fake_flwr(tmp_path, monkeypatch, [FlowerCommandError(slow), {"status": "finished:completed"}])
+
+    # Execute
+    outcome = _submit(tmp_path)
+
+    # Assert
+    assert (outcome.run_id, outcome.status) == (42, "finished:completed")
+    assert len(calls) == 2
+
+
 def test_a_superlink_gone_past_the_patience_fails_saying_how_to_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
