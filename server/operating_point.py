@@ -183,10 +183,19 @@ def _site_of(msg: Message, names: Mapping[int, str]) -> str:
     return names.get(node, f"node-{node}")
 
 
+def query_batch_size(config: RunConfig, num_nodes: int) -> int:
+    """Return how many nodes are asked at once: as many as a training round samples (at least ``min-sites``)."""
+    return max(1, config.min_sites, math.ceil(config.fraction_train * num_nodes))
+
+
 def validation_operating_point(
     grid: Grid, config: RunConfig, arrays: Mapping[str, np.ndarray], *, node_sites: Mapping[int, str] | None = None
 ) -> OperatingPoint:
     """Ask every connected site for its validation histograms of ``arrays``; return the operating point.
+
+    The nodes are asked in batches of :func:`query_batch_size` (as many as a training round
+    samples), one batch after another, each bounded by ``round-timeout-s``: 50 nodes on one test
+    machine all starting a task process at once exhausted its memory (BENCHMARKS.md, "Load").
 
     Not a binary study: nothing is asked, the threshold is None. ``node_sites``: the site names the
     nodes reported in training (for error replies without one).
@@ -195,8 +204,11 @@ def validation_operating_point(
         return OperatingPoint(threshold=None, reason=f"a {config.task} study has no operating threshold")
     names = dict(node_sites or {})
     nodes = sorted(grid.get_node_ids())
-    messages = [_message(config, arrays, node) for node in nodes]
-    replies = list(responsive_grid(grid).send_and_receive(messages, timeout=config.round_timeout_s)) if messages else []
+    replies: list[Message] = []
+    step = query_batch_size(config, len(nodes))
+    for start in range(0, len(nodes), step):  # as many at once as a round trains: bounded load at the sites' hosts
+        messages = [_message(config, arrays, node) for node in nodes[start : start + step]]
+        replies += responsive_grid(grid).send_and_receive(messages, timeout=config.round_timeout_s)
     stats: list[dict[str, float]] = []
     sites: list[str] = []
     releases: dict[str, str] = {}

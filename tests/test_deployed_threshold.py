@@ -321,3 +321,33 @@ def test_a_plan_without_a_query_left_for_the_threshold_is_warned(tmp_path: Path,
     assert planned_evaluation_queries(_config(tmp_path, num_rounds=5, fraction_evaluate=0.0)) == 1
     assert quiet == []
     assert len(caplog.records) == 1 and "threshold 0.5" in caplog.records[0].getMessage()
+
+
+def test_the_nodes_are_asked_in_batches_of_a_round_and_the_threshold_is_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: three exact sites; record the size of every batch the ServerApp sends
+    from fedcare.server import operating_point
+
+    hospitals = _hospitals(tmp_path, (EXACT, EXACT, EXACT))
+    config = _config(tmp_path, min_sites=2, fraction_train=0.5)  # a round trains max(2, ceil(1.5)) = 2
+    batches: list[int] = []
+    real = InProcessGrid.send_and_receive
+
+    def recording(self: InProcessGrid, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        if sent and sent[0].metadata.group_id == operating_point._GROUP:
+            batches.append(len(sent))
+        return real(self, sent, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", recording)
+
+    # Execute
+    meta, history = _run(hospitals, config)
+
+    # Assert: two batches (2 + 1), every site answered, and the threshold of all three sites' histograms
+    assert operating_point.query_batch_size(config, 3) == 2
+    assert batches == [2, 1]
+    neg, pos = _summed_validation_histograms(config, list(hospitals.sites))
+    assert meta[MODEL_THRESHOLD] == choose_threshold(neg, pos)
+    assert history["operating_point"]["sites"] == list(NAMES)
