@@ -137,7 +137,12 @@ def test_status_page_shows_three_hospitals_and_the_round_advancing(tmp_path: Pat
                     break
                 time.sleep(1.0)
             run.wait(timeout=max(1.0, DEADLINE_S - (time.monotonic() - started)))
+            # the page serves a snapshot refreshed every 2 s: the run's end shows within a refresh or two
+            settle = time.monotonic() + 30.0
             final_hospitals, final_studies = _observe(chromium, tmp_path / "profile", url)
+            while not (final_studies and "completed" in final_studies[0][2]) and time.monotonic() < settle:
+                time.sleep(1.0)
+                final_hospitals, final_studies = _observe(chromium, tmp_path / "profile", url)
         finally:
             for proc in processes:
                 stop_popen(proc, timeout=10.0)
